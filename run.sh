@@ -98,7 +98,7 @@ case "$cmd" in
     ensure_env
     run_python -m evogrow.main main "$@"
     ;;
-  train | eval | infer | grow | evolve | pretrain_root | agent | smoke)
+  train | eval | infer)
     ensure_env
     run_python -m evogrow.main "$cmd" "$@"
     ;;
