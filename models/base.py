@@ -40,26 +40,79 @@ else:
 
         @abc.abstractmethod
         def loss_fn(self, params, batch: Mapping[str, jax.Array], dropout_rng):
-            """Returns (scalar loss, dict of clu metrics) for a batch."""
+            """Computes the training loss.
+
+            Args:
+              params: model parameters.
+              batch: features from FEATURE_CONVERTER_CLS.
+              dropout_rng: PRNG key for dropout, or None for a deterministic pass.
+
+            Returns:
+              (scalar loss, dict of clu metrics).
+            """
 
         def eval_fn(self, params, batch: Mapping[str, jax.Array]):
-            """Deterministic loss and metrics (no dropout)."""
+            """Deterministic loss and metrics (no dropout).
+
+            Args:
+              params: model parameters.
+              batch: features from FEATURE_CONVERTER_CLS.
+
+            Returns:
+              (scalar loss, dict of clu metrics), as loss_fn with dropout_rng=None.
+            """
             return self.loss_fn(params, batch, dropout_rng=None)
 
         def predict_batch(self, params, batch: Mapping[str, jax.Array], rng=None):
-            """Predictions for a batch (the first output of predict_batch_with_aux)."""
+            """Predictions for a batch.
+
+            Args:
+              params: model parameters.
+              batch: features from FEATURE_CONVERTER_CLS.
+              rng: PRNG key for sampling decoders, or None.
+
+            Returns:
+              The first output of predict_batch_with_aux.
+            """
             return self.predict_batch_with_aux(params, batch, rng=rng)[0]
 
         @abc.abstractmethod
         def predict_batch_with_aux(self, params, batch: Mapping[str, jax.Array], rng=None):
-            """Returns (predictions, dict of auxiliary outputs)."""
+            """Predictions with auxiliary outputs.
+
+            Args:
+              params: model parameters.
+              batch: features from FEATURE_CONVERTER_CLS.
+              rng: PRNG key for sampling decoders, or None.
+
+            Returns:
+              (predictions, dict of auxiliary outputs such as scores).
+            """
 
         @abc.abstractmethod
         def score_batch(
             self, params, batch: Mapping[str, jax.Array], return_intermediates: bool = False
         ):
-            """Returns one score (log-likelihood) per example."""
+            """Scores each example.
+
+            Args:
+              params: model parameters.
+              batch: features from FEATURE_CONVERTER_CLS, targets included.
+              return_intermediates: also return intermediate activations.
+
+            Returns:
+              One score (log-likelihood) per example [B].
+            """
 
         @abc.abstractmethod
         def get_initial_variables(self, rng, input_shapes, input_types=None):
-            """Returns initial variables {'params': ...} for inputs of these shapes."""
+            """Initialises the model.
+
+            Args:
+              rng: PRNG key.
+              input_shapes: feature name -> shape (batch first).
+              input_types: feature name -> dtype, optional.
+
+            Returns:
+              Variables {'params': ...} for inputs of these shapes.
+            """

@@ -85,7 +85,16 @@ class ClassifierModel(base.BaseModel):
         return jnp.mean(per_example), metrics
 
     def predict_batch_with_aux(self, params, batch: Batch, rng=None):
-        """Predicted class ids [B] and {'logits', 'scores' (log-prob of the prediction)}."""
+        """Predicts a class for each example.
+
+        Args:
+          params: model parameters (unboxed).
+          batch: features; `label` is not needed.
+          rng: unused (classification is deterministic).
+
+        Returns:
+          (class ids int32 [B], {'logits': [B, K], 'scores': log-prob of the prediction}).
+        """
         del rng  # classification is deterministic
         logits = self._logits(params, batch)
         log_probs = jax.nn.log_softmax(logits)
@@ -94,7 +103,16 @@ class ClassifierModel(base.BaseModel):
         return predictions, {"logits": logits, "scores": scores}
 
     def score_batch(self, params, batch: Batch, return_intermediates: bool = False):
-        """Log-probability of each example's `label` [B]."""
+        """Scores the labels.
+
+        Args:
+          params: model parameters (unboxed).
+          batch: features incl. `label` int32 [B].
+          return_intermediates: unsupported (raises NotImplementedError).
+
+        Returns:
+          Log-probability of each example's `label` [B].
+        """
         if return_intermediates:
             raise NotImplementedError("Classifiers have no intermediates to return.")
         log_probs = jax.nn.log_softmax(self._logits(params, batch))

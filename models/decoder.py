@@ -130,5 +130,12 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Scores x [..., hidden] against every row: [..., num] (tied logits)."""
+        """Scores activations against every row of the table (tied output logits).
+
+        Args:
+          x: activations [..., hidden].
+
+        Returns:
+          Scores [..., num].
+        """
         return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.config.dtype))

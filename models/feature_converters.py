@@ -70,7 +70,14 @@ class _ClassificationFeatureConverter(seqio.FeatureConverter):
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
-        """Token features keep their task lengths; images have none."""
+        """Lengths of the model features.
+
+        Args:
+          task_feature_lengths: feature name -> length, as given to the converter.
+
+        Returns:
+          Token features keep their task lengths; images have none.
+        """
         return {key: task_feature_lengths[key] for key in self.LENGTH_FEATURES}
 
 

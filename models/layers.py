@@ -176,7 +176,15 @@ class Norm(nn.Module):
 
 
 def make_norm(config: TransformerConfig, name: str) -> Norm:
-    """Builds the norm a config asks for, named `name`."""
+    """Builds the norm a config asks for.
+
+    Args:
+      config: supplies norm kind, eps and dtypes.
+      name: the module name (`norm_attn`, `norm_mlp`, `final_norm`, ...).
+
+    Returns:
+      An unbound `Norm`.
+    """
     return Norm(
         kind=config.norm,
         eps=config.norm_eps,

@@ -76,7 +76,16 @@ class DecoderOnlyLMModel(base.BaseModel):
         return loss, metrics
 
     def score_batch(self, params, batch: Batch, return_intermediates: bool = False):
-        """Sum of target-token log-likelihoods per sequence [B]."""
+        """Scores the target sequences.
+
+        Args:
+          params: model parameters (unboxed).
+          batch: decoder features; `decoder_loss_weights` selects the scored tokens.
+          return_intermediates: unsupported (raises NotImplementedError).
+
+        Returns:
+          Sum of weighted target-token log-likelihoods per sequence [B].
+        """
         if return_intermediates:
             raise NotImplementedError("DecoderOnlyLMModel returns no intermediates.")
         logits = self._logits(params, batch)

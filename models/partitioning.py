@@ -29,6 +29,7 @@ def standard_logical_axis_rules() -> LogicalAxisRules:
         ("embed", None),
         ("kv", None),
         ("length", None),
-        ("patch", None),
+        ("patch_height", None),
+        ("patch_width", None),
         ("channels", None),
     )

@@ -90,7 +90,7 @@ class PatchEmbed(nn.Module):
         return layers.Projection(
             "bnxyc,xycd->bnd",
             (p, p, channels, c.hidden),
-            ("patch", "patch", "channels", "embed"),
+            ("patch_height", "patch_width", "channels", "embed"),
             ("embed",),
             nn.initializers.variance_scaling(
                 1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=(3,)

@@ -74,3 +74,28 @@ def test_param_axes_and_too_long_input():
     assert specs["block_0"]["mlp"]["wi_0"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
     with pytest.raises(ValueError, match="max_len"):
         model.get_initial_variables(jax.random.key(0), {"decoder_input_tokens": (1, 17)})
+
+
+def test_z_loss_adds_the_weighted_log_partition():
+    model, params = make()
+    b = lm_batch()
+    z_model = lm.DecoderOnlyLMModel(model.module, z_loss=1e-2)
+    logits = model._logits(params, b)
+    weights = b["decoder_loss_weights"]
+    penalty = 1e-2 * jnp.sum(jnp.square(jax.nn.logsumexp(logits, -1)) * weights) / jnp.sum(weights)
+    np.testing.assert_allclose(
+        z_model.loss_fn(params, b, None)[0], model.loss_fn(params, b, None)[0] + penalty, rtol=1e-5
+    )
+
+
+def test_packed_segments_do_not_see_each_other():
+    model, params = make()
+    first, second = jnp.arange(1, 6), jnp.arange(10, 17)
+    packed = {
+        "decoder_input_tokens": jnp.concatenate([first, second])[None],
+        "decoder_segment_ids": jnp.array([[1] * 5 + [2] * 7]),
+        "decoder_positions": jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None],
+    }
+    logits = model._logits(params, packed)
+    alone = model._logits(params, {"decoder_input_tokens": second[None]})
+    np.testing.assert_allclose(logits[:, 5:], alone, rtol=1e-5, atol=1e-5)

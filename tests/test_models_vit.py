@@ -150,6 +150,9 @@ def test_routing_selects_each_task_path():
         expected = expect_a[i] if t == 0 else expect_b[i]
         np.testing.assert_allclose(routed[i, : expected.shape[0]], expected, rtol=1e-6, atol=1e-6)
     assert np.all(np.asarray(routed[np.asarray(b["task_id"]) == 1, 3:]) < -1e8)
+    functional = routing.apply_routed((path_a, path_b), pool, b["image"], b["task_id"])
+    np.testing.assert_allclose(functional, routed, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(model._logits)(pool, b), routed, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_config_and_inputs_raise():
