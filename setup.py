@@ -47,7 +47,9 @@ setuptools.setup(
     version="0.1.0",
     description="Grow transformers mid-training and evolve modular multitask systems (t5x/seqio).",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["tasks*", "models*", "growth*", "evolution*", "evogrow*"]),
+    packages=setuptools.find_packages(
+        include=["tasks*", "models*", "growth*", "evolution*", "evogrow*"]
+    ),
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
