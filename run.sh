@@ -75,7 +75,11 @@ run_python() {
 lint() {
   "$VENV/bin/ruff" check .
   "$VENV/bin/ruff" format --check .
-  "$VENV/bin/mypy"
+  local packages=()
+  for pkg in tasks models growth evolution evogrow; do
+    [[ -f "$pkg/__init__.py" ]] && packages+=(-p "$pkg")
+  done
+  "$VENV/bin/mypy" "${packages[@]}"
 }
 
 cmd="${1:-main}"

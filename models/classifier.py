@@ -56,7 +56,7 @@ class ClassifierModel(base.BaseModel):
         if self.route_feature is not None:
             args.append(batch[self.route_feature])
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        logits = self.module.apply(
+        logits: jax.Array = self.module.apply(  # type: ignore[assignment]
             {"params": params}, *args, deterministic=dropout_rng is None, rngs=rngs
         )
         return logits.astype(jnp.float32)

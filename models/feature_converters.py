@@ -8,19 +8,20 @@ length given. A `task_id` feature (multitask mixtures) passes through when prese
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import seqio
 import tensorflow as tf
 
-Spec = seqio.FeatureConverter.FeatureSpec
+Spec: Any = seqio.FeatureConverter.FeatureSpec
 OPTIONAL_FEATURES = ("task_id",)
 
 
 class _ClassificationFeatureConverter(seqio.FeatureConverter):
     """Keeps the model features of each example; packing does not apply."""
 
-    TASK_FEATURES: Mapping[str, Spec] = {}
-    MODEL_FEATURES: Mapping[str, Spec] = {}
+    TASK_FEATURES: Mapping[str, Any] = {}
+    MODEL_FEATURES: Mapping[str, Any] = {}
     PACKING_FEATURE_DTYPE = None
     LENGTH_FEATURES: tuple[str, ...] = ()
 

@@ -114,7 +114,9 @@ def logical_param(
     """
     if len(axes) != len(shape):
         raise ValueError(f"{name}: {len(axes)} axis names for shape {tuple(shape)}.")
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+    boxed_init = nn.with_logical_partitioning(init, tuple(axes))
+    value: jax.Array = module.param(name, boxed_init, tuple(shape), dtype)  # type: ignore[assignment]
+    return value
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -35,7 +35,7 @@ class DecoderOnlyLMModel(base.BaseModel):
 
     def _logits(self, params, batch: Batch, dropout_rng=None) -> jax.Array:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        return self.module.apply(
+        return self.module.apply(  # type: ignore[return-value]
             {"params": params},
             batch["decoder_input_tokens"],
             batch.get("decoder_segment_ids"),

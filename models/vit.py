@@ -9,6 +9,7 @@ each piece by name. Pre-norm blocks from models/layers.py.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -215,7 +216,7 @@ def apply_component(
     deterministic: bool = True,
     return_prelogits: bool = False,
     rngs=None,
-) -> jax.Array:
+) -> Any:
     """Applies one component's module with its own parameters.
 
     Args:
