@@ -1,0 +1,1 @@
+"""Benchmarks run as `python -m evogrow.bench NAME` (run.sh bench NAME)."""

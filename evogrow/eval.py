@@ -1,0 +1,131 @@
+"""`evaluate`: score a checkpoint's predictions on a dataset (t5x/eval.py's surface).
+
+Restores only the params (shape-checked), predicts every example of every task of the
+config's split with `predict_batch`, and writes accuracy (and the task's metric_fns) to
+summaries and `metrics.jsonl` under `output_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from evogrow import checkpoints as checkpoints_lib
+from evogrow import data as data_lib
+from evogrow import evaluation as evaluation_lib
+from evogrow import reporting
+from evogrow import trainer as trainer_lib
+from evogrow.partitioning import Partitioner
+from evogrow.train import SummarizeConfigFn
+
+logger = logging.getLogger("evogrow")
+
+
+def restore_params(
+    model: Any,
+    partitioner: Partitioner,
+    dataset_cfg: data_lib.DatasetConfig,
+    restore_checkpoint_cfg: checkpoints_lib.RestoreCheckpointConfig,
+) -> tuple[Any, Any, int]:
+    """Restores a checkpoint's params into the partitioner's shardings.
+
+    Args:
+      model: the t5x-contract model whose params to restore.
+      partitioner: mesh and axis rules.
+      dataset_cfg: gives the batch shapes the model is initialised (abstractly) with.
+      restore_checkpoint_cfg: the model directory (`path`) and `step` (None: latest).
+
+    Returns:
+      (params, param shardings, step).
+
+    Raises:
+      ValueError: no `path` in the config.
+      CheckpointShapeError: the checkpoint does not fit the model.
+    """
+    if not restore_checkpoint_cfg.path:
+        raise ValueError("restore_checkpoint_cfg.path must name a model directory")
+    layout = partitioner.get_data_layout(dataset_cfg.batch_size)
+    task = data_lib.subtask_names(dataset_cfg)[0]
+    spec = data_lib.get_eval_batches(
+        dataset_cfg,
+        task,
+        shard_id=layout.shard_id,
+        num_shards=layout.num_shards,
+        per_host_batch_size=layout.per_host_batch_size,
+        feature_converter_cls=model.FEATURE_CONVERTER_CLS,
+        num_batches=1,
+    )[0]
+    shapes = {k: (layout.batch_size, *v.shape[1:]) for k, v in spec.items()}
+    types = {k: v.dtype for k, v in spec.items()}
+    boxed = trainer_lib.abstract_variables(model, shapes, types)["params"]
+    shardings = partitioner.shardings(partitioner.param_specs(boxed))
+    target = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.unbox(boxed),
+        shardings,
+    )
+    directory = _checkpoint_dir(restore_checkpoint_cfg.path)
+    checkpointer = checkpoints_lib.Checkpointer(directory, read_only=True)
+    items, meta = checkpointer.restore({"params": target}, restore_checkpoint_cfg.step)
+    checkpointer.close()
+    logger.info("restored params of %s step %d", directory, meta["step"])
+    return items["params"], shardings, int(meta["step"])
+
+
+def _checkpoint_dir(path: str) -> str:
+    """Accepts a model directory (with `checkpoints/`) or the checkpoints folder itself."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
+def evaluate(
+    *,
+    model: Any,
+    dataset_cfg: data_lib.DatasetConfig,
+    restore_checkpoint_cfg: checkpoints_lib.RestoreCheckpointConfig,
+    partitioner: Partitioner,
+    output_dir: str,
+    summarize_config_fn: SummarizeConfigFn | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluates a checkpoint's predictions on every task of `dataset_cfg`.
+
+    Args:
+      model: a t5x-contract model.
+      dataset_cfg: the data (split, batch size); mixtures are evaluated task by task.
+      restore_checkpoint_cfg: which checkpoint (`path`: a model directory, `step`).
+      partitioner: mesh and axis rules.
+      output_dir: summaries (`inference_eval/TASK`) and `metrics.jsonl` go here.
+      summarize_config_fn: (output_dir, writer, step) -> None; records the config.
+
+    Returns:
+      task -> {"accuracy", "num_examples", ...}.
+    """
+    params, shardings, step = restore_params(
+        model, partitioner, dataset_cfg, restore_checkpoint_cfg
+    )
+    evaluator = evaluation_lib.ClassificationEvaluator(model, partitioner, dataset_cfg, shardings)
+    metrics, _ = evaluator.evaluate(params)
+    os.makedirs(output_dir, exist_ok=True)
+    for task, values in metrics.items():
+        writer = reporting.create_writer(os.path.join(output_dir, "inference_eval", task))
+        if summarize_config_fn is not None:
+            summarize_config_fn(output_dir, writer, step)
+        writer.write_scalars(step, values)
+        writer.close()
+        reporting.append_history(
+            output_dir,
+            {
+                "step": step,
+                "kind": "inference_eval",
+                "task": task,
+                "split": dataset_cfg.split,
+                **values,
+            },
+        )
+        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+        logger.info("eval %s (%s) step %d: %s", task, dataset_cfg.split, step, shown)
+    return metrics

@@ -1,0 +1,107 @@
+"""Gin for the launcher only: flag rewriting, parsing with clear errors, config summaries.
+
+Library modules never import gin; this module is imported by `evogrow.main` (and by gin
+files, for `summarize_gin_config`), mirroring t5x's gin_utils.
+"""
+
+from __future__ import annotations
+
+import os
+import tokenize
+from collections.abc import Sequence
+
+import gin
+import jax
+from clu import metric_writers
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_GIN_SEARCH_PATHS = (REPO_ROOT,)
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding could not be parsed or does not fit the configurables."""
+
+
+# What gin raises for unparsable text, unknown names, failed imports and missing files.
+_GIN_ERRORS = (OSError, ValueError, SyntaxError, NameError, ImportError, tokenize.TokenError)
+
+
+def rewrite_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Splits `--gin.NAME=VALUE` flags off the other arguments.
+
+    Args:
+      args: command-line arguments.
+
+    Returns:
+      (other arguments, gin bindings as "NAME = VALUE").
+
+    Raises:
+      GinConfigError: a `--gin.` flag without `=VALUE` or without a name.
+    """
+    rest, bindings = [], []
+    for arg in args:
+        if not arg.startswith("--gin."):
+            rest.append(arg)
+            continue
+        name, sep, value = arg[len("--gin.") :].partition("=")
+        if not sep or not name.strip():
+            raise GinConfigError(
+                f"malformed gin binding {arg!r}: expected --gin.NAME=VALUE, "
+                "e.g. --gin.TRAIN_STEPS=100 or --gin.MODEL_DIR=\"'/tmp/run'\""
+            )
+        bindings.append(f"{name} = {value}")
+    return rest, bindings
+
+
+def parse_gin(
+    gin_search_paths: Sequence[str],
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+) -> None:
+    """Parses gin files, then each binding, then finalizes (checks REQUIRED macros).
+
+    Args:
+      gin_search_paths: folders that `include` and `--gin_file` paths are relative to.
+      gin_files: files in order (later ones override earlier ones).
+      gin_bindings: "NAME = VALUE" bindings applied after the files.
+
+    Raises:
+      GinConfigError: naming the file or binding that failed and gin's reason.
+    """
+    for path in gin_search_paths:
+        gin.add_config_file_search_path(path)
+    for gin_file in gin_files:
+        try:
+            gin.parse_config_file(gin_file)
+        except _GIN_ERRORS as error:
+            raise GinConfigError(f"gin file {gin_file!r}: {error}") from error
+    for binding in gin_bindings:
+        try:
+            gin.parse_config(binding)
+        except _GIN_ERRORS as error:
+            raise GinConfigError(f"malformed gin binding {binding!r}: {error}") from error
+    try:
+        gin.finalize()
+    except ValueError as error:
+        raise GinConfigError(f"incomplete gin configuration: {error}") from error
+
+
+def summarize_gin_config(
+    model_dir: str, summary_writer: metric_writers.MetricWriter | None, step: int
+) -> None:
+    """Writes the operative gin config to `model_dir/config.gin` and a text summary.
+
+    Args:
+      model_dir: the run's directory.
+      summary_writer: where to add the config as text (None: file only).
+      step: the step the summary is recorded at.
+    """
+    if jax.process_index() != 0:
+        return
+    config = gin.config_str()
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(config)
+    if summary_writer is not None:
+        summary_writer.write_texts(step, {"config": gin.markdown(config)})
+        summary_writer.flush()

@@ -1,0 +1,292 @@
+"""`train`: the training entry point, with t5x/train.py's keyword-only surface.
+
+Bound by gin only in the launcher (`evogrow.main`). The loop dispatches train steps
+asynchronously; it waits on the device only to evaluate, and hands train metrics to a
+background reporter. A run resumes from the latest checkpoint in `model_dir` and skips
+the data stream to that step, so a stopped-and-resumed run ends where an uninterrupted
+one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from evogrow import checkpoints as checkpoints_lib
+from evogrow import data as data_lib
+from evogrow import evaluation as evaluation_lib
+from evogrow import reporting
+from evogrow import trainer as trainer_lib
+from evogrow.partitioning import Partitioner
+
+logger = logging.getLogger("evogrow")
+
+SummarizeConfigFn = Callable[[str, metric_writers.MetricWriter, int], None]
+
+
+def resolve_seed(random_seed: int | None) -> int:
+    """Returns `random_seed`, or a time-based seed agreed on by all processes."""
+    if random_seed is not None:
+        return int(random_seed)
+    seed = np.int32(time.time_ns() % (2**31 - 1))
+    return int(multihost_utils.broadcast_one_to_all(seed))
+
+
+def initial_state(
+    trainer: trainer_lib.Trainer,
+    checkpointer: checkpoints_lib.Checkpointer,
+    restore_cfg: checkpoints_lib.RestoreCheckpointConfig | None,
+    init_rng: jax.Array,
+) -> tuple[trainer_lib.TrainState, int]:
+    """Resumes from `checkpointer`, else initialises (from `restore_cfg.path` or scratch).
+
+    Args:
+      trainer: the run's trainer (abstract state and shardings).
+      checkpointer: the run's own checkpoints (resumed first).
+      restore_cfg: where to initialise a fresh run from; None or no path: from scratch.
+      init_rng: parameter initialisation key.
+
+    Returns:
+      (state, start step).
+    """
+    target = abstract_with_shardings(trainer)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        items, _ = checkpointer.restore(
+            {"params": target.params, "opt_state": target.opt_state}, latest
+        )
+        logger.info("resumed from %s at step %d", checkpointer.directory, latest)
+        return trainer_lib.TrainState(
+            step=jax.device_put(np.int32(latest), trainer.state_shardings.step), **items
+        ), latest
+    state = trainer.init_state(init_rng)
+    if restore_cfg is not None and restore_cfg.path:
+        source = checkpoints_lib.Checkpointer(restore_cfg.path, read_only=True)
+        names = ("params", "opt_state") if restore_cfg.restore_optimizer else ("params",)
+        items, meta = source.restore({n: getattr(target, n) for n in names}, restore_cfg.step)
+        logger.info("initialised from %s step %d", restore_cfg.path, meta["step"])
+        state = dataclasses.replace(state, **items)
+    return state, 0
+
+
+def abstract_with_shardings(trainer: trainer_lib.Trainer) -> Any:
+    """The trainer's abstract state with each leaf's sharding attached (restore target)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        trainer.abstract_state,
+        trainer.state_shardings,
+    )
+
+
+def train(
+    *,
+    model: Any,
+    train_dataset_cfg: data_lib.DatasetConfig,
+    train_eval_dataset_cfg: data_lib.DatasetConfig | None,
+    infer_eval_dataset_cfg: data_lib.DatasetConfig | None,
+    checkpoint_cfg: checkpoints_lib.CheckpointConfig,
+    partitioner: Partitioner,
+    model_dir: str,
+    total_steps: int,
+    eval_steps: int,
+    eval_period: int,
+    stats_period: int | None = None,
+    random_seed: int | None,
+    summarize_config_fn: SummarizeConfigFn | None = None,
+    run_eval_before_training: bool = False,
+    write_predictions: bool = True,
+) -> tuple[int, trainer_lib.TrainState]:
+    """Trains `model` on a seqio task or mixture, evaluating and checkpointing as it goes.
+
+    Args:
+      model: a t5x-contract model (`loss_fn`, `predict_batch`, `get_initial_variables`,
+        `optimizer_def` (optax), `FEATURE_CONVERTER_CLS`).
+      train_dataset_cfg: the training data.
+      train_eval_dataset_cfg: data for loss_fn metrics without dropout (None: skip).
+      infer_eval_dataset_cfg: data for prediction metrics (accuracy) (None: skip).
+      checkpoint_cfg: saving and initial restoring.
+      partitioner: mesh, axis rules and partitioned compilation.
+      model_dir: checkpoints, summaries, `metrics.jsonl` and predictions go here.
+      total_steps: the step to stop at (a resumed run trains the remaining steps).
+      eval_steps: batches of train-eval per evaluation.
+      eval_period: evaluate every this many steps (and at the end); 0 only at the end.
+      stats_period: report train metrics every this many steps (None: eval_period).
+      random_seed: seed of initialisation, dropout and (unseeded) shuffling; None draws
+        one from the clock.
+      summarize_config_fn: (model_dir, writer, step) -> None; records the config.
+      run_eval_before_training: also evaluate before the first step.
+      write_predictions: write inference-eval predictions as JSON lines.
+
+    Returns:
+      (last step, final train state).
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    save_cfg = checkpoint_cfg.save
+    with contextlib.ExitStack() as cleanup:
+        checkpointer = checkpoints_lib.Checkpointer(
+            os.path.join(model_dir, "checkpoints"), save_cfg
+        )
+        cleanup.callback(checkpointer.close)
+        # A resumed run reuses the seed it started with (even a clock-drawn one), so its
+        # dropout keys and data order continue where they stopped.
+        if checkpointer.latest_step() is not None:
+            seed = int(checkpointer.read_metadata()["seed"])
+        else:
+            seed = resolve_seed(random_seed)
+        init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+        layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
+
+        def train_stream(start_step: int) -> Any:
+            return data_lib.get_train_dataset(
+                train_dataset_cfg,
+                shard_id=layout.shard_id,
+                num_shards=layout.num_shards,
+                per_host_batch_size=layout.per_host_batch_size,
+                feature_converter_cls=model.FEATURE_CONVERTER_CLS,
+                default_seed=seed,
+                start_step=start_step,
+            )
+
+        spec = train_stream(0).element_spec
+        input_shapes = {k: (layout.batch_size, *v.shape[1:]) for k, v in spec.items()}
+        input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
+        trainer = trainer_lib.Trainer(model, partitioner, input_shapes, input_types, dropout_rng)
+        state, step = initial_state(trainer, checkpointer, checkpoint_cfg.restore, init_rng)
+        metadata = {"architecture": checkpoints_lib.architecture_metadata(model), "seed": seed}
+
+        evaluator = _Evaluations(
+            trainer, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
+        )
+        cleanup.callback(evaluator.close)
+        writer = reporting.create_writer(os.path.join(model_dir, "train"))
+        reporter = reporting.MetricsReporter(model_dir, total_steps, step, writer)
+        cleanup.callback(reporter.close)
+        if summarize_config_fn is not None:
+            summarize_config_fn(model_dir, writer, step)
+        if run_eval_before_training:
+            evaluator.run(state, step, write_predictions)
+
+        batches = data_lib.DevicePrefetcher(
+            data_lib.numpy_batches(train_stream(step)),
+            lambda b: partitioner.shard_batch(b, layout.batch_size),
+        )
+        cleanup.callback(batches.close)
+        stats_period = stats_period or eval_period or total_steps
+        logger.info("training steps %d..%d of %s", step, total_steps, model_dir)
+        acc = trainer.empty_metrics()
+        while step < total_steps:
+            # Only dispatches: metrics stay on device until the reporter's thread reads them.
+            state, acc = trainer.train_step(state, acc, next(batches))
+            step += 1
+            last = step == total_steps
+            if step % stats_period == 0 or last:
+                reporter.report(step, acc)
+                acc = trainer.empty_metrics()
+            if save_cfg is not None and ((save_cfg.period and step % save_cfg.period == 0) or last):
+                checkpointer.save(step, state, metadata)
+            if (eval_period and step % eval_period == 0) or last:
+                evaluator.run(state, step, write_predictions)
+    return step, state
+
+
+class _Evaluations:
+    """Train-eval (loss_fn metrics) and infer-eval (accuracy) of one run, with summaries."""
+
+    def __init__(
+        self,
+        trainer: trainer_lib.Trainer,
+        model_dir: str,
+        train_eval_cfg: data_lib.DatasetConfig | None,
+        infer_eval_cfg: data_lib.DatasetConfig | None,
+        eval_steps: int,
+    ):
+        self._trainer = trainer
+        self._model_dir = model_dir
+        self._train_eval_cfg = train_eval_cfg
+        self._eval_steps = eval_steps
+        self._train_eval_batches: dict[str, list] = {}
+        self._infer_split = infer_eval_cfg.split if infer_eval_cfg is not None else ""
+        self._infer = (
+            evaluation_lib.ClassificationEvaluator(
+                trainer.model,
+                trainer.partitioner,
+                infer_eval_cfg,
+                trainer.state_shardings.params,
+            )
+            if infer_eval_cfg is not None
+            else None
+        )
+        self._writers: dict[str, metric_writers.MetricWriter] = {}
+        if train_eval_cfg is not None:
+            data_lib.get_mixture_or_task(train_eval_cfg.mixture_or_task_name, train_eval_cfg.module)
+
+    def _writer(self, kind: str, task: str) -> metric_writers.MetricWriter:
+        key = f"{kind}/{task}"
+        if key not in self._writers:
+            self._writers[key] = reporting.create_writer(os.path.join(self._model_dir, key))
+        return self._writers[key]
+
+    def _train_eval(self, state: trainer_lib.TrainState, step: int) -> None:
+        cfg = self._train_eval_cfg
+        if cfg is None:
+            return
+        partitioner = self._trainer.partitioner
+        layout = partitioner.get_data_layout(cfg.batch_size)
+        for task in data_lib.subtask_names(cfg):
+            if task not in self._train_eval_batches:
+                self._train_eval_batches[task] = data_lib.get_eval_batches(
+                    cfg,
+                    task,
+                    shard_id=layout.shard_id,
+                    num_shards=layout.num_shards,
+                    per_host_batch_size=layout.per_host_batch_size,
+                    feature_converter_cls=self._trainer.model.FEATURE_CONVERTER_CLS,
+                    num_batches=self._eval_steps,
+                )
+            batches = (
+                partitioner.shard_batch(b, cfg.batch_size) for b in self._train_eval_batches[task]
+            )
+            values = self._trainer.evaluate(state.params, batches)
+            self._record("training_eval", task, cfg.split, step, values)
+
+    def _record(
+        self, kind: str, task: str, split: str, step: int, values: dict[str, float]
+    ) -> None:
+        if not values:
+            return
+        self._writer(kind, task).write_scalars(step, values)
+        reporting.append_history(
+            self._model_dir,
+            {"step": step, "kind": kind, "task": task, "split": split, **values},
+        )
+        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+        logger.info("%s %s step %d: %s", kind, task, step, shown)
+
+    def run(self, state: trainer_lib.TrainState, step: int, write_predictions: bool) -> dict:
+        """Runs both evaluations at `step`; returns task -> infer metrics."""
+        self._train_eval(state, step)
+        if self._infer is None:
+            return {}
+        metrics, predictions = self._infer.evaluate(state.params)
+        for task, values in metrics.items():
+            self._record("inference_eval", task, self._infer_split, step, values)
+            if write_predictions:
+                evaluation_lib.write_predictions(
+                    os.path.join(self._model_dir, "inference_eval"), task, step, predictions[task]
+                )
+        return metrics
+
+    def close(self) -> None:
+        """Flushes and closes the eval summary writers."""
+        for writer in self._writers.values():
+            writer.close()

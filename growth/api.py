@@ -1,0 +1,102 @@
+"""The public entry point of growth: ``expand``.
+
+``expand`` applies growth requests in order to a model config, its parameters and
+(optionally) its optax optimizer state, preserving the function the model computes
+(``growth.rules`` says which expansions are exact for which model and refuses the rest).
+It is a pure function: no module instances, no I/O, randomness from ``rng`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from growth.attention import grow_num_heads, grow_qk_dim, grow_v_dim
+from growth.depth import grow_depth
+from growth.hidden import grow_hidden
+from growth.mlp import grow_mlp_dim
+from growth.ops import PARAM, Fill, Step
+from growth.optimizer_state import grow_opt_state
+from growth.requests import Request, parse_requests
+from growth.rules import traits_of
+
+_WIDTH_PLANNERS = {
+    "mlp_dim": grow_mlp_dim,
+    "num_heads": grow_num_heads,
+    "qk_dim": grow_qk_dim,
+    "v_dim": grow_v_dim,
+}
+
+
+def plan(config: Any, params: Mapping, request: Request, *, key: jax.Array, fill: Fill) -> Step:
+    """Plans one request (without applying it).
+
+    Args:
+      config: the model config.
+      params: the model parameters.
+      request: a parsed request.
+      key: PRNG key for this request.
+      fill: constant, callable or None for the default initializers of free entries.
+
+    Returns:
+      The step: new config and ``grow(tree, role)``.
+    """
+    traits_of(config)  # validates norm, placement and scaling for every request
+    if request.kind == "add_layer":
+        return grow_depth(config, params, request.position, key=key, fill=fill)
+    assert request.size is not None  # Request validates sizes of width requests
+    if request.kind == "hidden":
+        return grow_hidden(config, params, request.size, key=key, fill=fill, method=request.method)
+    return _WIDTH_PLANNERS[request.kind](config, params, request.size, key=key, fill=fill)
+
+
+def expand(
+    config: Any,
+    params: Mapping,
+    requests: str | Request | Sequence[str | Request],
+    *,
+    rng: jax.Array,
+    opt_state: Any = None,
+    fill: Fill = None,
+) -> tuple[Any, dict, Any]:
+    """Grows a transformer without changing the function it computes.
+
+    Requests are applied in order; each sees the config and parameters the previous one
+    produced. Depth growth is bit-exact; width growth is exact up to float rounding.
+
+    Args:
+      config: frozen model config (``models.vit.ViTConfig``, ``models.decoder.
+        DecoderConfig``, ``models.encoder.EncoderConfig``) with ``hidden``, ``mlp_dim``,
+        ``num_heads``, ``qk_dim``, ``v_dim``, ``num_layers``, ``norm``, ``norm_eps``,
+        ``norm_placement`` and ``attention_scaling``.
+      params: the model's parameter tree (the ``params`` collection; boxed
+        ``nn.Partitioned`` leaves keep their axis names).
+      requests: e.g. ``["mlp_dim=512", "num_heads=8", "qk_dim=64", "v_dim=64",
+        "hidden=256", "add_layer@2"]``, a comma-separated string of them, or
+        ``growth.requests.Request`` objects. ``hidden=INT:pad|replicate`` picks the method.
+      rng: PRNG key for new free entries and LEMON split proportions.
+      opt_state: optional optax state for ``params``; grown with the same map (moments of
+        new entries 0, rescaled entries' first moment * c, second * c^2, counts carry on).
+      fill: None (default initializers), a constant for every free entry (e.g. 42.0, to
+        show they are free), or a callable ``(key, shape, dtype) -> array``.
+
+    Returns:
+      ``(new_config, new_params, new_opt_state)``; ``new_opt_state`` is None when no
+      ``opt_state`` was given.
+
+    Raises:
+      growth.rules.GrowthError: for malformed requests, shrinking, and expansions that
+        are not exact for the model (LayerNorm zero-padding or a non-integer factor,
+        post-norm depth growth), each with the reason.
+    """
+    parsed = parse_requests(requests)
+    for index, request in enumerate(parsed):
+        key = jax.random.fold_in(rng, index)
+        step = plan(config, params, request, key=key, fill=fill)
+        if opt_state is not None:
+            opt_state = grow_opt_state(opt_state, params, step)
+        params = step.grow(params, PARAM)
+        config = step.config
+    return config, dict(params), opt_state

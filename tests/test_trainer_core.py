@@ -1,0 +1,111 @@
+"""Trainer invariants in-process: resume exactness, checkpoint metadata and shape errors,
+metric merging, partitioning of the optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import trainer_testlib as tl
+from clu import metrics as clu_metrics
+
+from evogrow import checkpoints, data, partitioning, train, trainer
+
+
+def _cfg(split, shuffle=False):
+    return data.DatasetConfig(tl.TOY_TASK, None, split, 32, shuffle, module=None)
+
+
+def _train(model_dir, total_steps, hidden=32, period=10):
+    model = tl.ToyClassifier(tl.ToyMLP(tl.ToyConfig(hidden=hidden)))
+    return train.train(
+        model=model,
+        train_dataset_cfg=_cfg("train", shuffle=True),
+        train_eval_dataset_cfg=None,
+        infer_eval_dataset_cfg=_cfg("test"),
+        checkpoint_cfg=checkpoints.CheckpointConfig(checkpoints.SaveCheckpointConfig(period)),
+        partitioner=partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES),
+        model_dir=str(model_dir),
+        total_steps=total_steps,
+        eval_steps=1,
+        eval_period=0,
+        stats_period=5,
+        random_seed=3,
+    )
+
+
+def test_resume_is_bit_identical(tmp_path):
+    _, uninterrupted = _train(tmp_path / "straight", 24)
+    _train(tmp_path / "stopped", 13)  # stops (and checkpoints) mid-period, off the grid
+    step, resumed = _train(tmp_path / "stopped", 24)
+    assert step == 24 and int(resumed.step) == 24
+    for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_metadata_and_shape_mismatch(tmp_path):
+    _train(tmp_path / "run", 2)
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "run" / "checkpoints"), read_only=True)
+    meta = ckpt.read_metadata()
+    assert meta["step"] == 2
+    assert meta["architecture"]["config_class"].endswith("ToyConfig")
+    assert meta["architecture"]["config"] == {"hidden": 32, "num_classes": 4, "dropout": 0.1}
+    assert checkpoints.architecture_config(meta["architecture"]) == tl.ToyConfig()
+
+    wider = tl.ToyClassifier(tl.ToyMLP(tl.ToyConfig(hidden=48)))
+    shapes, types = tl.toy_inputs(32)
+    p = partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES)
+    target = train.abstract_with_shardings(
+        trainer.Trainer(wider, p, shapes, types, jax.random.key(0))
+    )
+    with pytest.raises(checkpoints.CheckpointShapeError) as error:
+        ckpt.restore({"params": target.params})
+    message = str(error.value)
+    assert "Dense_0/kernel: checkpoint (64, 32) vs model (64, 48)" in message
+    assert "Dense_1/kernel: checkpoint (32, 4) vs model (48, 4)" in message
+
+
+def test_merge_metrics_matches_host_merge():
+    steps = [
+        {
+            "loss": clu_metrics.Average.from_model_output(jnp.array([1.0, 3.0]) * (i + 1)),
+            "last": clu_metrics.LastValue.from_model_output(jnp.array([float(i)])),
+        }
+        for i in range(3)
+    ]
+    zeros = jax.tree.map(jnp.zeros_like, steps[0])
+    acc = trainer.MetricsAccumulator(metrics=zeros, num_steps=jnp.zeros((), jnp.int32))
+    merge = jax.jit(trainer.merge_metrics)
+    for metrics in steps:
+        acc = merge(acc, metrics)
+    assert trainer.compute_metrics(acc) == {"loss": pytest.approx(4.0), "last": 2.0}
+    assert int(acc.num_steps) == 3
+
+
+def test_optimizer_state_is_partitioned_like_params():
+    shapes, types = tl.toy_inputs(32)
+    p = partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES)
+    t = trainer.Trainer(tl.ToyClassifier(), p, shapes, types, jax.random.key(0))
+    adam = t.state_shardings.opt_state[0]
+    assert adam.mu["Dense_0"]["kernel"].spec == t.state_shardings.params["Dense_0"]["kernel"].spec
+    assert adam.nu["Dense_1"]["kernel"].spec == jax.sharding.PartitionSpec("model", None)
+    assert adam.count.spec == jax.sharding.PartitionSpec()
+    assert p.get_data_layout(32) == partitioning.DataLayout(32, 0, 1, 32)
+
+
+def test_partitioned_train_step_matches_plain_update():
+    shapes, types = tl.toy_inputs(32)
+    p = partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES)
+    model = tl.ToyClassifier()
+    t = trainer.Trainer(model, p, shapes, types, jax.random.key(0))
+    state = t.init_state(jax.random.key(1))
+    params0 = jax.device_get(state.params)
+    opt0 = jax.device_get(state.opt_state)
+    batch = {k: v[:32] for k, v in tl._toy_arrays("train").items()}
+    state, acc = t.train_step(state, t.empty_metrics(), p.shard_batch(batch, 32))
+    (loss, _), grads = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(
+        params0, batch, jax.random.fold_in(jax.random.key(0), 0)
+    )
+    updates, _ = model.optimizer_def.update(grads, opt0, params0)
+    expected = jax.tree.map(lambda p_, u: p_ + u, params0, updates)
+    assert tl.params_close(state.params, expected, atol=1e-6)
+    assert trainer.compute_metrics(acc)["loss"] == pytest.approx(float(loss), rel=1e-5)
