@@ -65,6 +65,9 @@ def expand(
 
     Requests are applied in order; each sees the config and parameters the previous one
     produced. Depth growth is bit-exact; width growth is exact up to float rounding.
+    Call it outside ``jit`` (shapes change); the surgery runs on the host in numpy and
+    returns JAX arrays for JAX inputs, so shardings are re-derived by the caller from the
+    new abstract state.
 
     Args:
       config: frozen model config (``models.vit.ViTConfig``, ``models.decoder.
