@@ -12,12 +12,11 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from evogrow import checkpoints as checkpoints_lib
 from evogrow import data as data_lib
 from evogrow import evaluation as evaluation_lib
-from evogrow import reporting
+from evogrow import partitioning, reporting
 from evogrow import trainer as trainer_lib
 from evogrow.partitioning import Partitioner
 from evogrow.train import SummarizeConfigFn
@@ -63,11 +62,7 @@ def restore_params(
     types = {k: v.dtype for k, v in spec.items()}
     boxed = trainer_lib.abstract_variables(model, shapes, types)["params"]
     shardings = partitioner.shardings(partitioner.param_specs(boxed))
-    target = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        nn.unbox(boxed),
-        shardings,
-    )
+    target = partitioning.with_shardings(nn.unbox(boxed), shardings)
     directory = _checkpoint_dir(restore_checkpoint_cfg.path)
     checkpointer = checkpoints_lib.Checkpointer(directory, read_only=True)
     items, meta = checkpointer.restore({"params": target}, restore_checkpoint_cfg.step)
@@ -126,6 +121,6 @@ def evaluate(
                 **values,
             },
         )
-        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+        shown = reporting.format_metrics(values)
         logger.info("eval %s (%s) step %d: %s", task, dataset_cfg.split, step, shown)
     return metrics

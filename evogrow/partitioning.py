@@ -323,5 +323,22 @@ class PartitionedFunction:
         return self._last(*args)
 
 
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """Attaches each leaf's sharding to an abstract tree (a restore target for orbax).
+
+    Args:
+      abstract_tree: leaves with `.shape` and `.dtype` (e.g. from `jax.eval_shape`).
+      shardings: a matching tree of shardings.
+
+    Returns:
+      the tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`.
+    """
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_tree,
+        shardings,
+    )
+
+
 def _is_spec(node: Any) -> bool:
     return isinstance(node, PartitionSpec)

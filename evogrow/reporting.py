@@ -58,6 +58,11 @@ def read_history(model_dir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def format_metrics(values: Mapping[str, float]) -> str:
+    """Formats metrics as "name=value ..." sorted by name (steps_per_sec left out)."""
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()) if k != "steps_per_sec")
+
+
 def format_duration(seconds: float) -> str:
     """Formats seconds as H:MM:SS."""
     seconds = max(int(seconds), 0)
@@ -110,7 +115,7 @@ class MetricsReporter:
         self._writer.write_scalars(step, values)
         append_history(self._model_dir, {"step": step, "kind": "train", **values})
         eta = (self._total_steps - step) / rate if rate > 0 else 0.0
-        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()) if k != "steps_per_sec")
+        shown = format_metrics(values)
         logger.info(
             "step %d/%d %s | %.1f steps/s | ETA %s",
             step,

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from evogrow import checkpoints as checkpoints_lib
 from evogrow import data as data_lib
 from evogrow import evaluation as evaluation_lib
-from evogrow import reporting
+from evogrow import partitioning, reporting
 from evogrow import trainer as trainer_lib
 from evogrow.partitioning import Partitioner
 
@@ -59,7 +59,7 @@ def initial_state(
     Returns:
       (state, start step).
     """
-    target = abstract_with_shardings(trainer)
+    target = partitioning.with_shardings(trainer.abstract_state, trainer.state_shardings)
     latest = checkpointer.latest_step()
     if latest is not None:
         items, _ = checkpointer.restore(
@@ -77,15 +77,6 @@ def initial_state(
         logger.info("initialised from %s step %d", restore_cfg.path, meta["step"])
         state = dataclasses.replace(state, **items)
     return state, 0
-
-
-def abstract_with_shardings(trainer: trainer_lib.Trainer) -> Any:
-    """The trainer's abstract state with each leaf's sharding attached (restore target)."""
-    return jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        trainer.abstract_state,
-        trainer.state_shardings,
-    )
 
 
 def train(
@@ -269,8 +260,9 @@ class _Evaluations:
             self._model_dir,
             {"step": step, "kind": kind, "task": task, "split": split, **values},
         )
-        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
-        logger.info("%s %s step %d: %s", kind, task, step, shown)
+        logger.info(
+            "%s %s (%s) step %d: %s", kind, task, split, step, reporting.format_metrics(values)
+        )
 
     def run(self, state: trainer_lib.TrainState, step: int, write_predictions: bool) -> dict:
         """Runs both evaluations at `step`; returns task -> infer metrics."""

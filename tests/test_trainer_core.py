@@ -54,9 +54,8 @@ def test_checkpoint_metadata_and_shape_mismatch(tmp_path):
     wider = tl.ToyClassifier(tl.ToyMLP(tl.ToyConfig(hidden=48)))
     shapes, types = tl.toy_inputs(32)
     p = partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES)
-    target = train.abstract_with_shardings(
-        trainer.Trainer(wider, p, shapes, types, jax.random.key(0))
-    )
+    t = trainer.Trainer(wider, p, shapes, types, jax.random.key(0))
+    target = partitioning.with_shardings(t.abstract_state, t.state_shardings)
     with pytest.raises(checkpoints.CheckpointShapeError) as error:
         ckpt.restore({"params": target.params})
     message = str(error.value)

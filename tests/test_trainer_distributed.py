@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import trainer_testlib as tl
 
-from evogrow import checkpoints, main, partitioning, reporting, train, trainer
+from evogrow import checkpoints, main, partitioning, reporting, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -69,7 +69,9 @@ def _final_params(model_dir):
     shapes, types = tl.toy_inputs(32)
     p = partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES)
     t = trainer.Trainer(model, p, shapes, types, jax.random.key(0))
-    items, _ = ckpt.restore({"params": train.abstract_with_shardings(t).params})
+    items, _ = ckpt.restore(
+        {"params": partitioning.with_shardings(t.abstract_state, t.state_shardings).params}
+    )
     return jax.device_get(items["params"])
 
 

@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
       the exit status.
     """
     parser = argparse.ArgumentParser(prog="python -m evogrow.bench trainer")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
