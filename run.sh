@@ -5,6 +5,7 @@
 #   ./run.sh test [PYTEST ARGS]   lint, type check and the test suite
 #   ./run.sh lint                 ruff (lint + format check) and mypy only
 #   ./run.sh train|eval|infer --gin_file=... --gin.KEY=VALUE
+#   ./run.sh grow --checkpoint DIR --expand "mlp_dim=256,add_layer@2" --out DIR
 #   ./run.sh bench NAME           a benchmark; prints what it measured, JSON last line
 #   ./run.sh setup                (re)install the environment only
 #
@@ -102,7 +103,7 @@ case "$cmd" in
     ensure_env
     run_python -m evogrow.main main "$@"
     ;;
-  train | eval | infer)
+  train | eval | infer | grow)
     ensure_env
     run_python -m evogrow.main "$cmd" "$@"
     ;;
@@ -111,10 +112,10 @@ case "$cmd" in
     run_python -m evogrow.bench "$@"
     ;;
   -h | --help | help)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     ;;
   *)
-    log "error: unknown command '$cmd'. Commands: main (default), test, lint, setup, train, eval, infer, bench NAME."
+    log "error: unknown command '$cmd'. Commands: main (default), test, lint, setup, train, eval, infer, grow, bench NAME."
     exit 2
     ;;
 esac

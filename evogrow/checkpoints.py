@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+logger = logging.getLogger("evogrow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,17 @@ def architecture_metadata(model: Any) -> dict[str, Any]:
     }
 
 
+def architecture_metadata_of_config(config: Any) -> dict[str, Any]:
+    """Returns a config dataclass as the JSON-safe "config" entry of the architecture."""
+    return _json_safe(config)
+
+
+def resolve_directory(path: str) -> str:
+    """Accepts a model directory (with `checkpoints/`) or the checkpoints folder itself."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
 def architecture_config(metadata: Mapping[str, Any]) -> Any:
     """Rebuilds the config dataclass recorded by `architecture_metadata`.
 
@@ -130,11 +145,50 @@ def architecture_config(metadata: Mapping[str, Any]) -> Any:
         raise ValueError("the checkpoint recorded no architecture config dataclass")
     module_name, _, class_name = metadata["config_class"].rpartition(".")
     config_cls = getattr(importlib.import_module(module_name), class_name)
-    values = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in metadata["config"].items()
-    }
+    values = {}
+    for key, value in metadata["config"].items():
+        if isinstance(value, list):
+            value = tuple(value)
+        elif key.endswith("dtype") and isinstance(value, str):
+            value = np.dtype(value) if value != "bfloat16" else jax.numpy.bfloat16
+        values[key] = value
     return config_cls(**values)
+
+
+def model_for_checkpoint(model: Any, metadata: Mapping[str, Any]) -> Any:
+    """Returns `model` rebuilt with the architecture a checkpoint recorded, if it differs.
+
+    A run that grew (mid-run or with `./run.sh grow`) saves the grown architecture; the
+    model built from the gin file has the original one. When both configs are of the
+    same class, the recorded one wins, so the checkpoint restores into matching shapes.
+
+    Args:
+      model: the t5x-contract model built from the config.
+      metadata: a checkpoint's metadata (`Checkpointer.read_metadata`).
+
+    Returns:
+      `model` itself, or a copy built with the recorded config.
+    """
+    from models import growth_hooks
+
+    recorded = metadata.get("architecture", {})
+    try:
+        current = growth_hooks.model_config(model)
+    except TypeError:
+        return model
+    name = f"{type(current).__module__}.{type(current).__qualname__}"
+    if recorded.get("config_class") != name:
+        return model
+    config = architecture_config(recorded)
+    if config == current:
+        return model
+    changed = {
+        f.name: (getattr(current, f.name), getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if getattr(current, f.name) != getattr(config, f.name)
+    }
+    logger.info("using the checkpoint's architecture: %s", changed)
+    return growth_hooks.with_config(model, config)
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -272,6 +326,35 @@ class Checkpointer:
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args)
         )
         return {name: restored[name] for name in targets}, dict(restored["meta"])
+
+    def restore_on_host(self, names: Sequence[str], step: int | None = None) -> dict[str, Any]:
+        """Restores items as numpy arrays in their stored structure, without a model.
+
+        Named tuples of optax states come back as dicts keyed by field name, which
+        `save` writes back in the same on-disk layout.
+
+        Args:
+          names: item names ("params", "opt_state").
+          step: which step; None takes the latest.
+
+        Returns:
+          item name -> tree of numpy arrays.
+        """
+        step = self._resolve(step)
+        stored = self._manager.item_metadata(step)
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+        def target(leaf: Any) -> Any:
+            return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=cpu)
+
+        args = {}
+        for name in names:
+            tree = getattr(stored[name], "tree", stored[name])
+            args[name] = ocp.args.StandardRestore(
+                jax.tree.map(target, tree, is_leaf=lambda x: hasattr(x, "shape"))
+            )
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return {name: jax.tree.map(np.asarray, restored[name]) for name in names}
 
     def _resolve(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step

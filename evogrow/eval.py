@@ -29,8 +29,11 @@ def restore_params(
     partitioner: Partitioner,
     dataset_cfg: data_lib.DatasetConfig,
     restore_checkpoint_cfg: checkpoints_lib.RestoreCheckpointConfig,
-) -> tuple[Any, Any, int]:
+) -> tuple[Any, Any, Any, int]:
     """Restores a checkpoint's params into the partitioner's shardings.
+
+    A checkpoint of a grown run restores into the architecture it recorded (the returned
+    model), not the one of the gin file.
 
     Args:
       model: the t5x-contract model whose params to restore.
@@ -39,7 +42,7 @@ def restore_params(
       restore_checkpoint_cfg: the model directory (`path`) and `step` (None: latest).
 
     Returns:
-      (params, param shardings, step).
+      (model for the checkpoint's architecture, params, param shardings, step).
 
     Raises:
       ValueError: no `path` in the config.
@@ -47,6 +50,11 @@ def restore_params(
     """
     if not restore_checkpoint_cfg.path:
         raise ValueError("restore_checkpoint_cfg.path must name a model directory")
+    directory = checkpoints_lib.resolve_directory(restore_checkpoint_cfg.path)
+    checkpointer = checkpoints_lib.Checkpointer(directory, read_only=True)
+    model = checkpoints_lib.model_for_checkpoint(
+        model, checkpointer.read_metadata(restore_checkpoint_cfg.step)
+    )
     layout = partitioner.get_data_layout(dataset_cfg.batch_size)
     task = data_lib.subtask_names(dataset_cfg)[0]
     spec = data_lib.get_eval_batches(
@@ -63,18 +71,10 @@ def restore_params(
     boxed = trainer_lib.abstract_variables(model, shapes, types)["params"]
     shardings = partitioner.shardings(partitioner.param_specs(boxed))
     target = partitioning.with_shardings(nn.unbox(boxed), shardings)
-    directory = _checkpoint_dir(restore_checkpoint_cfg.path)
-    checkpointer = checkpoints_lib.Checkpointer(directory, read_only=True)
     items, meta = checkpointer.restore({"params": target}, restore_checkpoint_cfg.step)
     checkpointer.close()
     logger.info("restored params of %s step %d", directory, meta["step"])
-    return items["params"], shardings, int(meta["step"])
-
-
-def _checkpoint_dir(path: str) -> str:
-    """Accepts a model directory (with `checkpoints/`) or the checkpoints folder itself."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
+    return model, items["params"], shardings, int(meta["step"])
 
 
 def evaluate(
@@ -99,7 +99,7 @@ def evaluate(
     Returns:
       task -> {"accuracy", "num_examples", ...}.
     """
-    params, shardings, step = restore_params(
+    model, params, shardings, step = restore_params(
         model, partitioner, dataset_cfg, restore_checkpoint_cfg
     )
     evaluator = evaluation_lib.ClassificationEvaluator(model, partitioner, dataset_cfg, shardings)

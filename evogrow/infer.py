@@ -41,7 +41,7 @@ def infer(
     Returns:
       task -> path of its predictions file.
     """
-    params, shardings, step = restore_params(
+    model, params, shardings, step = restore_params(
         model, partitioner, dataset_cfg, restore_checkpoint_cfg
     )
     evaluator = evaluation_lib.ClassificationEvaluator(

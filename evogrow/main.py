@@ -3,6 +3,7 @@
     python -m evogrow.main [main|train|eval|infer] --gin_file=F ... --gin.NAME=VALUE ...
         [--gin_search_paths=DIR,DIR] [--coordinator_address=HOST:PORT
         --process_count=N --process_index=I]
+    python -m evogrow.main grow --checkpoint DIR --expand REQUESTS --out DIR
 
 `main` (the default) trains the embedded experiment (gin/experiments/digits_vit.gin) on
 offline data, evaluates it, saves a checkpoint and a PNG of the training curves, and
@@ -107,6 +108,14 @@ def run(argv: Sequence[str]) -> int:
       the process exit status.
     """
     start = time.perf_counter()
+    if argv and argv[0] == "grow":  # plain flags, no gin: evogrow/grow.py
+        _setup_logging("INFO")
+        from evogrow import grow
+
+        try:
+            return grow.main(list(argv[1:]))
+        except ValueError as error:  # GrowthError, GrowCheckpointError, shape errors
+            raise LaunchError(str(error)) from error
     args, bindings = _parse_args(argv)
     if args.command not in COMMANDS:
         raise LaunchError(f"unknown command {args.command!r}; commands: {', '.join(COMMANDS)}")

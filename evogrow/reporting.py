@@ -40,13 +40,14 @@ def append_history(model_dir: str, record: Mapping[str, Any]) -> None:
     Args:
       model_dir: the run's directory.
       record: JSON-safe values, e.g. {"step", "kind", "task", "split", "loss", "accuracy"};
-        kind is "train", "training_eval" or "inference_eval", split the data split.
+        kind is "train", "training_eval", "inference_eval" or "growth", split the data
+        split. A "wall_time" (seconds since the epoch, as in TensorBoard) is added.
     """
     if jax.process_index() != 0:
         return
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, HISTORY_FILE), "a") as f:
-        f.write(json.dumps(dict(record)) + "\n")
+        f.write(json.dumps({**record, "wall_time": round(time.time(), 3)}) + "\n")
 
 
 def read_history(model_dir: str) -> list[dict[str, Any]]:

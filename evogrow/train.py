@@ -25,7 +25,8 @@ from jax.experimental import multihost_utils
 from evogrow import checkpoints as checkpoints_lib
 from evogrow import data as data_lib
 from evogrow import evaluation as evaluation_lib
-from evogrow import partitioning, reporting
+from evogrow import growth_schedule as growth_schedule_lib
+from evogrow import partitioning, reporting, state_growth
 from evogrow import trainer as trainer_lib
 from evogrow.partitioning import Partitioner
 
@@ -96,6 +97,7 @@ def train(
     summarize_config_fn: SummarizeConfigFn | None = None,
     run_eval_before_training: bool = False,
     write_predictions: bool = True,
+    growth_schedule: growth_schedule_lib.GrowthSchedule | None = None,
 ) -> tuple[int, trainer_lib.TrainState]:
     """Trains `model` on a seqio task or mixture, evaluating and checkpointing as it goes.
 
@@ -117,12 +119,22 @@ def train(
       summarize_config_fn: (model_dir, writer, step) -> None; records the config.
       run_eval_before_training: also evaluate before the first step.
       write_predictions: write inference-eval predictions as JSON lines.
+      growth_schedule: growth events; at each event's step the whole train state grows
+        function-preservingly and training goes on with the grown model. A run resumed
+        from a checkpoint rebuilds the architecture recorded there.
 
     Returns:
       (last step, final train state).
     """
     os.makedirs(model_dir, exist_ok=True)
     save_cfg = checkpoint_cfg.save
+    schedule = growth_schedule or growth_schedule_lib.GrowthSchedule()
+    if schedule.beyond(total_steps):
+        logger.warning(
+            "growth events after TRAIN_STEPS=%d are not reached in this run: %s",
+            total_steps,
+            [e.to_json() for e in schedule.beyond(total_steps)],
+        )
     with contextlib.ExitStack() as cleanup:
         checkpointer = checkpoints_lib.Checkpointer(
             os.path.join(model_dir, "checkpoints"), save_cfg
@@ -130,8 +142,13 @@ def train(
         cleanup.callback(checkpointer.close)
         # A resumed run reuses the seed it started with (even a clock-drawn one), so its
         # dropout keys and data order continue where they stopped.
+        grown_events: list[dict] = []
         if checkpointer.latest_step() is not None:
-            seed = int(checkpointer.read_metadata()["seed"])
+            resumed_meta = checkpointer.read_metadata()
+            seed = int(resumed_meta["seed"])
+            # A run that grew before its latest checkpoint continues with the grown model.
+            model = checkpoints_lib.model_for_checkpoint(model, resumed_meta)
+            grown_events = list(resumed_meta.get("growth_events", []))
         else:
             seed = resolve_seed(random_seed)
         init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
@@ -153,12 +170,17 @@ def train(
         input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
         trainer = trainer_lib.Trainer(model, partitioner, input_shapes, input_types, dropout_rng)
         state, step = initial_state(trainer, checkpointer, checkpoint_cfg.restore, init_rng)
-        metadata = {"architecture": checkpoints_lib.architecture_metadata(model), "seed": seed}
+        metadata: dict[str, Any] = {
+            "architecture": checkpoints_lib.architecture_metadata(model),
+            "seed": seed,
+            "growth_events": grown_events,
+        }
+        _check_applied_growth(schedule, grown_events, step)
 
         evaluator = _Evaluations(
             trainer, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
         )
-        cleanup.callback(evaluator.close)
+        cleanup.callback(lambda: evaluator.close())  # the evaluator of the latest growth
         writer = reporting.create_writer(os.path.join(model_dir, "train"))
         reporter = reporting.MetricsReporter(model_dir, total_steps, step, writer)
         cleanup.callback(reporter.close)
@@ -177,17 +199,88 @@ def train(
         acc = trainer.empty_metrics()
         while step < total_steps:
             # Only dispatches: metrics stay on device until the reporter's thread reads them.
-            state, acc = trainer.train_step(state, acc, next(batches))
+            batch = next(batches)
+            state, acc = trainer.train_step(state, acc, batch)
             step += 1
             last = step == total_steps
-            if step % stats_period == 0 or last:
+            event = schedule.at(step)
+            if step % stats_period == 0 or last or event is not None:
                 reporter.report(step, acc)
                 acc = trainer.empty_metrics()
+            if event is not None:
+                trainer, state = _grow(trainer, state, event, seed, batch, model_dir, writer)
+                metadata["architecture"] = checkpoints_lib.architecture_metadata(trainer.model)
+                metadata["growth_events"] = [*metadata["growth_events"], event.to_json()]
+                evaluator.close()
+                evaluator = _Evaluations(
+                    trainer, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
+                )
             if save_cfg is not None and ((save_cfg.period and step % save_cfg.period == 0) or last):
                 checkpointer.save(step, state, metadata)
             if (eval_period and step % eval_period == 0) or last:
                 evaluator.run(state, step, write_predictions)
     return step, state
+
+
+def _check_applied_growth(
+    schedule: growth_schedule_lib.GrowthSchedule, applied: list[dict], step: int
+) -> None:
+    """Warns when a resumed run's checkpoint grew differently from the schedule."""
+    expected = [e.to_json() for e in schedule.events if e.step <= step]
+    if applied != expected:
+        logger.warning(
+            "the checkpoint at step %d records growth events %s but the schedule has %s "
+            "up to that step; continuing with the checkpoint's architecture",
+            step,
+            applied,
+            expected,
+        )
+
+
+def _grow(
+    trainer: trainer_lib.Trainer,
+    state: trainer_lib.TrainState,
+    event: growth_schedule_lib.GrowthEvent,
+    seed: int,
+    probe_batch: Any,
+    model_dir: str,
+    writer: metric_writers.MetricWriter,
+) -> tuple[trainer_lib.Trainer, trainer_lib.TrainState]:
+    """Applies one growth event and records the loss right before and right after it.
+
+    The loss (no dropout) of the model before and of the grown model after is measured on
+    the batch of the step that reached the event; function-preserving growth keeps them
+    equal up to float rounding, which the summaries and `metrics.jsonl` show.
+    """
+    before = trainer.evaluate(state.params, iter([probe_batch]))
+    result = state_growth.grow_train_state(
+        trainer, state, event.requests, growth_schedule_lib.growth_rng(seed, event.step)
+    )
+    after = result.trainer.evaluate(result.state.params, iter([probe_batch]))
+    values = {
+        "loss_before": before["loss"],
+        "loss_after": after["loss"],
+        "loss_abs_delta": abs(after["loss"] - before["loss"]),
+        "num_params_before": float(result.num_params_before),
+        "num_params_after": float(result.num_params_after),
+        "seconds": result.seconds,
+    }
+    writer.write_scalars(event.step, {f"growth/{k}": v for k, v in values.items()})
+    reporting.append_history(
+        model_dir,
+        {"step": event.step, "kind": "growth", "requests": list(event.requests), **values},
+    )
+    logger.info(
+        "grew at step %d with %s: %d -> %d params in %.2f s; loss %.6f -> %.6f",
+        event.step,
+        ", ".join(event.requests),
+        result.num_params_before,
+        result.num_params_after,
+        result.seconds,
+        before["loss"],
+        after["loss"],
+    )
+    return result.trainer, result.state
 
 
 class _Evaluations:

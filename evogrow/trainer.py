@@ -196,6 +196,31 @@ class Trainer:
         return MetricsAccumulator(metrics=zeros, num_steps=jnp.zeros((), jnp.int32))
 
     # ----------------------------------------------------------------------- host API
+    def for_model(self, model: Any) -> Trainer:
+        """Returns a trainer of `model` (e.g. grown) with this one's mesh, shapes and keys.
+
+        Its steps compile on first use (once per growth event).
+        """
+        return Trainer(
+            model, self.partitioner, self._input_shapes, self._input_types, self._dropout_rng
+        )
+
+    def train_step_flops(self) -> float:
+        """Returns XLA's cost analysis of one train step: FLOPs over the global batch.
+
+        Lowers the step for abstract arguments (nothing runs or compiles).
+        """
+        state = jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            self.abstract_state,
+            self.state_shardings,
+        )
+        acc = jax.eval_shape(self._empty_fn)
+        cost = self._train_step.lower(state, acc, self._abstract_batch()).cost_analysis()
+        if isinstance(cost, list | tuple):  # older JAX: one dict per computation
+            cost = cost[0]
+        return float(cost["flops"])
+
     def init_state(self, rng: jax.Array) -> TrainState:
         """Initializes a train state from scratch, directly in its shardings.
 

@@ -6,6 +6,8 @@ paths, same shapes) is grown with the step's map; the role is chosen by the fiel
 holds it: second moments (``nu``, ``nu_max``, ``sum_of_squares``...) scale by c^2, every
 other mirror (``mu``, ``trace``, accumulated gradients...) by c. New entries start at 0.
 Everything else (``count``, hyperparameters, schedules' state) carries on unchanged.
+The same holds for states whose named tuples became dicts keyed by field name (a
+checkpoint restored without a target).
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ def grow_opt_state(opt_state: Any, params: Mapping, step: Step) -> Any:
         if isinstance(node, tuple | list):
             return type(node)(walk(child, role) for child in node)
         if isinstance(node, Mapping):
-            return {name: walk(child, role) for name, child in node.items()}
+            # A named tuple restored without its class (e.g. by orbax, with no target)
+            # is a dict keyed by field name: the same names pick the role.
+            return {
+                name: walk(child, SECOND_MOMENT if name in SECOND_MOMENT_FIELDS else role)
+                for name, child in node.items()
+            }
         return node
 
     return walk(opt_state, FIRST_MOMENT)

@@ -1,0 +1,136 @@
+"""`./run.sh grow`: grows a saved checkpoint for staged training across separate runs.
+
+    ./run.sh grow --checkpoint runs/stage1 --expand "mlp_dim=256,add_layer@2" --out runs/stage2
+    ./run.sh train --gin_file=... --gin.MODEL_DIR="'runs/stage2'" --gin.TRAIN_STEPS=...
+
+The checkpoint's recorded architecture is grown with `growth.expand`, together with its
+optimizer state, and saved under `--out` at the same step with the grown architecture and
+the growth recorded. A training run whose MODEL_DIR is `--out` resumes from it with the
+grown model (its gin file may still describe the small one). The growth key is the one
+in-run growth at that step would use, so both give the same state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import growth
+from evogrow import checkpoints as checkpoints_lib
+from evogrow import growth_schedule as growth_schedule_lib
+
+logger = logging.getLogger("evogrow")
+
+
+class GrowCheckpointError(ValueError):
+    """The checkpoint cannot be grown as asked (missing, no architecture, output exists)."""
+
+
+def grow_checkpoint(
+    checkpoint: str,
+    requests: str | Sequence[str],
+    out: str,
+    *,
+    step: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Grows the params and optimizer state of a checkpoint into a new model directory.
+
+    Args:
+      checkpoint: a model directory (or its `checkpoints/` folder) written by evogrow.
+      requests: growth requests, e.g. "mlp_dim=256,add_layer@2".
+      out: the new model directory (its `checkpoints/` must not exist yet).
+      step: which checkpoint step (None: the latest).
+      seed: PRNG seed of the new free entries (None: the run's recorded seed).
+
+    Returns:
+      the metadata written with the grown checkpoint.
+
+    Raises:
+      GrowCheckpointError: no checkpoint there, no recorded architecture, or `out`
+        already holds checkpoints.
+      growth.GrowthError: a request is malformed or not exact for the model.
+    """
+    source_dir = checkpoints_lib.resolve_directory(checkpoint)
+    if not os.path.isdir(source_dir):
+        raise GrowCheckpointError(f"no checkpoint directory at {checkpoint!r}")
+    source = checkpoints_lib.Checkpointer(source_dir, read_only=True)
+    try:
+        meta = source.read_metadata(step)
+        architecture = meta.get("architecture", {})
+        if not architecture.get("config_class"):
+            raise GrowCheckpointError(
+                f"{source_dir} step {meta['step']} records no architecture config; only "
+                "checkpoints written by evogrow's trainer can be grown"
+            )
+        config = checkpoints_lib.architecture_config(architecture)
+        items = source.restore_on_host(("params", "opt_state"), meta["step"])
+    except FileNotFoundError as error:
+        raise GrowCheckpointError(str(error)) from error
+    finally:
+        source.close()
+    at_step = int(meta["step"])
+    run_seed = int(meta.get("seed", 0)) if seed is None else seed
+    parsed = [str(r) for r in growth.parse_requests(requests)]
+    new_config, params, opt_state = growth.expand(
+        config,
+        items["params"],
+        parsed,
+        rng=growth_schedule_lib.growth_rng(run_seed, at_step),
+        opt_state=items["opt_state"],
+    )
+    out_dir = os.path.join(out, "checkpoints")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise GrowCheckpointError(f"{out_dir} already holds checkpoints; choose a new --out")
+    new_meta = {key: value for key, value in meta.items() if key != "step"}
+    new_meta["architecture"] = {
+        **architecture,
+        "config": checkpoints_lib.architecture_metadata_of_config(new_config),
+    }
+    event = growth_schedule_lib.GrowthEvent(at_step, tuple(parsed)).to_json()
+    new_meta["growth_events"] = [*meta.get("growth_events", []), event]
+    new_meta["grown_from"] = os.path.abspath(source_dir)
+    target = checkpoints_lib.Checkpointer(
+        out_dir, checkpoints_lib.SaveCheckpointConfig(period=0, async_save=False)
+    )
+    try:
+        target.save(at_step, types.SimpleNamespace(params=params, opt_state=opt_state), new_meta)
+    finally:
+        target.close()
+    logger.info("grew %s step %d with %s into %s", source_dir, at_step, ", ".join(parsed), out_dir)
+    return {"step": at_step, **new_meta}
+
+
+def main(argv: Sequence[str]) -> int:
+    """CLI: `python -m evogrow.main grow --checkpoint DIR --expand REQUESTS --out DIR`.
+
+    Args:
+      argv: the arguments after `grow`.
+
+    Returns:
+      the exit status (0 ok, 2 user error).
+    """
+    parser = argparse.ArgumentParser(prog="./run.sh grow", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="model directory to grow")
+    parser.add_argument(
+        "--expand",
+        required=True,
+        action="append",
+        help='growth requests, e.g. "mlp_dim=256,num_heads=8,add_layer@2" (repeatable)',
+    )
+    parser.add_argument("--out", required=True, help="new model directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of new free entries")
+    args = parser.parse_args(argv)
+    requests = [r for chunk in args.expand for r in chunk.split(",") if r.strip()]
+    meta = grow_checkpoint(args.checkpoint, requests, args.out, step=args.step, seed=args.seed)
+    print(
+        f"grown checkpoint: {os.path.join(args.out, 'checkpoints')} step {meta['step']} "
+        f"({', '.join(meta['growth_events'][-1]['requests'])})"
+    )
+    print(f"architecture: {meta['architecture']['config']}")
+    return 0

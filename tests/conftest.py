@@ -1,0 +1,24 @@
+"""Test-session set-up: a persistent XLA compilation cache private to this pytest run.
+
+Many tests compile the same programs (the same tiny models, resumed and regrown runs);
+JAX's compilation cache serves repeats from a temporary directory that is created for
+the session and deleted after it, so no compiled code outlives the run.
+"""
+
+import shutil
+import tempfile
+
+import jax
+import pytest
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="evogrow-test-xla-cache-")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_compilation_cache():
+    """Deletes the session's compilation cache when the tests end."""
+    yield
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
