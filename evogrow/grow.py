@@ -125,12 +125,43 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="new model directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     parser.add_argument("--seed", type=int, default=None, help="seed of new free entries")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--t5x",
+        action="store_true",
+        help="grow a t5x checkpoint (checkpoint_N/); needs t5x and --gin_file of its MODEL",
+    )
+    parser.add_argument("--gin_file", action="append", default=[], help="t5x model gin file")
+    parser.add_argument("--gin_bindings", action="append", default=[], help="NAME = VALUE")
+    from evogrow import gin_utils
+
+    flags, bindings = gin_utils.rewrite_gin_args(argv)
+    args = parser.parse_args(flags)
     requests = [r for chunk in args.expand for r in chunk.split(",") if r.strip()]
+    if args.t5x:
+        return _grow_t5x(args, requests, [*args.gin_bindings, *bindings])
     meta = grow_checkpoint(args.checkpoint, requests, args.out, step=args.step, seed=args.seed)
     print(
         f"grown checkpoint: {os.path.join(args.out, 'checkpoints')} step {meta['step']} "
         f"({', '.join(meta['growth_events'][-1]['requests'])})"
     )
     print(f"architecture: {meta['architecture']['config']}")
+    return 0
+
+
+def _grow_t5x(args: argparse.Namespace, requests: list[str], bindings: list[str]) -> int:
+    from evogrow import t5x_growth
+
+    if not args.gin_file:
+        raise GrowCheckpointError(
+            "--t5x needs --gin_file of the model (t5x checkpoints do not record it), "
+            "e.g. --gin_file=gin/t5x/tiny_model.gin"
+        )
+    config = t5x_growth.load_model_config(args.gin_file, bindings)
+    new_config, path = t5x_growth.grow_t5x_checkpoint(
+        args.checkpoint, requests, args.out, config=config, seed=args.seed or 0
+    )
+    print(f"grown t5x checkpoint: {path}")
+    print("bind these in the next t5x stage (with MODEL_DIR pointing at --out):")
+    for binding in t5x_growth.grown_gin_bindings(config, new_config):
+        print(f"  --gin.{binding.replace(' = ', '=')}")
     return 0

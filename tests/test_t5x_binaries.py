@@ -105,3 +105,57 @@ def test_infer_writes_one_line_per_example(model_dir, tmp_path):
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == tasks.info("digits_v1").num_examples["test"]
     assert all(row["prediction"] in range(NUM_CLASSES) for row in rows)
+
+
+def test_grown_t5x_checkpoint_keeps_the_function_and_trains_on(model_dir, tmp_path):
+    """`grow --t5x` grows checkpoint_4; the logits are kept; t5x.train continues it."""
+    import dataclasses
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from evogrow import main as evogrow_main
+    from models import vit
+
+    out = tmp_path / "grown"
+    requests = "mlp_dim=192,num_heads=6,add_layer@1"
+    args = ["grow", "--t5x", "--gin_file=gin/t5x/tiny_model.gin", f"--out={out}"]
+    assert evogrow_main.main([*args, f"--checkpoint={model_dir}", f"--expand={requests}"]) == 0
+    gin.clear_config()
+
+    def load(step_dir):
+        with ocp.PyTreeCheckpointer() as ckpt:
+            return ckpt.restore(str(step_dir / "state"))["target"]
+
+    before = load(model_dir / f"checkpoint_{TRAIN_STEPS}")
+    after = load(out / f"checkpoint_{TRAIN_STEPS}")
+    small = vit.ViTConfig(
+        image_shape=(8, 8, 1),
+        num_classes=NUM_CLASSES,
+        hidden=64,
+        mlp_dim=128,
+        num_heads=4,
+        qk_dim=16,
+        v_dim=16,
+        num_layers=2,
+        patch_size=2,
+    )
+    big = dataclasses.replace(small, mlp_dim=192, num_heads=6, num_layers=3)
+    images = np.random.default_rng(0).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+    logits = vit.ViT(small).apply({"params": before}, images, deterministic=True)
+    grown = vit.ViT(big).apply({"params": after}, images, deterministic=True)
+    np.testing.assert_allclose(grown, logits, atol=1e-5 * float(np.abs(logits).max()))
+
+    _run(
+        "train",
+        "tiny_train.gin",
+        f"MODEL_DIR='{out}'",
+        f"TRAIN_STEPS={TRAIN_STEPS + 2}",
+        "vit.ViTConfig.mlp_dim=192",
+        "vit.ViTConfig.num_heads=6",
+        "vit.ViTConfig.num_layers=3",
+    )
+    assert (out / f"checkpoint_{TRAIN_STEPS + 2}").is_dir()
+    # Resumed at step 4 (a fresh start would also have evaluated at steps 2 and 4).
+    lines = (out / "inference_eval" / "digits_v1-metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [TRAIN_STEPS + 2]
