@@ -18,8 +18,9 @@ Roles:
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -131,8 +132,51 @@ def draw_free(key: jax.Array, shape: tuple[int, ...], dtype: Any, value: Free, f
     if isinstance(key, jax.core.Tracer):
         traced = jax.random.normal(key, shape, jnp.float32)
         return (value.mean + value.stddev * traced).astype(dtype)
-    noise = numpy_rng(key).standard_normal(shape, dtype=np.float32)
-    return (np.float32(value.mean) + np.float32(value.stddev) * noise).astype(dtype)
+    return _draw_normal(None if value.stddev == 0 else numpy_rng(key), shape, dtype, value)
+
+
+def _draw_normal(
+    rng: np.random.Generator | None, shape: tuple[int, ...], dtype: Any, value: Free
+) -> np.ndarray:
+    if value.stddev == 0:
+        # mean + 0 * noise is exactly mean (a negative noise gives -0.0, and -0.0 + mean
+        # == mean, also for mean 0): the same values without drawing the noise.
+        return np.full(shape, np.float32(value.mean)).astype(dtype, copy=False)
+    assert rng is not None
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    # In place: the float32 operations of mean + stddev * noise, without temporaries.
+    noise *= np.float32(value.stddev)
+    noise += np.float32(value.mean)
+    return noise.astype(dtype, copy=False)
+
+
+@jax.jit
+def _op_key_data(key: jax.Array, seed: jax.Array, index: jax.Array) -> jax.Array:
+    # One compiled dispatch instead of three eager ones (two fold_ins and key_data).
+    return jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, seed), index))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafKey:
+    """A leaf's key ``fold_in(key, seed)``, derived only when a draw needs it.
+
+    Deriving keys is a JAX dispatch each, which would otherwise dominate the cost of
+    growing a small model; op ``i`` of the leaf draws from ``fold_in(leaf key, i)``.
+    """
+
+    key: jax.Array
+    seed: int
+
+    def op_key(self, index: int) -> jax.Array:
+        """The key of op ``index`` of this leaf."""
+        return jax.random.fold_in(jax.random.fold_in(self.key, self.seed), index)
+
+    def op_rng(self, index: int) -> np.random.Generator:
+        """``numpy_rng(self.op_key(index))``, in one dispatch."""
+        if isinstance(self.key, jax.core.Tracer):
+            return numpy_rng(self.op_key(index))
+        data = _op_key_data(self.key, np.uint32(self.seed), np.uint32(index))
+        return np.random.default_rng(np.asarray(data).astype(np.uint64).ravel().tolist())
 
 
 def _factor(factor: np.ndarray | float, role: str):
@@ -188,15 +232,132 @@ def to_host(leaf: Any) -> tuple[Any, bool]:
     return leaf, False
 
 
-def _apply_ops(leaf: Any, ops: tuple[Op, ...], role: str, key: jax.Array, fill: Fill) -> Any:
+# JAX's CPU client adopts host buffers aligned to this many bytes without copying them
+# (numpy aligns large arrays to 16 bytes only, and those are copied element by element).
+_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised numpy array whose data is 64-byte aligned (see ``_ALIGNMENT``)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _final_shape(shape: tuple[int, ...], ops: tuple[Op, ...]) -> list[int]:
+    final = list(shape)
+    for op in ops:
+        if isinstance(op, Tile):
+            final[op.axis % len(final)] *= op.copies
+        elif isinstance(op, Pad):
+            axis = op.axis % len(final)
+            if op.new_size < final[axis]:
+                raise ValueError(
+                    f"Pad to {op.new_size} would shrink axis {axis} of {tuple(final)}."
+                )
+            final[axis] = op.new_size
+    return final
+
+
+def _corner(shape: Sequence[int], axis: int = 0, start: int = 0, stop: int | None = None):
+    """Index of the leading ``shape`` corner, with ``axis`` restricted to [start, stop)."""
+    index: list[Any] = [slice(0, n) for n in shape]
+    if stop is not None:
+        index[axis] = slice(start, stop)
+    return (*index, Ellipsis)  # Ellipsis: a 0-d view (not a scalar) for 0-d leaves
+
+
+def _apply_ops_host(
+    x: np.ndarray, ops: tuple[Op, ...], role: str, leaf_key: _LeafKey, fill: Fill
+) -> np.ndarray:
+    """``apply_op`` for every op, in one aligned output buffer of the final shape.
+
+    The leaf always lives in the leading corner of the buffer: a Pad writes its new
+    entries next to it, a Scale multiplies it in place, a Tile writes copies 1.. and then
+    scales copy 0 in place. Each element is computed by the same float32 operations as
+    ``apply_op`` (bit-identical results) but written once, not once per op, and the
+    aligned buffer is handed to JAX without a copy.
+    """
+    out = aligned_empty(tuple(_final_shape(x.shape, ops)), x.dtype)
+    current = list(x.shape)
+    out[_corner(current)] = x
+    for i, op in enumerate(ops):
+        region = out[_corner(current)]
+        if isinstance(op, Scale):
+            np.multiply(region, np.asarray(_factor(op.factor, role), x.dtype), out=region)
+            continue
+        axis = op.axis % x.ndim
+        size = current[axis]
+        if isinstance(op, Tile):
+            bshape = [1] * x.ndim
+            bshape[axis] = size
+            for j in reversed(range(op.copies)):  # copy 0 last: it overwrites the source
+                target = out[_corner(current, axis, j * size, (j + 1) * size)]
+                if op.split is not None:
+                    factor = np.asarray(_factor(op.split[j], role), x.dtype).reshape(bshape)
+                    np.multiply(region, factor, out=target)
+                elif j:
+                    target[...] = region
+            current[axis] = size * op.copies
+            continue
+        if op.new_size == size:
+            continue
+        target = out[_corner(current, axis, size, op.new_size)]
+        if role == PARAM and isinstance(op.value, Free):
+            # The same draws as apply_op; a constant fill needs no key at all.
+            if fill is None:
+                rng = None if op.value.stddev == 0 else leaf_key.op_rng(i)
+                new = _draw_normal(rng, target.shape, x.dtype, op.value)
+            else:
+                key = leaf_key.op_key(i) if callable(fill) else None
+                new = draw_free(key, target.shape, x.dtype, op.value, fill)  # type: ignore[arg-type]
+            target[...] = np.asarray(new, x.dtype).reshape(target.shape)
+        else:
+            target[...] = 0
+        current[axis] = op.new_size
+    return out
+
+
+class _ForDevice:
+    """A grown host array that goes back to JAX (``_place`` puts them all in one call)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def _apply_ops(
+    leaf: Any, ops: tuple[Op, ...], role: str, leaf_key: _LeafKey, fill: Fill, boxed: bool = False
+) -> Any:
     if isinstance(leaf, meta.AxisMetadata):
-        return leaf.replace_boxed(_apply_ops(leaf.unbox(), ops, role, key, fill))
+        inner = _apply_ops(leaf.unbox(), ops, role, leaf_key, fill, boxed=True)
+        return leaf.replace_boxed(inner)
     if not hasattr(leaf, "shape"):  # e.g. optax.MaskedNode: nothing stored for this leaf
         return leaf
     leaf, was_jax = to_host(leaf)
-    for i, op in enumerate(ops):
-        leaf = apply_op(leaf, op, role, jax.random.fold_in(key, i), fill)
-    return jnp.asarray(leaf) if was_jax else leaf
+    if isinstance(leaf, np.ndarray):
+        out = _apply_ops_host(leaf, ops, role, leaf_key, fill)
+        if not was_jax:
+            return out
+        return jax.device_put(out) if boxed else _ForDevice(out)
+    for i, op in enumerate(ops):  # traced (inside jit): one jnp operation after the other
+        leaf = apply_op(leaf, op, role, leaf_key.op_key(i), fill)
+    return leaf
+
+
+def _place(flat: dict[Path, Any]) -> None:
+    """Replaces every ``_ForDevice`` leaf by a JAX array, all in one transfer.
+
+    On CPU the aligned buffers are adopted without a copy, and one batched ``device_put``
+    saves its per-call overhead on every leaf (boxed leaves are placed one by one).
+    """
+    pending = [path for path, leaf in flat.items() if isinstance(leaf, _ForDevice)]
+    if pending:
+        placed = jax.device_put([flat[path].array for path in pending])
+        flat.update(zip(pending, placed, strict=True))
 
 
 def flatten(tree: Mapping) -> dict[Path, Any]:
@@ -235,8 +396,9 @@ def apply_plan(tree: Mapping, plan: Plan, role: str, key: jax.Array, fill: Fill 
     for path, leaf in flat.items():
         ops = plan.get(path, ())
         if ops:
-            leaf = _apply_ops(leaf, ops, role, jax.random.fold_in(key, path_seed(path)), fill)
+            leaf = _apply_ops(leaf, ops, role, _LeafKey(key, path_seed(path)), fill)
         out[path] = leaf
+    _place(out)
     return unflatten(out)
 
 

@@ -6,7 +6,11 @@ import importlib
 import sys
 
 # benchmark name -> module with a `main(argv) -> int`.
-BENCHMARKS = {"trainer": "evogrow.bench.trainer"}
+BENCHMARKS = {
+    "trainer": "evogrow.bench.trainer",
+    "growth": "evogrow.bench.growth",
+    "staged": "evogrow.bench.staged",
+}
 
 
 def main(argv: list[str]) -> int:

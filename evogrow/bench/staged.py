@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import time
@@ -175,6 +176,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--task", default=None, help="an offline LM task (default: fortunes)")
     parser.add_argument("--out", default=None, help="where the runs and the PNG go")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("evogrow").setLevel(logging.INFO)  # the trainer's progress lines
     task = args.task or _task()
     workdir = args.out or tempfile.mkdtemp(prefix="evogrow-bench-staged-")
     staged_steps = args.steps + args.steps // 4
