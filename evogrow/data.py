@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,9 @@ class DatasetConfig:
       use_cached: read seqio's offline cache.
       pack: pack examples (passed to the feature converter).
       module: module to import before looking up the name (registers the tasks).
+      input_threads: tf.data threads of the train stream; None takes a quarter of the
+        host's cores (at least 1), leaving the rest to XLA: on small hosts, TF's
+        default of one thread per core competes with the training step itself.
     """
 
     mixture_or_task_name: str
@@ -51,6 +55,7 @@ class DatasetConfig:
     use_cached: bool = False
     pack: bool = False
     module: str | None = "tasks"
+    input_threads: int | None = None
 
 
 def get_mixture_or_task(name: str, module: str | None = "tasks") -> Any:
@@ -149,7 +154,11 @@ def get_train_dataset(
     ds = ds.batch(per_host_batch_size, drop_remainder=True)
     if start_step:
         ds = ds.skip(start_step)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    threads = cfg.input_threads or max(1, (os.cpu_count() or 1) // 4)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.autotune.cpu_budget = threads
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def get_eval_batches(
