@@ -4,6 +4,8 @@ Modules: `system` (components, paths, tasks, locks), `store` (the store interfac
 its errors), `sqlite_store` (the embedded default store), `param_files` (atomic
 parameter files), `scoring` (scale-controlled score, acceptance), `selection` (parent
 selection, task order), `hparams` (the hyperparameter space and mu2Net+ self-tuning
-mutation rates), `mutations` (planning and materialising a child path). Method: muNet / mu2Net / mu2Net+ and the multiagent framework
-(arXiv 2205.10937, 2205.12755, 2209.07326, 2209.14745).
+mutation rates), `mutations` (planning and materialising a child path), `candidate`
+(training one candidate: masked optimizer, best-validation parameters, compiled steps
+reused across candidates). Method: muNet / mu2Net / mu2Net+ and the multiagent
+framework (arXiv 2205.10937, 2205.12755, 2209.07326, 2209.14745).
 """
