@@ -17,7 +17,7 @@ from growth.attention import grow_num_heads, grow_qk_dim, grow_v_dim
 from growth.depth import grow_depth
 from growth.hidden import grow_hidden
 from growth.mlp import grow_mlp_dim
-from growth.ops import PARAM, Fill, Step
+from growth.ops import PARAM, Fill, Step, abstract, fold_in_range, fuse_steps, grow_abstract
 from growth.optimizer_state import grow_opt_state
 from growth.requests import Request, parse_requests
 from growth.rules import traits_of
@@ -35,7 +35,7 @@ def plan(config: Any, params: Mapping, request: Request, *, key: jax.Array, fill
 
     Args:
       config: the model config.
-      params: the model parameters.
+      params: the model parameters (for width requests their ``abstract`` shapes suffice).
       request: a parsed request.
       key: PRNG key for this request.
       fill: constant, callable or None for the default initializers of free entries.
@@ -95,11 +95,31 @@ def expand(
         post-norm depth growth), each with the reason.
     """
     parsed = parse_requests(requests)
-    for index, request in enumerate(parsed):
-        key = jax.random.fold_in(rng, index)
-        step = plan(config, params, request, key=key, fill=fill)
-        if opt_state is not None:
-            opt_state = grow_opt_state(opt_state, params, step)
-        params = step.grow(params, PARAM)
+    # Consecutive width steps are planned on shapes only and applied together, so that a
+    # leaf grown by several of them is written once (bit-identical to one after the other).
+    pending: list[Step] = []
+    shapes: Mapping | None = None
+    for request, key in zip(parsed, fold_in_range(rng, len(parsed)), strict=True):
+        if request.kind == "add_layer":
+            params, opt_state = _apply(pending, params, opt_state)
+            pending, shapes = [], None
+            step = plan(config, params, request, key=key, fill=fill)
+            params, opt_state = _apply([step], params, opt_state)
+        else:
+            shapes = abstract(params) if shapes is None else shapes
+            step = plan(config, shapes, request, key=key, fill=fill)
+            shapes = grow_abstract(shapes, step)
+            pending.append(step)
         config = step.config
+    params, opt_state = _apply(pending, params, opt_state)
     return config, dict(params), opt_state
+
+
+def _apply(steps: Sequence[Step], params: Mapping, opt_state: Any) -> tuple[Mapping, Any]:
+    """Applies planned steps (several only if they are width steps) to params and state."""
+    if not steps:
+        return params, opt_state
+    step = steps[0] if len(steps) == 1 else fuse_steps(steps)
+    if opt_state is not None:
+        opt_state = grow_opt_state(opt_state, params, step)
+    return step.grow(params, PARAM), opt_state

@@ -10,7 +10,9 @@ position are renumbered ``block_{i+1}``. Post-norm blocks are refused (``growth.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,12 +25,21 @@ from growth.ops import (
     PARAM,
     SECOND_MOMENT,
     Fill,
+    Free,
+    LeafKey,
+    Path,
     Step,
+    aligned_zeros,
+    batch_key_data,
     draw_free,
     flatten,
+    generator,
     leaf_shape,
     path_seed,
+    run_tasks,
+    to_device,
     unflatten,
+    write_new,
 )
 from growth.rules import GrowthError, choose, traits_of
 
@@ -46,23 +57,68 @@ def _zero_paths(block: Mapping) -> set[tuple[str, ...]]:
 
 
 def _new_block(template: Mapping, role: str, key: jax.Array, fill: Fill) -> dict:
+    """A block shaped like ``template``: free entries drawn (PARAM), fixed ones zero.
+
+    Each free leaf draws from ``fold_in(key, crc32(path))``; large leaves are drawn on
+    the thread pool into aligned buffers, and all of them go to JAX in one transfer.
+    """
     zero = _zero_paths(template)
-    out = {}
+    out: dict[Path, Any] = {}
+    boxes: dict[Path, Any] = {}
+    drawn: list[Path] = []  # free leaves drawn by the tasks
+    tasks: list[functools.partial[np.ndarray]] = []
+    sizes: list[int] = []
+    noisy: dict[int, int] = {}  # task -> seed, for the tasks that draw normal noise
     for path, leaf in flatten(template).items():
         boxed = hasattr(leaf, "replace_boxed")
         value = leaf.unbox() if boxed else leaf
         if not hasattr(value, "shape"):  # e.g. optax.MaskedNode
             out[path] = leaf
             continue
-        shape = leaf_shape(value)
-        if role == PARAM and path not in zero:
-            leaf_key = jax.random.fold_in(key, path_seed(path))
-            new = draw_free(leaf_key, shape, value.dtype, default_free(path, shape), fill)
-            new = jnp.asarray(new, value.dtype).reshape(shape)
-        else:
-            new = jnp.asarray(np.zeros(shape, value.dtype))
-        out[path] = leaf.replace_boxed(new) if boxed else new
+        shape, dtype = leaf_shape(value), value.dtype
+        if boxed:
+            boxes[path] = leaf
+        if role != PARAM or path in zero:
+            out[path] = aligned_zeros(shape, dtype)
+            continue
+        leaf_key = LeafKey(key, path_seed(path))
+        free = default_free(path, shape)
+        if callable(fill) or isinstance(key, jax.core.Tracer):  # in order, as JAX values
+            new = draw_free(leaf_key.leaf_key(), shape, dtype, free, fill)
+            out[path] = jnp.asarray(new, dtype).reshape(shape)
+            continue
+        drawn.append(path)
+        tasks.append(functools.partial(_free_leaf, shape, dtype, free, fill, leaf_key))
+        sizes.append(math.prod(shape))
+        if fill is None and free.stddev != 0:
+            noisy[len(tasks) - 1] = leaf_key.seed
+    if noisy:  # the generators' keys in one dispatch (what leaf_key.rng() gives one by one)
+        data = batch_key_data(key, list(noisy.values()))
+        for task, row in zip(noisy, data, strict=True):
+            tasks[task] = functools.partial(tasks[task], rng=functools.partial(generator, row))
+    out.update(zip(drawn, run_tasks(tasks, sizes), strict=True))
+    host = [path for path, leaf in out.items() if isinstance(leaf, np.ndarray)]
+    out.update(zip(host, to_device([out[path] for path in host]), strict=True))
+    for path, box in boxes.items():
+        out[path] = box.replace_boxed(out[path])
     return unflatten(out)
+
+
+def _free_leaf(
+    shape: tuple[int, ...],
+    dtype: Any,
+    value: Free,
+    fill: Fill,
+    leaf_key: LeafKey,
+    rng: Callable[[], np.random.Generator] | None = None,
+) -> np.ndarray:
+    """``draw_free(leaf_key.leaf_key(), shape, dtype, value, fill)`` in an aligned buffer.
+
+    ``rng``, if given, returns the generator of ``leaf_key.rng()`` (derived in a batch).
+    """
+    out = aligned_zeros(shape, dtype)
+    write_new(out, value, fill, leaf_key.leaf_key, rng or leaf_key.rng)
+    return out
 
 
 def grow_depth(

@@ -18,16 +18,18 @@ Roles:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from flax.core import meta
 
 PARAM = "param"
@@ -150,14 +152,137 @@ def _draw_normal(
     return noise.astype(dtype, copy=False)
 
 
+# Normal draws are made in blocks of about this many entries, which stay in the cache
+# between the draw, the scaling and the store into the output.
+_DRAW_BLOCK = 1 << 15
+
+
+def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Generator]) -> None:
+    """Writes the default initializer's values into a zero block (see ``_draw_normal``).
+
+    The values are bit-identical to ``_draw_normal(rng(), target.shape, dtype, value)``:
+    the generator is consumed in C order whatever the blocks, and each entry is computed
+    by the same float32 operations. Entries equal to +0.0 are not written (the block is
+    zero already), and ``rng`` is called only when noise is needed.
+
+    Args:
+      target: a block of a zero-initialised output (any strides).
+      value: the leaf's default initializer.
+      rng: returns the generator of these entries.
+    """
+    if value.stddev == 0:
+        if value.mean != 0 or math.copysign(1.0, value.mean) < 0:
+            target[...] = np.full((), np.float32(value.mean)).astype(target.dtype)
+        return
+    if target.dtype != np.float32 or target.ndim == 0:
+        target[...] = _draw_normal(rng(), target.shape, target.dtype, value)
+        return
+    generator = rng()
+    stddev, mean = np.float32(value.stddev), np.float32(value.mean)
+    rows = target.shape[0]
+    per_row = target.size // rows if rows else 1
+    step = max(1, _DRAW_BLOCK // max(per_row, 1))
+    for start in range(0, rows, step):
+        block = target[start : start + step]
+        noise = generator.standard_normal(block.shape, dtype=np.float32)
+        noise *= stddev
+        np.add(noise, mean, out=block)
+
+
+def write_new(
+    target: np.ndarray,
+    value: Free,
+    fill: Fill,
+    key: Callable[[], jax.Array],
+    rng: Callable[[], np.random.Generator],
+) -> None:
+    """Writes new free entries into a zero block: what ``draw_free`` gives, bit for bit.
+
+    Args:
+      target: the block (zero on entry).
+      value: the leaf's default initializer.
+      fill: see ``draw_free``.
+      key: returns the JAX key of these entries (for a callable ``fill``).
+      rng: returns their numpy generator (for the default initializer).
+    """
+    if fill is None:
+        _fill_free(target, value, rng)
+    elif callable(fill):
+        new = fill(key(), target.shape, target.dtype)
+        target[...] = np.asarray(new, target.dtype).reshape(target.shape)
+    else:
+        target[...] = np.full((), fill, target.dtype)  # np.full's cast, once
+
+
 @jax.jit
 def _op_key_data(key: jax.Array, seed: jax.Array, index: jax.Array) -> jax.Array:
     # One compiled dispatch instead of three eager ones (two fold_ins and key_data).
     return jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, seed), index))
 
 
+@jax.jit
+def _leaf_key_data(key: jax.Array, seed: jax.Array) -> jax.Array:
+    return jax.random.key_data(jax.random.fold_in(key, seed))
+
+
+@jax.jit
+def _op_keys_data(key: jax.Array, seeds: jax.Array, indices: jax.Array) -> jax.Array:
+    return jax.vmap(lambda seed, index: _op_key_data(key, seed, index))(seeds, indices)
+
+
+@jax.jit
+def _leaf_keys_data(key: jax.Array, seeds: jax.Array) -> jax.Array:
+    return jax.vmap(lambda seed: _leaf_key_data(key, seed))(seeds)
+
+
+def batch_key_data(
+    key: jax.Array, seeds: Sequence[int], indices: Sequence[int] | None = None
+) -> np.ndarray:
+    """``key_data`` of many leaf keys (or op keys) of one key, in one dispatch.
+
+    Row ``j`` is ``key_data(fold_in(key, seeds[j]))``, or with ``indices``
+    ``key_data(fold_in(fold_in(key, seeds[j]), indices[j]))``: the same integer
+    arithmetic as one key at a time, bit for bit. Batches are padded to powers of two so
+    that few sizes are compiled.
+    """
+    count = len(seeds)
+    size = max(8, 1 << max(count - 1, 0).bit_length())
+    padded_seeds = np.zeros(size, np.uint32)
+    padded_seeds[:count] = seeds
+    if indices is None:
+        data = _leaf_keys_data(key, padded_seeds)
+    else:
+        padded_indices = np.zeros(size, np.uint32)
+        padded_indices[:count] = indices
+        data = _op_keys_data(key, padded_seeds, padded_indices)
+    return np.asarray(data)[:count]
+
+
+_KEYS_PER_CALL = 8
+
+
+@jax.jit
+def _fold_in_block(key: jax.Array, start: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(jax.random.fold_in(key, start + i) for i in range(_KEYS_PER_CALL))
+
+
+def fold_in_range(key: jax.Array, count: int) -> list[jax.Array]:
+    """``[jax.random.fold_in(key, i) for i in range(count)]``, bit for bit, in few dispatches."""
+    if isinstance(key, jax.core.Tracer):
+        return [jax.random.fold_in(key, i) for i in range(count)]
+    keys: list[jax.Array] = []
+    for start in range(0, count, _KEYS_PER_CALL):
+        keys.extend(_fold_in_block(key, np.uint32(start)))
+    return keys[:count]
+
+
+def generator(data: np.ndarray | jax.Array) -> np.random.Generator:
+    """The numpy Generator that ``numpy_rng`` gives for a key with this ``key_data``."""
+    return np.random.default_rng(np.asarray(data).astype(np.uint64).ravel().tolist())
+
+
 @dataclasses.dataclass(frozen=True)
-class _LeafKey:
+class LeafKey:
     """A leaf's key ``fold_in(key, seed)``, derived only when a draw needs it.
 
     Deriving keys is a JAX dispatch each, which would otherwise dominate the cost of
@@ -167,16 +292,25 @@ class _LeafKey:
     key: jax.Array
     seed: int
 
+    def leaf_key(self) -> jax.Array:
+        """The leaf's key ``fold_in(key, seed)``."""
+        return jax.random.fold_in(self.key, self.seed)
+
+    def rng(self) -> np.random.Generator:
+        """``numpy_rng(self.leaf_key())``, in one dispatch."""
+        if isinstance(self.key, jax.core.Tracer):
+            return numpy_rng(self.leaf_key())
+        return generator(_leaf_key_data(self.key, np.uint32(self.seed)))
+
     def op_key(self, index: int) -> jax.Array:
         """The key of op ``index`` of this leaf."""
-        return jax.random.fold_in(jax.random.fold_in(self.key, self.seed), index)
+        return jax.random.fold_in(self.leaf_key(), index)
 
     def op_rng(self, index: int) -> np.random.Generator:
         """``numpy_rng(self.op_key(index))``, in one dispatch."""
         if isinstance(self.key, jax.core.Tracer):
             return numpy_rng(self.op_key(index))
-        data = _op_key_data(self.key, np.uint32(self.seed), np.uint32(index))
-        return np.random.default_rng(np.asarray(data).astype(np.uint64).ravel().tolist())
+        return generator(_op_key_data(self.key, np.uint32(self.seed), np.uint32(index)))
 
 
 def _factor(factor: np.ndarray | float, role: str):
@@ -237,16 +371,54 @@ def to_host(leaf: Any) -> tuple[Any, bool]:
 _ALIGNMENT = 64
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised numpy array whose data is 64-byte aligned (see ``_ALIGNMENT``)."""
+def _aligned(shape: tuple[int, ...], dtype: Any, allocate: Callable) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    raw = allocate(nbytes + _ALIGNMENT, np.uint8)
     offset = -raw.ctypes.data % _ALIGNMENT
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def _final_shape(shape: tuple[int, ...], ops: tuple[Op, ...]) -> list[int]:
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised numpy array whose data is 64-byte aligned (see ``_ALIGNMENT``)."""
+    return _aligned(shape, dtype, np.empty)
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zero numpy array whose data is 64-byte aligned (see ``_ALIGNMENT``).
+
+    Large ones come from ``calloc``: fresh pages that the kernel zeroes when they are
+    first touched, so zero entries cost no write of their own.
+    """
+    return _aligned(shape, dtype, np.zeros)
+
+
+class Stage(NamedTuple):
+    """One width step as data: its plan and what its new free entries are drawn from.
+
+    Attributes:
+      plan: ``{path: ops}``.
+      key: the step's PRNG key; op ``i`` of leaf ``path`` draws from
+        ``fold_in(fold_in(key, crc32(path)), i)``.
+      fill: see ``draw_free``.
+    """
+
+    plan: Plan
+    key: jax.Array
+    fill: Fill
+
+
+class _Staged(NamedTuple):
+    """One op of a leaf with what its new free entries need (see ``Stage``)."""
+
+    op: Op
+    key: LeafKey
+    position: int  # of the op in its step's ops for the leaf
+    fill: Fill
+    key_data: np.ndarray | None = None  # of the op's key, when derived in a batch
+
+
+def _final_shape(shape: tuple[int, ...], ops: Sequence[Op]) -> list[int]:
     final = list(shape)
     for op in ops:
         if isinstance(op, Tile):
@@ -270,27 +442,30 @@ def _corner(shape: Sequence[int], axis: int = 0, start: int = 0, stop: int | Non
 
 
 def _apply_ops_host(
-    x: np.ndarray, ops: tuple[Op, ...], role: str, leaf_key: _LeafKey, fill: Fill
+    x: np.ndarray, ops: Sequence[_Staged], role: str, final: tuple[int, ...]
 ) -> np.ndarray:
-    """``apply_op`` for every op, in one aligned output buffer of the final shape.
+    """``apply_op`` for every op, in one aligned zero output buffer of the final shape.
 
     The leaf always lives in the leading corner of the buffer: a Pad writes its new
     entries next to it, a Scale multiplies it in place, a Tile writes copies 1.. and then
-    scales copy 0 in place. Each element is computed by the same float32 operations as
-    ``apply_op`` (bit-identical results) but written once, not once per op, and the
+    scales copy 0 in place. Everything outside the corner is still zero, so zero entries
+    (fixed ones, and every new entry of a moment) are not written at all. Each element is
+    computed by the same float32 operations as ``apply_op`` with each op's own key
+    (bit-identical results, also for the ops of several steps) but written once, and the
     aligned buffer is handed to JAX without a copy.
     """
-    out = aligned_empty(tuple(_final_shape(x.shape, ops)), x.dtype)
+    out = aligned_zeros(final, x.dtype)
     current = list(x.shape)
     out[_corner(current)] = x
-    for i, op in enumerate(ops):
-        region = out[_corner(current)]
+    for op, leaf_key, i, fill, key_data in ops:
         if isinstance(op, Scale):
+            region = out[_corner(current)]
             np.multiply(region, np.asarray(_factor(op.factor, role), x.dtype), out=region)
             continue
         axis = op.axis % x.ndim
         size = current[axis]
         if isinstance(op, Tile):
+            region = out[_corner(current)]
             bshape = [1] * x.ndim
             bshape[axis] = size
             for j in reversed(range(op.copies)):  # copy 0 last: it overwrites the source
@@ -304,70 +479,188 @@ def _apply_ops_host(
             continue
         if op.new_size == size:
             continue
-        target = out[_corner(current, axis, size, op.new_size)]
         if role == PARAM and isinstance(op.value, Free):
-            # The same draws as apply_op; a constant fill needs no key at all.
-            if fill is None:
-                rng = None if op.value.stddev == 0 else leaf_key.op_rng(i)
-                new = _draw_normal(rng, target.shape, x.dtype, op.value)
+            target = out[_corner(current, axis, size, op.new_size)]
+            key = functools.partial(leaf_key.op_key, i)
+            if key_data is None:
+                rng = functools.partial(leaf_key.op_rng, i)
             else:
-                key = leaf_key.op_key(i) if callable(fill) else None
-                new = draw_free(key, target.shape, x.dtype, op.value, fill)  # type: ignore[arg-type]
-            target[...] = np.asarray(new, x.dtype).reshape(target.shape)
-        else:
-            target[...] = 0
+                rng = functools.partial(generator, key_data)
+            write_new(target, op.value, fill, key, rng)
         current[axis] = op.new_size
     return out
 
 
-class _ForDevice:
-    """A grown host array that goes back to JAX (``_place`` puts them all in one call)."""
-
-    __slots__ = ("array",)
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
+# Leaves with at least this many entries (after growth) go to the thread pool.
+_PARALLEL_SIZE = 1 << 16
+_executors: dict[int, ThreadPoolExecutor] = {}
 
 
-def _apply_ops(
-    leaf: Any, ops: tuple[Op, ...], role: str, leaf_key: _LeafKey, fill: Fill, boxed: bool = False
-) -> Any:
-    if isinstance(leaf, meta.AxisMetadata):
-        inner = _apply_ops(leaf.unbox(), ops, role, leaf_key, fill, boxed=True)
-        return leaf.replace_boxed(inner)
-    if not hasattr(leaf, "shape"):  # e.g. optax.MaskedNode: nothing stored for this leaf
-        return leaf
-    leaf, was_jax = to_host(leaf)
-    if isinstance(leaf, np.ndarray):
-        out = _apply_ops_host(leaf, ops, role, leaf_key, fill)
-        if not was_jax:
-            return out
-        return jax.device_put(out) if boxed else _ForDevice(out)
-    for i, op in enumerate(ops):  # traced (inside jit): one jnp operation after the other
-        leaf = apply_op(leaf, op, role, leaf_key.op_key(i), fill)
-    return leaf
+def _executor() -> ThreadPoolExecutor | None:
+    """A thread pool with a worker per available core (one per process: fork-safe)."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not workers or workers < 2:
+        return None
+    pid = os.getpid()
+    if pid not in _executors:
+        _executors.clear()
+        _executors[pid] = ThreadPoolExecutor(min(workers, 32), thread_name_prefix="growth")
+    return _executors[pid]
 
 
-def _place(flat: dict[Path, Any]) -> None:
-    """Replaces every ``_ForDevice`` leaf by a JAX array, all in one transfer.
+def run_tasks(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int]) -> list[Any]:
+    """Runs host tasks, large ones on a thread pool (largest first), small ones here.
 
-    On CPU the aligned buffers are adopted without a copy, and one batched ``device_put``
-    saves its per-call overhead on every leaf (boxed leaves are placed one by one).
+    Numpy releases the GIL in copies, arithmetic and random draws, so the leaves of a
+    large model are grown in parallel. Every task writes only its own output and draws
+    from its own generator: results do not depend on the schedule.
+
+    Args:
+      tasks: thunks.
+      sizes: the work of each (e.g. output entries).
+
+    Returns:
+      The results, in the order of ``tasks``.
     """
-    pending = [path for path, leaf in flat.items() if isinstance(leaf, _ForDevice)]
-    if pending:
-        placed = jax.device_put([flat[path].array for path in pending])
-        flat.update(zip(pending, placed, strict=True))
+    pool = _executor()
+    big = [i for i, size in enumerate(sizes) if size >= _PARALLEL_SIZE] if pool else []
+    if len(big) < 2:  # one large task: no gain from a worker
+        big = []
+    futures = {}
+    for i in sorted(big, key=lambda i: -sizes[i]):
+        assert pool is not None
+        futures[i] = pool.submit(tasks[i])
+    results = [None if i in futures else task() for i, task in enumerate(tasks)]
+    for i, future in futures.items():
+        results[i] = future.result()
+    return results
+
+
+def to_device(arrays: Sequence[np.ndarray]) -> list[jax.Array]:
+    """Host arrays as JAX arrays, in one transfer (aligned CPU buffers are not copied)."""
+    return list(jax.device_put(list(arrays))) if arrays else []
 
 
 def flatten(tree: Mapping) -> dict[Path, Any]:
-    """Flattens a nested (possibly frozen) dict into ``{path: leaf}``."""
-    return traverse_util.flatten_dict(flax.core.unfreeze(tree))  # type: ignore[arg-type]
+    """Flattens a nested (possibly frozen) dict into ``{path: leaf}``.
+
+    What ``flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))`` gives (empty dicts
+    vanish), without copying the tree first.
+    """
+    flat: dict[Path, Any] = {}
+
+    def walk(node: Mapping, prefix: Path) -> None:
+        for name, child in node.items():
+            if isinstance(child, dict | flax.core.FrozenDict):
+                walk(child, (*prefix, name))
+            else:
+                flat[(*prefix, name)] = child
+
+    walk(tree, ())
+    return flat
 
 
 def unflatten(flat: Mapping[Path, Any]) -> dict:
     """Inverse of ``flatten`` (always returns plain dicts)."""
-    return traverse_util.unflatten_dict(dict(flat))
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+@dataclasses.dataclass
+class _Job:
+    """A host leaf to grow: where it goes back (a box, a JAX array) and its ops."""
+
+    path: Path
+    host: np.ndarray
+    ops: list[_Staged]
+    final: tuple[int, ...]
+    box: meta.AxisMetadata | None
+    was_jax: bool
+
+
+def apply_stages(tree: Mapping, stages: Sequence[Stage], role: str) -> dict:
+    """Applies the plans of width steps, one after the other, writing each leaf once.
+
+    The result is bit-identical to applying the stages one by one (``apply_plan``), but
+    a leaf touched by several stages is copied once, straight into its final shape.
+
+    Args:
+      tree: nested dict mirroring the parameters (parameters or an optimizer moment).
+      stages: the steps' plans, keys and fills, in order; paths not in any plan are
+        returned unchanged.
+      role: PARAM, FIRST_MOMENT or SECOND_MOMENT.
+
+    Returns:
+      The transformed tree as plain nested dicts; grown JAX leaves are JAX arrays again,
+      numpy leaves stay numpy.
+
+    Raises:
+      KeyError: if a plan names a path that is not in the tree.
+    """
+    if role not in ROLES:
+        raise ValueError(f"Unknown role {role!r}; expected one of {ROLES}.")
+    flat = flatten(tree)
+    staged: dict[Path, list[_Staged]] = {}
+    for plan, key, fill in stages:
+        missing = [p for p in plan if p not in flat]
+        if missing:
+            raise KeyError(f"Growth plan names parameters that do not exist: {missing[:5]}")
+        for path, ops in plan.items():
+            leaf_key = LeafKey(key, path_seed(path))
+            staged.setdefault(path, []).extend(
+                _Staged(op, leaf_key, i, fill) for i, op in enumerate(ops)
+            )
+    out = dict(flat)
+    jobs: list[_Job] = []
+    for path, leaf_ops in staged.items():
+        leaf = flat[path]
+        box = leaf if isinstance(leaf, meta.AxisMetadata) else None
+        value = leaf.unbox() if box is not None else leaf
+        if not leaf_ops or not hasattr(value, "shape"):  # e.g. optax.MaskedNode
+            continue
+        host, was_jax = to_host(value)
+        if isinstance(host, np.ndarray):
+            final = tuple(_final_shape(host.shape, [s.op for s in leaf_ops]))
+            jobs.append(_Job(path, host, leaf_ops, final, box, was_jax))
+            continue
+        for op, leaf_key, i, fill, _ in leaf_ops:  # traced (inside jit): one op at a time
+            value = apply_op(value, op, role, leaf_key.op_key(i), fill)
+        out[path] = value if box is None else box.replace_boxed(value)
+    if role == PARAM:
+        _derive_keys(jobs)
+    # A callable fill runs here, in order (it may not be thread-safe).
+    serial = role == PARAM and any(callable(stage.fill) for stage in stages)
+    grown = run_tasks(
+        [functools.partial(_apply_ops_host, job.host, job.ops, role, job.final) for job in jobs],
+        [0 if serial else math.prod(job.final) for job in jobs],
+    )
+    to_place = [i for i, job in enumerate(jobs) if job.was_jax]
+    placed = dict(zip(to_place, to_device([grown[i] for i in to_place]), strict=True))
+    for i, job in enumerate(jobs):
+        new = placed.get(i, grown[i])
+        out[job.path] = new if job.box is None else job.box.replace_boxed(new)
+    return unflatten(out)
+
+
+def _derive_keys(jobs: list[_Job]) -> None:
+    """Derives the keys of every default draw of the jobs, one dispatch per step's key."""
+    wanted: dict[int, list[tuple[_Job, int]]] = {}  # id(step key) -> (job, op) pairs
+    for job in jobs:
+        for j, (op, leaf_key, _, fill, _) in enumerate(job.ops):
+            concrete = not isinstance(leaf_key.key, jax.core.Tracer)
+            if concrete and fill is None and isinstance(op, Pad) and isinstance(op.value, Free):
+                if op.value.stddev != 0:
+                    wanted.setdefault(id(leaf_key.key), []).append((job, j))
+    for pairs in wanted.values():
+        ops = [job.ops[j] for job, j in pairs]
+        data = batch_key_data(ops[0].key.key, [s.key.seed for s in ops], [s.position for s in ops])
+        for (job, j), row in zip(pairs, data, strict=True):
+            job.ops[j] = job.ops[j]._replace(key_data=row)
 
 
 def apply_plan(tree: Mapping, plan: Plan, role: str, key: jax.Array, fill: Fill = None) -> dict:
@@ -386,20 +679,7 @@ def apply_plan(tree: Mapping, plan: Plan, role: str, key: jax.Array, fill: Fill 
     Raises:
       KeyError: if the plan names a path that is not in the tree.
     """
-    if role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; expected one of {ROLES}.")
-    flat = flatten(tree)
-    missing = [p for p in plan if p not in flat]
-    if missing:
-        raise KeyError(f"Growth plan names parameters that do not exist: {missing[:5]}")
-    out = {}
-    for path, leaf in flat.items():
-        ops = plan.get(path, ())
-        if ops:
-            leaf = _apply_ops(leaf, ops, role, _LeafKey(key, path_seed(path)), fill)
-        out[path] = leaf
-    _place(out)
-    return unflatten(out)
+    return apply_stages(tree, (Stage(plan, key, fill),), role)
 
 
 def leaf_shape(leaf: Any) -> tuple[int, ...]:
@@ -407,6 +687,45 @@ def leaf_shape(leaf: Any) -> tuple[int, ...]:
     if isinstance(leaf, meta.AxisMetadata):
         leaf = leaf.unbox()
     return tuple(leaf.shape)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Abstract:
+    """A leaf's shape and dtype (a light ``jax.ShapeDtypeStruct``; a pytree leaf)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+def abstract(tree: Mapping) -> dict:
+    """The tree with every array leaf replaced by its ``Abstract`` (boxes dropped).
+
+    Width steps are planned from names and shapes only, so several can be planned ahead
+    of applying them together (``fuse_steps``).
+    """
+    out = {}
+    for path, leaf in flatten(tree).items():
+        value = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
+        if hasattr(value, "shape"):
+            value = Abstract(tuple(value.shape), value.dtype)
+        out[path] = value
+    return unflatten(out)
+
+
+def grow_abstract(tree: Mapping, step: Step) -> dict:
+    """The shapes of ``abstract(tree)`` after a width step (``abstract`` of its result).
+
+    Raises:
+      ValueError: for a step without stages (depth growth) or an op that shrinks.
+    """
+    if not step.stages:
+        raise ValueError("Only width steps (with a plan) can be applied to shapes.")
+    flat = flatten(tree)
+    for plan, _, _ in step.stages:
+        for path, ops in plan.items():
+            leaf = flat[path]
+            flat[path] = Abstract(tuple(_final_shape(leaf.shape, ops)), leaf.dtype)
+    return unflatten(flat)
 
 
 def random_split(key: jax.Array, copies: int, size: int) -> np.ndarray:
@@ -438,10 +757,13 @@ class Step:
       config: the model config after this step.
       grow: ``grow(tree, role) -> tree``; the same map for parameters (role PARAM) and
         for optimizer moments (FIRST_MOMENT, SECOND_MOMENT), with the same random draws.
+      stages: for width steps, the plan(s) that ``grow`` applies (one per fused step);
+        empty for depth growth, which adds leaves.
     """
 
     config: Any
     grow: Callable[[Mapping, str], dict]
+    stages: tuple[Stage, ...] = ()
 
 
 def plan_step(config: Any, plan: Plan, key: jax.Array, fill: Fill) -> Step:
@@ -456,4 +778,27 @@ def plan_step(config: Any, plan: Plan, key: jax.Array, fill: Fill) -> Step:
     Returns:
       The step.
     """
-    return Step(config, lambda tree, role: apply_plan(tree, plan, role, key, fill))
+    stages = (Stage(plan, key, fill),)
+    return Step(config, lambda tree, role: apply_stages(tree, stages, role), stages)
+
+
+def fuse_steps(steps: Sequence[Step]) -> Step:
+    """One step for consecutive width steps: each leaf is written once, in its final shape.
+
+    Bit-identical to applying the steps one after the other (each op keeps its step's key
+    and fill), which rewrites a leaf once per step that touches it.
+
+    Args:
+      steps: width steps (with stages), in order, each planned on the shapes that the
+        previous ones produce (``grow_abstract``).
+
+    Returns:
+      The fused step (the config of the last one).
+
+    Raises:
+      ValueError: if a step has no stages (depth growth cannot be fused).
+    """
+    if not steps or any(not step.stages for step in steps):
+        raise ValueError("Only width steps (with a plan) can be fused.")
+    stages = tuple(stage for step in steps for stage in step.stages)
+    return Step(steps[-1].config, lambda tree, role: apply_stages(tree, stages, role), stages)

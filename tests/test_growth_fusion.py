@@ -1,0 +1,86 @@
+"""Fused width steps and the thread pool give the same bits as one step after the other."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from test_growth_preservation import make_config, random_params
+
+import growth
+from growth import api, ops
+from growth.optimizer_state import grow_opt_state
+from growth.requests import parse_requests
+
+_REQUESTS = {
+    "decoder": [
+        "mlp_dim=9",
+        "num_heads=3",
+        "qk_dim=5",
+        "v_dim=4",
+        "hidden=10:pad",
+        "add_layer@1",
+        "mlp_dim=11",
+        "hidden=20:replicate",
+    ],
+    "vit": ["hidden=12:replicate", "mlp_dim=8", "add_layer@0", "num_heads=3", "qk_dim=4"],
+}
+
+
+def _one_by_one(config, params, requests, *, rng, opt_state, fill):
+    """``growth.expand`` as it was: every request planned and applied on its own."""
+    for index, request in enumerate(parse_requests(requests)):
+        step = api.plan(config, params, request, key=jax.random.fold_in(rng, index), fill=fill)
+        opt_state = grow_opt_state(opt_state, params, step)
+        params, config = step.grow(params, ops.PARAM), step.config
+    return config, params, opt_state
+
+
+def _assert_same_bits(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert type(x) is type(y)
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+@pytest.mark.parametrize("fill", [None, 42.0])
+@pytest.mark.parametrize("family", sorted(_REQUESTS))
+def test_fused_steps_match_one_step_after_the_other(family, fill):
+    config = make_config(family, attention_scaling="runtime", qkv_bias=True)
+    params = random_params(config)
+    state = optax.adam(1e-3).init(params)
+    state = jax.tree.map(lambda x: x + 0.5 if x.ndim else x, state)  # non-zero moments
+    rng = jax.random.key(4)
+    fused = growth.expand(config, params, _REQUESTS[family], rng=rng, opt_state=state, fill=fill)
+    one_by_one = _one_by_one(config, params, _REQUESTS[family], rng=rng, opt_state=state, fill=fill)
+    assert fused[0] == one_by_one[0]
+    _assert_same_bits(fused[1:], one_by_one[1:])
+
+
+def test_thread_pool_does_not_change_the_draws(monkeypatch):
+    config = make_config("decoder", hidden=16, mlp_dim=32, num_heads=4)
+    params = random_params(config)
+    requests = ["mlp_dim=80", "hidden=40:pad", "num_heads=6", "add_layer@1"]
+    serial = growth.expand(config, params, requests, rng=jax.random.key(0))
+    monkeypatch.setattr(ops, "_PARALLEL_SIZE", 1)  # every leaf on the pool
+    monkeypatch.setattr(ops, "_DRAW_BLOCK", 7)  # draws in many small blocks
+    parallel = growth.expand(config, params, requests, rng=jax.random.key(0))
+    assert serial[0] == parallel[0]
+    _assert_same_bits(serial[1], parallel[1])
+
+
+def test_abstract_planning_matches_the_grown_shapes():
+    config = make_config("encoder")
+    params = random_params(config)
+    shapes = ops.abstract(params)
+    for index, request in enumerate(parse_requests(["hidden=12", "num_heads=3", "v_dim=5"])):
+        key = jax.random.fold_in(jax.random.key(0), index)
+        step = api.plan(config, params, request, key=key, fill=None)
+        shapes, params = ops.grow_abstract(shapes, step), step.grow(params, ops.PARAM)
+        config = step.config
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), params
+    )
+    with pytest.raises(ValueError, match="width steps"):
+        ops.fuse_steps([ops.Step(config, lambda tree, role: dict(tree))])  # like depth steps
