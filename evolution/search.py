@@ -1,0 +1,893 @@
+"""The muNet / mu2Net+ single-path search of one task on a stored system.
+
+One call of `evolve_task` is one *task iteration* of the muNet family
+(/work/shared/spec/evolution.md):
+
+1. Load the published system; add the task if it is new (its paths will start from the
+   seeds: the root and other tasks' best paths, with a fresh head). Re-score the task's
+   own active paths with the current sharing (accounted parameters change as other
+   tasks start sharing components).
+2. For each of G generations: mutate the data hyperparameters once from the task's best
+   path (`hparams.generation_data_indices`), then for each of D candidates select a
+   parent (`selection.select_parent`: the task's population by descending score, with
+   the seeds as fallback), plan and materialise a child (`mutations.plan_child`,
+   `mutations.materialize`), train it V x B steps keeping its best validation
+   (`candidate.train_candidate`, compiled steps shared through one `StepCache`), score
+   it (`scoring.score`: quality = best validation accuracy, accounted parameters from
+   `SystemState.accounted_params` of the state the candidate would be published into)
+   and accept it iff `scoring.accept` says so. Accepted candidates join the population
+   (in memory, private to this iteration) and may be parents in later generations.
+3. Keep only the task's best path: put its new components, then publish it and retire
+   the task's other active paths in ONE store transaction (`Store.publish`). From then
+   on its components are locked by the task: every other task can only reference them
+   frozen or clone them, so no later search changes this task's predictions.
+
+Candidates of a generation are trained one after another (on one device); the spec's
+D-way parallelism over devices is not implemented here. mu2Net+ optimizer-state
+inheritance applies to parents trained in the same iteration (their state is held in
+memory); a parent read from the store starts its child's optimizer afresh.
+
+`seed_root` stores the root model; `evolve_round_robin` iterates tasks in turn
+(`selection.next_task`), a task joining the rotation when it first appears (dynamic task
+introduction); `predict` / `predict_classes` run a task's published best path from the
+store; `array_train_batches` / `array_eval_batches` build the data callbacks from
+in-memory arrays. Paths store their ViT config in `architecture` (`architecture_of`,
+`config_of`), so a store alone suffices to run any task's model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evolution import candidate, hparams, mutations, scoring, selection, system
+from evolution import store as store_lib
+from models import vit
+
+logger = logging.getLogger("evogrow")
+
+Batch = Mapping[str, Any]
+ROOT_TASK = "root"
+MODEL_FAMILY = "vit"
+
+# Data hyperparameters that `array_train_batches` implements; the default search space
+# pins the others (random crop, mixup) to their no-op value.
+_FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
+
+
+class TrainBatchesFn(Protocol):
+    """Makes a candidate's training stream for its generation's data hyperparameters."""
+
+    def __call__(
+        self, data_values: Mapping[str, Any], *, batch_size: int, seed: int
+    ) -> Iterator[Batch]:
+        """Returns an endless iterator of {"image" [B, H, W, C] float, "label" [B] int}.
+
+        Args:
+          data_values: the generation's data hyperparameter values (e.g. "flip",
+            "brightness"), resolved from the search space.
+          batch_size: rows per batch.
+          seed: the candidate's data seed (shuffling and augmentation).
+        """
+        ...
+
+
+# -- the model's architecture as stored with a path ------------------------------------
+
+
+def architecture_of(config: vit.ViTConfig) -> dict[str, Any]:
+    """The JSON-safe architecture stored with a path (`system.Path.architecture`).
+
+    Args:
+      config: the path's ViT config.
+
+    Returns:
+      {"model": "vit", "config": fields except num_layers / num_classes,
+      "num_layers": L, "num_classes": C}; `mutations.plan_child` updates "num_layers".
+    """
+    fields = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in ("num_layers", "num_classes"):
+            continue
+        if field.name in ("dtype", "param_dtype"):
+            value = jnp.dtype(value).name
+        elif isinstance(value, tuple):
+            value = list(value)
+        fields[field.name] = value
+    return {
+        "model": MODEL_FAMILY,
+        "config": fields,
+        "num_layers": int(config.num_layers),
+        "num_classes": int(config.num_classes),
+    }
+
+
+def config_of(path: system.Path) -> vit.ViTConfig:
+    """Rebuilds a path's ViT config from its stored architecture.
+
+    Args:
+      path: a path written by this module (its architecture from `architecture_of`).
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: the architecture is not a ViT's as written by `architecture_of`.
+    """
+    architecture = dict(path.architecture)
+    if architecture.get("model") != MODEL_FAMILY or "config" not in architecture:
+        raise ValueError(f"Path {path.id!r} has no ViT architecture: {architecture}.")
+    fields = dict(architecture["config"])
+    for name in ("dtype", "param_dtype"):
+        if name in fields:
+            fields[name] = getattr(jnp, str(fields[name]))
+    if "image_shape" in fields:
+        fields["image_shape"] = tuple(int(v) for v in fields["image_shape"])
+    return vit.ViTConfig(
+        **fields,
+        num_layers=int(architecture["num_layers"]),
+        num_classes=int(architecture["num_classes"]),
+    )
+
+
+def default_search_space(config: vit.ViTConfig) -> hparams.HParamSpace:
+    """The notebooks' space (`hparams.default_space`) restricted to what this search runs.
+
+    The image size is dropped (a path's position table fixes its input shape) and random
+    crop and mixup are pinned to their no-op values (`array_train_batches` implements
+    flip and brightness only); learning rate, schedule, warmup, momentum, Nesterov,
+    adapter size, mu, flip and brightness are searched as in the notebooks.
+
+    Args:
+      config: the root model's config.
+
+    Returns:
+      The space.
+    """
+    del config  # The space does not depend on the model beyond the dropped image size.
+    base = hparams.default_space(patch_size=1, image_size=1, image_size_steps=0)
+    kept = []
+    for hparam in base.hparams:
+        if hparam.name == "image_size":
+            continue
+        if hparam.name in _FIXED_DATA_VALUES:
+            hparam = hparams.HParam(hparam.name, (_FIXED_DATA_VALUES[hparam.name],), 0, True)
+        kept.append(hparam)
+    return hparams.HParamSpace(tuple(kept))
+
+
+# -- the root ---------------------------------------------------------------------------
+
+
+def _host_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), nn.unbox(tree))
+
+
+def seed_root(
+    store: store_lib.Store,
+    config: vit.ViTConfig,
+    params: Mapping[str, Any],
+    *,
+    agent: str,
+    task: str = ROOT_TASK,
+) -> system.Path:
+    """Stores a root ViT as components and marks its path as the system's root.
+
+    Components `<task>:<slot>` (embed, cls, pos, block_i, final_norm, head) are put and
+    published with the root path `<task>:path` in one transaction, then `set_root`.
+    Calling it again on a store whose root is this same path returns it unchanged.
+
+    Args:
+      store: the store.
+      config: the root model's config.
+      params: the root model's parameters keyed by slot (`vit.ViT(config)` params,
+        boxed or not).
+      agent: the root agent publishing it.
+      task: the root's task name (registered with `config.num_classes` classes).
+
+    Returns:
+      The root path.
+
+    Raises:
+      ValueError: the store has another root already, or `params` lacks a slot.
+    """
+    store.discard_staged(agent)  # Leftovers of an interrupted call are never published.
+    state = store.load_state()
+    path_id = f"{task}:path"
+    if state.root_path_id is not None:
+        existing = state.paths[state.root_path_id]
+        wanted = json.loads(json.dumps(architecture_of(config)))
+        if existing.id == path_id and existing.architecture == wanted:
+            return existing
+        raise ValueError(f"The store has another root already: {state.root_path_id!r}.")
+    slots = vit.component_slots(config)
+    missing = [slot for slot in slots if slot not in params]
+    if missing:
+        raise ValueError(f"Root parameters lack slots {missing}.")
+    store.add_task(task, num_classes=config.num_classes, metadata={"root": True})
+    components = []
+    for slot in slots:
+        component_id = f"{task}:{slot}"
+        tree = _host_tree(params[slot])
+        record = system.Component(
+            id=component_id,
+            kind=mutations.slot_kind(slot),
+            num_params=system.num_params_of(tree),
+            agent=agent,
+            task=task,
+        )
+        if component_id not in state.components:
+            store.put_component(record, tree)
+        components.append((slot, component_id))
+    root = system.Path(
+        id=path_id,
+        task=task,
+        components=tuple(components),
+        agent=agent,
+        architecture=architecture_of(config),
+    )
+    store.publish(agent, paths=[root], components=[cid for _, cid in components])
+    store.set_root(path_id)
+    return root
+
+
+# -- configuration and results ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """One task iteration's settings (the notebooks' G, D, V, B, s and mutations).
+
+    Attributes:
+      generations: G, generations per task iteration.
+      candidates_per_generation: D, candidates per generation.
+      num_validations: V, validations per candidate.
+      steps_per_validation: B, training steps between validations.
+      batch_size: training batch size.
+      scale: s of the score (1.0: quality only).
+      seed: seeds everything random (parents, mutations, ids, initialisation, data).
+      mutation_options: which mutations run (`mutations.MutationOptions`); an empty
+        `id_prefix` becomes the agent's name.
+      space: the hyperparameter space; None uses `default_search_space`.
+      inherit_opt_state: mu2Net+: a child clone starts from its parent's optimizer
+        state when the parent was trained in this iteration.
+    """
+
+    generations: int = 3
+    candidates_per_generation: int = 4
+    num_validations: int = 4
+    steps_per_validation: int = 50
+    batch_size: int = 32
+    scale: float = 1.0
+    seed: int = 0
+    mutation_options: mutations.MutationOptions = dataclasses.field(
+        default_factory=mutations.MutationOptions
+    )
+    space: hparams.HParamSpace | None = None
+    inherit_opt_state: bool = True
+
+    def __post_init__(self):
+        for name in (
+            "generations",
+            "candidates_per_generation",
+            "num_validations",
+            "steps_per_validation",
+            "batch_size",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be >= 1.")
+        if not 0.0 < self.scale <= 1.0:
+            raise ValueError(f"SearchConfig.scale={self.scale} must be in (0, 1].")
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateRecord:
+    """What became of one trained candidate.
+
+    Attributes:
+      path_id: the candidate's path id.
+      parent_id: its parent path.
+      parent_task: the parent's task (another task's or the root's for a seed parent).
+      parent_score: the parent's score when the candidate was judged (None: unscored).
+      generation: its generation number.
+      quality: its best validation accuracy.
+      score: its scale-controlled score.
+      accounted_params: the parameters it pays for.
+      accepted: whether it joined the population.
+      applied: the mutations applied.
+      train_seconds: wall time of its training steps.
+      eval_seconds: wall time of its validations.
+      compile_seconds: wall time spent compiling steps for it.
+    """
+
+    path_id: str
+    parent_id: str
+    parent_task: str
+    parent_score: float | None
+    generation: int
+    quality: float
+    score: float
+    accounted_params: float
+    accepted: bool
+    applied: tuple[str, ...]
+    train_seconds: float
+    eval_seconds: float
+    compile_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """The outcome of one task iteration (`evolve_task`).
+
+    Attributes:
+      task: the task.
+      best_path: the task's published best path (its components are locked by it).
+      quality: the best path's validation quality.
+      score: the best path's score.
+      accounted_params: the parameters the best path pays for.
+      root_params: P, the root model's parameter count.
+      candidates: every trained candidate, in training order.
+      published_components: ids of the components published with the best path.
+      retired: ids of the task's paths retired by the publication.
+      train_seconds: total wall time of training steps.
+      eval_seconds: total wall time of validations.
+      compile_seconds: total wall time compiling steps.
+      overhead_seconds: the rest of the wall time (planning, materialising, scoring,
+        loading and storing).
+      wall_seconds: the iteration's wall time.
+    """
+
+    task: str
+    best_path: system.Path
+    quality: float
+    score: float
+    accounted_params: float
+    root_params: int
+    candidates: tuple[CandidateRecord, ...]
+    published_components: tuple[str, ...]
+    retired: tuple[str, ...]
+    train_seconds: float
+    eval_seconds: float
+    compile_seconds: float
+    overhead_seconds: float
+    wall_seconds: float
+
+    @property
+    def candidates_per_hour(self) -> float:
+        """Trained candidates per hour of the iteration's wall time."""
+        return 3600.0 * len(self.candidates) / self.wall_seconds if self.wall_seconds else 0.0
+
+
+# -- the search ---------------------------------------------------------------------------
+
+
+def _infer_num_classes(batches: Sequence[Batch]) -> int:
+    top = -1
+    for batch in batches:
+        labels = np.asarray(batch["label"])
+        mask = batch.get("_mask")
+        if mask is not None:
+            labels = labels[np.asarray(mask).astype(bool)]
+        if labels.size:
+            top = max(top, int(labels.max()))
+    if top < 0:
+        raise ValueError("Cannot infer num_classes: the validation batches hold no labels.")
+    return top + 1
+
+
+def _check_space(space: hparams.HParamSpace, config: vit.ViTConfig) -> None:
+    if "image_size" in space.names:
+        sizes = set(space["image_size"].values)
+        if sizes != {config.image_shape[0]} or config.image_shape[0] != config.image_shape[1]:
+            raise ValueError(
+                f"The space's image sizes {sorted(sizes)} must be exactly the root's side "
+                f"{config.image_shape[:2]}: a path's position table fixes its input shape."
+            )
+    for name in ("lr", "schedule", "warmup", "momentum", "nesterov"):
+        if name not in space.names:
+            raise ValueError(f"The space lacks the optimizer hyperparameter {name!r}.")
+
+
+class _Population:
+    """The task's paths during one iteration: published ones plus accepted candidates."""
+
+    def __init__(self, published: Sequence[system.Path]):
+        self.paths: dict[str, system.Path] = {p.id: p for p in published}
+        self.offspring: dict[str, int] = {p.id: p.offspring for p in published}
+        self.opt_states: dict[str, tuple[Any, tuple[str, ...]]] = {}
+
+    def ranked(self) -> list[system.Path]:
+        return system.rank_by_score(self.paths.values())
+
+
+def _rng_for(config: SearchConfig, task: str, base_generation: int) -> np.random.Generator:
+    entropy = [int(config.seed), zlib.crc32(task.encode()), int(base_generation)]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def evolve_task(
+    store: store_lib.Store,
+    task_name: str,
+    search_config: SearchConfig,
+    *,
+    train_batches_fn: TrainBatchesFn,
+    validation_batches: Sequence[Batch],
+    agent: str = "munet",
+    num_classes: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    cache: candidate.StepCache | None = None,
+) -> TaskResult:
+    """Runs one task iteration (G generations of D candidates) and publishes the best path.
+
+    Args:
+      store: the store holding the system (with a root, `seed_root`).
+      task_name: the task; added to the store when new.
+      search_config: the iteration's settings.
+      train_batches_fn: makes each candidate's training stream.
+      validation_batches: fixed batches ("image", "label", optional "_mask") scoring
+        every candidate (`array_eval_batches`).
+      agent: the publishing agent (owns the task's paths it publishes and retires).
+      num_classes: classes of a new task's head; None: the stored task's, or the
+        largest validation label + 1.
+      metadata: JSON-safe facts stored with a new task.
+      cache: compiled steps shared across candidates and calls (default: the
+        process-wide `candidate.default_cache()`).
+
+    Returns:
+      The iteration's result; the best path is published and locks its components.
+
+    Raises:
+      ValueError: the store has no root, the space does not fit the root model, or
+        `num_classes` contradicts the stored task.
+    """
+    start = time.perf_counter()
+    cache = cache or candidate.default_cache()
+    options = search_config.mutation_options
+    if not options.id_prefix:
+        options = dataclasses.replace(options, id_prefix=agent)
+
+    # Work staged by an earlier, interrupted iteration of this agent is never published.
+    store.discard_staged(agent)
+    state = store.load_state()
+    if state.root_path_id is None:
+        raise ValueError("The store has no root path; call seed_root first.")
+    root_path = state.paths[state.root_path_id]
+    root_config = config_of(root_path)
+    space = search_config.space or default_search_space(root_config)
+    _check_space(space, root_config)
+    if task_name not in state.tasks:
+        classes = num_classes or _infer_num_classes(validation_batches)
+        store.add_task(task_name, num_classes=classes, metadata=metadata)
+        state = store.load_state()
+    task_classes = state.tasks[task_name].num_classes
+    if num_classes is not None and num_classes != task_classes:
+        raise ValueError(f"Task {task_name!r} has {task_classes} classes, not {num_classes}.")
+    root_params = state.root_params()
+
+    def score_of(path: system.Path, quality: float, in_state: system.SystemState) -> float:
+        accounted = in_state.accounted_params(path)
+        return scoring.score(quality, accounted, root_params, scale=search_config.scale)
+
+    # The task's own paths, re-scored with today's sharing.
+    published = []
+    for path in state.active_paths(task_name):
+        if path.quality is not None:
+            path = dataclasses.replace(path, score=score_of(path, path.quality, state))
+        published.append(path)
+    population = _Population(published)
+    published_ids = {p.id for p in published}
+    base_generation = 1 + max(
+        (p.generation for p in state.paths.values() if p.task == task_name), default=0
+    )
+    rng = _rng_for(search_config, task_name, base_generation)
+    seeds = [p.id for p in state.seed_paths(task_name)]
+
+    loaded: dict[str, Any] = {}
+    new_params: dict[str, Any] = {}
+    new_records: dict[str, system.Component] = {}
+
+    def params_of(component_id: str) -> Any:
+        if component_id in new_params:
+            return new_params[component_id]
+        if component_id not in loaded:
+            loaded[component_id] = store.load_params(component_id)
+        return loaded[component_id]
+
+    def working_state() -> system.SystemState:
+        paths = {**state.paths, **population.paths}
+        return system.SystemState(
+            {**state.components, **new_records}, paths, state.tasks, state.root_path_id
+        )
+
+    records: list[CandidateRecord] = []
+    train_s = eval_s = compile_s = 0.0
+    for g in range(search_config.generations):
+        generation = base_generation + g
+        ranked = population.ranked()
+        best_hparams = hparams.HParams.from_json(ranked[0].hparams) if ranked else space.defaults()
+        data_indices, _ = hparams.generation_data_indices(best_hparams, rng, space=space)
+        data_values = {name: space[name].values[i] for name, i in data_indices.items()}
+        joining: list[tuple[system.Path, candidate.CandidateResult, list[system.Component]]] = []
+        work = working_state()
+        ranked = population.ranked()
+        for _ in range(search_config.candidates_per_generation):
+            parent_id = selection.select_parent(
+                [p.id for p in ranked], population.offspring, seeds, rng
+            )
+            parent = population.paths.get(parent_id) or state.paths[parent_id]
+            if parent_id in population.paths:
+                population.offspring[parent_id] = population.offspring.get(parent_id, 0) + 1
+            plan = mutations.plan_child(
+                work,
+                parent,
+                task=task_name,
+                agent=agent,
+                rng=rng,
+                space=space,
+                options=options,
+                data_indices=data_indices,
+                generation=generation,
+            )
+            data_seed = int(rng.integers(0, 2**31 - 1))
+            parent_config = config_of(parent)
+            pool = {cid: params_of(cid) for cid in parent.component_ids}
+            child_config, created = mutations.materialize(
+                plan, pool, parent_config, num_classes=task_classes
+            )
+            pool.update(created)
+            inherited: Any = None
+            parent_trainable: tuple[str, ...] = ()
+            if search_config.inherit_opt_state and parent_id in population.opt_states:
+                inherited, parent_trainable = population.opt_states[parent_id]
+            result = candidate.train_candidate(
+                config=child_config,
+                components=plan.path.components,
+                pool=pool,
+                trainable_ids=plan.trainable_ids,
+                hparam_values=space.values(plan.hparams),
+                train_batches=train_batches_fn(
+                    data_values, batch_size=search_config.batch_size, seed=data_seed
+                ),
+                validation_batches=validation_batches,
+                num_validations=search_config.num_validations,
+                steps_per_validation=search_config.steps_per_validation,
+                parent_opt_state=inherited,
+                parent_trainable_ids=parent_trainable,
+                clone_sources=plan.clones,
+                cache=cache,
+            )
+            train_s += result.train_seconds
+            eval_s += result.eval_seconds
+            compile_s += result.compile_seconds
+            diverged = not all(math.isfinite(loss) for loss in result.train_losses)
+            quality = 0.0 if diverged else float(result.quality)
+
+            child_records = mutations.component_records(plan, result.params, agent=agent)
+            architecture = {**plan.path.architecture, "num_classes": task_classes}
+            child = dataclasses.replace(plan.path, architecture=architecture)
+            would_be = system.SystemState(
+                {**work.components, **{c.id: c for c in child_records}},
+                {**work.paths, child.id: child},
+                work.tasks,
+                work.root_path_id,
+            )
+            accounted = would_be.accounted_params(child)
+            child_score = scoring.score(quality, accounted, root_params, scale=search_config.scale)
+            same_task = parent.task == task_name
+            accepted = scoring.accept(child_score, parent.score, same_task)
+            metrics = {
+                "accounted_params": accounted,
+                "best_step": result.best_step,
+                "validations": [list(v) for v in result.validations],
+                "train_losses": [x if math.isfinite(x) else None for x in result.train_losses],
+                "applied": list(plan.applied),
+                "parent_task": parent.task,
+                "diverged": diverged,
+            }
+            child = dataclasses.replace(child, score=child_score, quality=quality, metrics=metrics)
+            records.append(
+                CandidateRecord(
+                    path_id=child.id,
+                    parent_id=parent.id,
+                    parent_task=parent.task,
+                    parent_score=parent.score,
+                    generation=generation,
+                    quality=quality,
+                    score=child_score,
+                    accounted_params=accounted,
+                    accepted=accepted,
+                    applied=plan.applied,
+                    train_seconds=result.train_seconds,
+                    eval_seconds=result.eval_seconds,
+                    compile_seconds=result.compile_seconds,
+                )
+            )
+            if accepted:
+                joining.append((child, result, child_records))
+
+        # The generation's candidates are siblings (trained in parallel in the notebooks):
+        # the accepted ones join the population, as parents, from the next generation on.
+        for child, result, child_records in joining:
+            population.paths[child.id] = child
+            population.offspring[child.id] = 0
+            population.opt_states[child.id] = (result.opt_state, tuple(result.params))
+            new_params.update(result.params)
+            new_records.update({c.id: c for c in child_records})
+
+        best = population.ranked()[0] if population.paths else None
+        elapsed = time.perf_counter() - start
+        logger.info(
+            "evolve %s: generation %d/%d: best score %s (quality %s), %d/%d accepted, "
+            "%.1f candidates/hour",
+            task_name,
+            g + 1,
+            search_config.generations,
+            f"{best.score:.4f}" if best and best.score is not None else "-",
+            f"{best.quality:.4f}" if best and best.quality is not None else "-",
+            len(joining),
+            search_config.candidates_per_generation,
+            3600.0 * len(records) / elapsed if elapsed else 0.0,
+        )
+
+    ranked = population.ranked()
+    if not ranked:
+        raise RuntimeError(f"Task {task_name!r} has no path after its iteration.")
+    best = dataclasses.replace(ranked[0], offspring=population.offspring.get(ranked[0].id, 0))
+    fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
+    for component_id in fresh_ids:
+        store.put_component(new_records[component_id], new_params[component_id])
+    retire = sorted(
+        pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
+    )
+    foreign = sorted(pid for pid in published_ids if state.paths[pid].agent != agent)
+    if foreign:
+        logger.warning("evolve %s: cannot retire other agents' paths %s", task_name, foreign)
+    store.publish(agent, paths=[best], components=fresh_ids, retire=retire)
+    store.discard_staged(agent)
+
+    final_state = store.load_state()
+    published_best = final_state.paths[best.id]
+    wall = time.perf_counter() - start
+    outcome = TaskResult(
+        task=task_name,
+        best_path=published_best,
+        quality=float(published_best.quality or 0.0),
+        score=float(published_best.score or 0.0),
+        accounted_params=final_state.accounted_params(published_best),
+        root_params=root_params,
+        candidates=tuple(records),
+        published_components=tuple(fresh_ids),
+        retired=tuple(retire),
+        train_seconds=train_s,
+        eval_seconds=eval_s,
+        compile_seconds=compile_s,
+        overhead_seconds=max(wall - train_s - eval_s - compile_s, 0.0),
+        wall_seconds=wall,
+    )
+    logger.info(
+        "evolve %s: published %s: quality %.4f, score %.4f, accounted params %.0f "
+        "(%.2f x root); %d candidates in %.1fs (train %.1fs, eval %.1fs, compile %.1fs, "
+        "overhead %.1fs), %.1f candidates/hour",
+        task_name,
+        published_best.id,
+        outcome.quality,
+        outcome.score,
+        outcome.accounted_params,
+        outcome.accounted_params / root_params,
+        len(records),
+        wall,
+        train_s,
+        eval_s,
+        compile_s,
+        outcome.overhead_seconds,
+        outcome.candidates_per_hour,
+    )
+    return outcome
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """What `evolve_round_robin` needs to iterate one task.
+
+    Attributes:
+      train_batches_fn: makes each candidate's training stream.
+      validation_batches: the fixed validation batches.
+      num_classes: classes of the task's head when it is new (None: inferred).
+      metadata: JSON-safe facts stored with a new task.
+    """
+
+    train_batches_fn: TrainBatchesFn
+    validation_batches: Sequence[Batch]
+    num_classes: int | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+def evolve_round_robin(
+    store: store_lib.Store,
+    tasks: Mapping[str, TaskData],
+    search_config: SearchConfig,
+    *,
+    iterations: int,
+    previous: str | None = None,
+    agent: str = "munet",
+    cache: candidate.StepCache | None = None,
+) -> list[TaskResult]:
+    """Iterates tasks round-robin (`selection.next_task`), one `evolve_task` per turn.
+
+    The rotation is the store's task order (tasks added earlier first) restricted to
+    `tasks`, followed by the tasks of `tasks` the store does not know yet, in mapping
+    order: a task added to `tasks` between calls joins the rotation (dynamic task
+    introduction) and starts from the seeds with a fresh head.
+
+    Args:
+      store: the store (with a root).
+      tasks: task name -> its data; tasks of the store not named here are skipped.
+      search_config: each iteration's settings.
+      iterations: how many task iterations to run.
+      previous: the task iterated last (None: start from the first).
+      agent: the publishing agent.
+      cache: compiled steps shared across iterations.
+
+    Returns:
+      One result per iteration, in order.
+    """
+    results = []
+    for _ in range(iterations):
+        known = store.load_state().task_order()
+        order = [name for name in known if name in tasks]
+        order += [name for name in tasks if name not in known]
+        task = selection.next_task(order, previous)
+        data = tasks[task]
+        results.append(
+            evolve_task(
+                store,
+                task,
+                search_config,
+                train_batches_fn=data.train_batches_fn,
+                validation_batches=data.validation_batches,
+                agent=agent,
+                num_classes=data.num_classes,
+                metadata=data.metadata,
+                cache=cache,
+            )
+        )
+        previous = task
+    return results
+
+
+# -- inference from the store -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_forward(config: vit.ViTConfig, slots: tuple[str, ...]) -> Any:
+    return jax.jit(functools.partial(candidate.forward, config, slots))
+
+
+def predict(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
+    """Logits of a task's published best path, read from the store.
+
+    Args:
+      store: the store.
+      task: the task.
+      images: [N, H, W, C] float images.
+
+    Returns:
+      Logits [N, num_classes] (numpy, float32).
+
+    Raises:
+      ValueError: the task has no active path.
+    """
+    state = store.load_state()
+    path = state.best_path(task)
+    if path is None:
+        raise ValueError(f"Task {task!r} has no active path in the store.")
+    config = config_of(path)
+    slots = tuple(slot for slot, _ in path.components)
+    params = {slot: store.load_params(cid) for slot, cid in path.components}
+    logits = _jitted_forward(config, slots)(params, jnp.asarray(images, jnp.float32))
+    return np.asarray(jax.device_get(logits), np.float32)
+
+
+def predict_classes(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
+    """Predicted classes (argmax of `predict`) of a task's published best path.
+
+    Args:
+      store: the store.
+      task: the task.
+      images: [N, H, W, C] float images.
+
+    Returns:
+      int32 classes [N].
+    """
+    return np.argmax(predict(store, task, images), axis=-1).astype(np.int32)
+
+
+# -- data from arrays ---------------------------------------------------------------------
+
+
+def array_train_batches(images: np.ndarray, labels: np.ndarray) -> TrainBatchesFn:
+    """A `TrainBatchesFn` over in-memory arrays: shuffled epochs plus flip and brightness.
+
+    Each epoch is a fresh permutation from the candidate's seed; "flip" flips each image
+    left-right with probability 1/2, "brightness" adds a uniform offset in
+    [-delta, delta] per image. Other data hyperparameters are ignored (the default
+    space pins them to no-ops).
+
+    Args:
+      images: [N, H, W, C] float images.
+      labels: [N] integer labels.
+
+    Returns:
+      The function.
+    """
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if len(images) != len(labels) or not len(labels):
+        raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, > 0.")
+
+    def make(data_values: Mapping[str, Any], *, batch_size: int, seed: int) -> Iterator[Batch]:
+        flip = bool(data_values.get("flip", False))
+        brightness = float(data_values.get("brightness", 0.0))
+        rng = np.random.default_rng(seed)
+
+        def stream() -> Iterator[Batch]:
+            order = np.empty(0, np.int64)
+            while True:
+                while len(order) < batch_size:
+                    order = np.concatenate([order, rng.permutation(len(labels))])
+                take, order = order[:batch_size], order[batch_size:]
+                batch = images[take]
+                if flip:
+                    flips = rng.random(batch_size) < 0.5
+                    batch = np.where(flips[:, None, None, None], batch[:, :, ::-1], batch)
+                if brightness:
+                    batch = batch + rng.uniform(-brightness, brightness, (batch_size, 1, 1, 1))
+                yield {"image": batch.astype(np.float32), "label": labels[take]}
+
+        return stream()
+
+    return make
+
+
+def array_eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape evaluation batches; the last is zero-padded with `_mask` 0 rows.
+
+    Args:
+      images: [N, H, W, C] float images.
+      labels: [N] integer labels.
+      batch_size: rows per batch.
+
+    Returns:
+      Batches with "image", "label" and "_mask".
+    """
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    batches = []
+    for begin in range(0, len(labels), batch_size):
+        real = len(labels[begin : begin + batch_size])
+        pad = batch_size - real
+        batches.append(
+            {
+                "image": np.concatenate(
+                    [images[begin : begin + real], np.zeros((pad, *images.shape[1:]), np.float32)]
+                ),
+                "label": np.concatenate([labels[begin : begin + real], np.zeros(pad, np.int32)]),
+                "_mask": np.concatenate([np.ones(real, np.int32), np.zeros(pad, np.int32)]),
+            }
+        )
+    return batches
