@@ -10,22 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_vit_testlib import TINY_VIT
 
 from evolution import candidate as cand
 from evolution import hparams as hp
 from models import adapters, vit
 
-CONFIG = vit.ViTConfig(
-    hidden=16,
-    mlp_dim=32,
-    num_heads=2,
-    qk_dim=8,
-    v_dim=8,
-    num_layers=1,
-    image_shape=(8, 8, 1),
-    patch_size=4,
-    num_classes=4,
-)
+CONFIG = TINY_VIT
 SLOTS = tuple(vit.component_slots(CONFIG))
 BATCH = 16
 VALUES = {"lr": 0.1, "schedule": "cosine", "warmup": 0.1, "momentum": 0.9, "nesterov": False}

@@ -15,23 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_vit_testlib import TINY_VIT
 
 from evolution import candidate as cand
 from evolution import mutations as mut
 from evolution import search, sqlite_store, system
 from models import vit
 
-CONFIG = vit.ViTConfig(
-    hidden=16,
-    mlp_dim=32,
-    num_heads=2,
-    qk_dim=8,
-    v_dim=8,
-    num_layers=1,
-    image_shape=(8, 8, 1),
-    patch_size=4,
-    num_classes=4,
-)
+CONFIG = TINY_VIT
 SEARCH = search.SearchConfig(
     generations=2,
     candidates_per_generation=2,
