@@ -58,6 +58,9 @@ def grow_checkpoint(
     source_dir = checkpoints_lib.resolve_directory(checkpoint)
     if not os.path.isdir(source_dir):
         raise GrowCheckpointError(f"no checkpoint directory at {checkpoint!r}")
+    out_dir = os.path.join(out, "checkpoints")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # before reading and growing
+        raise GrowCheckpointError(f"{out_dir} already holds checkpoints; choose a new --out")
     source = checkpoints_lib.Checkpointer(source_dir, read_only=True)
     try:
         meta = source.read_metadata(step)
@@ -83,9 +86,6 @@ def grow_checkpoint(
         rng=growth_schedule_lib.growth_rng(run_seed, at_step),
         opt_state=items["opt_state"],
     )
-    out_dir = os.path.join(out, "checkpoints")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise GrowCheckpointError(f"{out_dir} already holds checkpoints; choose a new --out")
     new_meta = {key: value for key, value in meta.items() if key != "step"}
     new_meta["architecture"] = {
         **architecture,

@@ -75,12 +75,10 @@ class GrowthSchedule:
                 raise GrowthError(f"growth schedule step {step} has no requests")
             parsed[step] = GrowthEvent(step, texts)
         self.events: tuple[GrowthEvent, ...] = tuple(parsed[s] for s in sorted(parsed))
+        self._by_step = parsed  # `at` runs every train step
 
     def __repr__(self) -> str:
         return f"GrowthSchedule({[e.to_json() for e in self.events]})"
-
-    def __bool__(self) -> bool:
-        return bool(self.events)
 
     def beyond(self, total_steps: int) -> tuple[GrowthEvent, ...]:
         """Returns the events a run ending at `total_steps` never reaches.
@@ -92,14 +90,7 @@ class GrowthSchedule:
 
     def at(self, step: int) -> GrowthEvent | None:
         """Returns the event to apply right after `step`, or None."""
-        for event in self.events:
-            if event.step == step:
-                return event
-        return None
-
-    def pending(self, after_step: int) -> tuple[GrowthEvent, ...]:
-        """Returns the events not yet applied by a run that is at `after_step`."""
-        return tuple(e for e in self.events if e.step > after_step)
+        return self._by_step.get(step)
 
 
 def growth_rng(seed: int, step: int) -> jax.Array:

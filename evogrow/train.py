@@ -129,11 +129,12 @@ def train(
     os.makedirs(model_dir, exist_ok=True)
     save_cfg = checkpoint_cfg.save
     schedule = growth_schedule or growth_schedule_lib.GrowthSchedule()
-    if schedule.beyond(total_steps):
+    unreached = schedule.beyond(total_steps)
+    if unreached:
         logger.warning(
             "growth events after TRAIN_STEPS=%d are not reached in this run: %s",
             total_steps,
-            [e.to_json() for e in schedule.beyond(total_steps)],
+            [e.to_json() for e in unreached],
         )
     with contextlib.ExitStack() as cleanup:
         checkpointer = checkpoints_lib.Checkpointer(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny_vit_testlib import TINY_VIT
+from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import candidate as cand
 from evolution import hparams as hp
@@ -62,23 +62,9 @@ def _validation(seed=123, rows=40):
     return batches
 
 
-_SHAPES = jax.eval_shape(vit.ViT(CONFIG).init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
-
-
 def _root_pool(seed=0, prefix="root"):
-    """Root parameters drawn with numpy (compiling the PRNG-based init takes seconds on CPU):
-    norms at scale 1 and bias 0, the head at zero (as `head_zero_init`), the rest N(0, 0.2)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(key_path, leaf):
-        name = jax.tree_util.keystr(key_path)
-        if "scale" in name:
-            return np.ones(leaf.shape, leaf.dtype)
-        if "bias" in name or "head" in name:
-            return np.zeros(leaf.shape, leaf.dtype)
-        return rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype)
-
-    host = jax.tree_util.tree_map_with_path(draw, nn.unbox(_SHAPES["params"]))
+    """Random root parameters (`tiny_vit_testlib.random_params`) keyed `<prefix>:<slot>`."""
+    host = random_params(seed)
     return {f"{prefix}:{slot}": host[slot] for slot in SLOTS}
 
 

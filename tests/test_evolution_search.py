@@ -10,17 +10,14 @@ x 5 steps. Tasks run round-robin A, B, C, then A again.
 import dataclasses
 import logging
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_vit_testlib import TINY_VIT
+from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import candidate as cand
 from evolution import mutations as mut
 from evolution import search, sqlite_store, system
-from models import vit
 
 CONFIG = TINY_VIT
 SEARCH = search.SearchConfig(
@@ -61,22 +58,6 @@ def _task_data(task_index):
 
 
 DATA = {name: _task_data(i) for i, name in enumerate(TASKS)}
-
-
-def _root_params(seed=0):
-    """Random root parameters drawn with numpy (no PRNG-init compilation)."""
-    shapes = jax.eval_shape(vit.ViT(CONFIG).init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
-    rng = np.random.default_rng(seed)
-
-    def draw(key_path, leaf):
-        name = jax.tree_util.keystr(key_path)
-        if "scale" in name:
-            return np.ones(leaf.shape, leaf.dtype)
-        if "bias" in name or "head" in name:
-            return np.zeros(leaf.shape, leaf.dtype)
-        return rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes["params"]))
 
 
 def _task_data_of(task):
@@ -123,7 +104,7 @@ def world(tmp_path_factory, cache):
     """Root, then A, B, C, A on one store, with predictions and parameters recorded."""
     directory = str(tmp_path_factory.mktemp("search") / "store")
     store = sqlite_store.SqliteStore(directory)
-    search.seed_root(store, CONFIG, _root_params(), agent="root")
+    search.seed_root(store, CONFIG, random_params(), agent="root")
     results, preds, params = {}, {}, {}
     task_data = {name: _task_data_of(name) for name in TASKS}
     previous = None
@@ -249,7 +230,7 @@ def _comparable(result):
 
 def test_determinism_fixed_seed(world, tmp_path, cache, caplog):
     store = sqlite_store.SqliteStore(str(tmp_path / "again"))
-    search.seed_root(store, CONFIG, _root_params(), agent="root")
+    search.seed_root(store, CONFIG, random_params(), agent="root")
     for step, task in enumerate(TASKS[:2]):
         with caplog.at_level(logging.INFO, logger="evogrow"):
             result = _evolve(store, task, cache)
@@ -267,11 +248,11 @@ def test_seed_root_is_idempotent_and_required(tmp_path, cache):
     with sqlite_store.SqliteStore(str(tmp_path / "empty")) as store:
         with pytest.raises(ValueError, match="seed_root"):
             _evolve(store, "tex_a", cache)
-        root = search.seed_root(store, CONFIG, _root_params(), agent="root")
-        assert search.seed_root(store, CONFIG, _root_params(), agent="root") == root
+        root = search.seed_root(store, CONFIG, random_params(), agent="root")
+        assert search.seed_root(store, CONFIG, random_params(), agent="root") == root
         with pytest.raises(ValueError, match="another root"):
             search.seed_root(
-                store, dataclasses.replace(CONFIG, hidden=8), _root_params(), agent="root"
+                store, dataclasses.replace(CONFIG, hidden=8), random_params(), agent="root"
             )
 
 

@@ -1,5 +1,10 @@
 """The tiny ViT shared by the evolution tests: 8x8x1 inputs, 4 classes, one block."""
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from models import vit
 
 TINY_VIT = vit.ViTConfig(
@@ -13,3 +18,21 @@ TINY_VIT = vit.ViTConfig(
     patch_size=4,
     num_classes=4,
 )
+
+
+def random_params(seed: int = 0) -> dict:
+    """Root parameters of `TINY_VIT` drawn with numpy (compiling the PRNG-based init takes
+    seconds on CPU): norms at scale 1 and bias 0, the head at zero (as `head_zero_init`),
+    the rest N(0, 0.2)."""
+    shapes = jax.eval_shape(vit.ViT(TINY_VIT).init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+    rng = np.random.default_rng(seed)
+
+    def draw(key_path, leaf):
+        name = jax.tree_util.keystr(key_path)
+        if "scale" in name:
+            return np.ones(leaf.shape, leaf.dtype)
+        if "bias" in name or "head" in name:
+            return np.zeros(leaf.shape, leaf.dtype)
+        return rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes["params"]))
