@@ -29,118 +29,36 @@ memory); a parent read from the store starts its child's optimizer afresh.
 
 `seed_root` stores the root model; `evolve_round_robin` iterates tasks in turn
 (`selection.next_task`), a task joining the rotation when it first appears (dynamic task
-introduction); `predict` / `predict_classes` run a task's published best path from the
-store; `array_train_batches` / `array_eval_batches` build the data callbacks from
-in-memory arrays. Paths store their ViT config in `architecture` (`architecture_of`,
-`config_of`), so a store alone suffices to run any task's model.
+introduction). Inference from the store is in `evolution.inference`, data callbacks in
+`evolution.batches`, the stored architecture in `evolution.architecture`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from evolution import candidate, hparams, mutations, scoring, selection, system
 from evolution import store as store_lib
+from evolution.architecture import ROOT_TASK, architecture_of, config_of
+from evolution.batches import Batch, TrainBatchesFn
 from models import vit
 
 logger = logging.getLogger("evogrow")
 
-Batch = Mapping[str, Any]
-ROOT_TASK = "root"
-MODEL_FAMILY = "vit"
-
 # Data hyperparameters that `array_train_batches` implements; the default search space
 # pins the others (random crop, mixup) to their no-op value.
 _FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
-
-
-class TrainBatchesFn(Protocol):
-    """Makes a candidate's training stream for its generation's data hyperparameters."""
-
-    def __call__(
-        self, data_values: Mapping[str, Any], *, batch_size: int, seed: int
-    ) -> Iterator[Batch]:
-        """Returns an endless iterator of {"image" [B, H, W, C] float, "label" [B] int}.
-
-        Args:
-          data_values: the generation's data hyperparameter values (e.g. "flip",
-            "brightness"), resolved from the search space.
-          batch_size: rows per batch.
-          seed: the candidate's data seed (shuffling and augmentation).
-        """
-        ...
-
-
-# -- the model's architecture as stored with a path ------------------------------------
-
-
-def architecture_of(config: vit.ViTConfig) -> dict[str, Any]:
-    """The JSON-safe architecture stored with a path (`system.Path.architecture`).
-
-    Args:
-      config: the path's ViT config.
-
-    Returns:
-      {"model": "vit", "config": fields except num_layers / num_classes,
-      "num_layers": L, "num_classes": C}; `mutations.plan_child` updates "num_layers".
-    """
-    fields = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if field.name in ("num_layers", "num_classes"):
-            continue
-        if field.name in ("dtype", "param_dtype"):
-            value = jnp.dtype(value).name
-        elif isinstance(value, tuple):
-            value = list(value)
-        fields[field.name] = value
-    return {
-        "model": MODEL_FAMILY,
-        "config": fields,
-        "num_layers": int(config.num_layers),
-        "num_classes": int(config.num_classes),
-    }
-
-
-def config_of(path: system.Path) -> vit.ViTConfig:
-    """Rebuilds a path's ViT config from its stored architecture.
-
-    Args:
-      path: a path written by this module (its architecture from `architecture_of`).
-
-    Returns:
-      The config.
-
-    Raises:
-      ValueError: the architecture is not a ViT's as written by `architecture_of`.
-    """
-    architecture = dict(path.architecture)
-    if architecture.get("model") != MODEL_FAMILY or "config" not in architecture:
-        raise ValueError(f"Path {path.id!r} has no ViT architecture: {architecture}.")
-    fields = dict(architecture["config"])
-    for name in ("dtype", "param_dtype"):
-        if name in fields:
-            fields[name] = getattr(jnp, str(fields[name]))
-    if "image_shape" in fields:
-        fields["image_shape"] = tuple(int(v) for v in fields["image_shape"])
-    return vit.ViTConfig(
-        **fields,
-        num_layers=int(architecture["num_layers"]),
-        num_classes=int(architecture["num_classes"]),
-    )
 
 
 def default_search_space(config: vit.ViTConfig) -> hparams.HParamSpace:
@@ -766,128 +684,3 @@ def evolve_round_robin(
         )
         previous = task
     return results
-
-
-# -- inference from the store -----------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted_forward(config: vit.ViTConfig, slots: tuple[str, ...]) -> Any:
-    return jax.jit(functools.partial(candidate.forward, config, slots))
-
-
-def predict(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
-    """Logits of a task's published best path, read from the store.
-
-    Args:
-      store: the store.
-      task: the task.
-      images: [N, H, W, C] float images.
-
-    Returns:
-      Logits [N, num_classes] (numpy, float32).
-
-    Raises:
-      ValueError: the task has no active path.
-    """
-    state = store.load_state()
-    path = state.best_path(task)
-    if path is None:
-        raise ValueError(f"Task {task!r} has no active path in the store.")
-    config = config_of(path)
-    slots = tuple(slot for slot, _ in path.components)
-    params = {slot: store.load_params(cid) for slot, cid in path.components}
-    logits = _jitted_forward(config, slots)(params, jnp.asarray(images, jnp.float32))
-    return np.asarray(jax.device_get(logits), np.float32)
-
-
-def predict_classes(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
-    """Predicted classes (argmax of `predict`) of a task's published best path.
-
-    Args:
-      store: the store.
-      task: the task.
-      images: [N, H, W, C] float images.
-
-    Returns:
-      int32 classes [N].
-    """
-    return np.argmax(predict(store, task, images), axis=-1).astype(np.int32)
-
-
-# -- data from arrays ---------------------------------------------------------------------
-
-
-def array_train_batches(images: np.ndarray, labels: np.ndarray) -> TrainBatchesFn:
-    """A `TrainBatchesFn` over in-memory arrays: shuffled epochs plus flip and brightness.
-
-    Each epoch is a fresh permutation from the candidate's seed; "flip" flips each image
-    left-right with probability 1/2, "brightness" adds a uniform offset in
-    [-delta, delta] per image. Other data hyperparameters are ignored (the default
-    space pins them to no-ops).
-
-    Args:
-      images: [N, H, W, C] float images.
-      labels: [N] integer labels.
-
-    Returns:
-      The function.
-    """
-    images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int32)
-    if len(images) != len(labels) or not len(labels):
-        raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, > 0.")
-
-    def make(data_values: Mapping[str, Any], *, batch_size: int, seed: int) -> Iterator[Batch]:
-        flip = bool(data_values.get("flip", False))
-        brightness = float(data_values.get("brightness", 0.0))
-        rng = np.random.default_rng(seed)
-
-        def stream() -> Iterator[Batch]:
-            order = np.empty(0, np.int64)
-            while True:
-                while len(order) < batch_size:
-                    order = np.concatenate([order, rng.permutation(len(labels))])
-                take, order = order[:batch_size], order[batch_size:]
-                batch = images[take]
-                if flip:
-                    flips = rng.random(batch_size) < 0.5
-                    batch = np.where(flips[:, None, None, None], batch[:, :, ::-1], batch)
-                if brightness:
-                    batch = batch + rng.uniform(-brightness, brightness, (batch_size, 1, 1, 1))
-                yield {"image": batch.astype(np.float32), "label": labels[take]}
-
-        return stream()
-
-    return make
-
-
-def array_eval_batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
-) -> list[dict[str, np.ndarray]]:
-    """Fixed-shape evaluation batches; the last is zero-padded with `_mask` 0 rows.
-
-    Args:
-      images: [N, H, W, C] float images.
-      labels: [N] integer labels.
-      batch_size: rows per batch.
-
-    Returns:
-      Batches with "image", "label" and "_mask".
-    """
-    images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int32)
-    batches = []
-    for begin in range(0, len(labels), batch_size):
-        real = len(labels[begin : begin + batch_size])
-        pad = batch_size - real
-        batches.append(
-            {
-                "image": np.concatenate(
-                    [images[begin : begin + real], np.zeros((pad, *images.shape[1:]), np.float32)]
-                ),
-                "label": np.concatenate([labels[begin : begin + real], np.zeros(pad, np.int32)]),
-                "_mask": np.concatenate([np.ones(real, np.int32), np.zeros(pad, np.int32)]),
-            }
-        )
-    return batches

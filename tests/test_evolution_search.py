@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
+from evolution import architecture as arch_lib
+from evolution import batches, inference, search, sqlite_store, system
 from evolution import candidate as cand
 from evolution import mutations as mut
-from evolution import search, sqlite_store, system
 
 CONFIG = TINY_VIT
 SEARCH = search.SearchConfig(
@@ -62,8 +63,8 @@ DATA = {name: _task_data(i) for i, name in enumerate(TASKS)}
 
 def _task_data_of(task):
     return search.TaskData(
-        train_batches_fn=search.array_train_batches(*DATA[task]["train"]),
-        validation_batches=search.array_eval_batches(*DATA[task]["validation"], 32),
+        train_batches_fn=batches.array_train_batches(*DATA[task]["train"]),
+        validation_batches=batches.array_eval_batches(*DATA[task]["validation"], 32),
     )
 
 
@@ -81,7 +82,7 @@ def _evolve(store, task, cache):
 
 
 def _predict(store, task):
-    return search.predict(store, task, DATA[task]["test"][0])
+    return inference.predict(store, task, DATA[task]["test"][0])
 
 
 def _path_params(store, path):
@@ -127,9 +128,9 @@ def world(tmp_path_factory, cache):
 
 
 def test_architecture_round_trip():
-    architecture = search.architecture_of(CONFIG)
+    architecture = arch_lib.architecture_of(CONFIG)
     path = system.Path("p", "t", (("embed", "c"),), "a", architecture=architecture)
-    assert search.config_of(path) == CONFIG
+    assert arch_lib.config_of(path) == CONFIG
 
 
 def test_new_task_first_candidates_accepted_and_best_path_locked(world):
@@ -258,11 +259,11 @@ def test_seed_root_is_idempotent_and_required(tmp_path, cache):
 
 def test_array_batches():
     images, labels = DATA["tex_a"]["validation"]
-    batches = search.array_eval_batches(images, labels, 48)
-    assert [len(b["label"]) for b in batches] == [48, 48]
-    assert int(sum(b["_mask"].sum() for b in batches)) == 64
-    np.testing.assert_array_equal(batches[1]["image"][16:], 0.0)
-    make = search.array_train_batches(*DATA["tex_a"]["train"])
+    eval_batches = batches.array_eval_batches(images, labels, 48)
+    assert [len(b["label"]) for b in eval_batches] == [48, 48]
+    assert int(sum(b["_mask"].sum() for b in eval_batches)) == 64
+    np.testing.assert_array_equal(eval_batches[1]["image"][16:], 0.0)
+    make = batches.array_train_batches(*DATA["tex_a"]["train"])
     values = {"flip": True, "brightness": 0.1}
     first = [next(make(values, batch_size=16, seed=3)) for _ in range(2)]
     np.testing.assert_array_equal(first[0]["image"], first[1]["image"])
