@@ -106,6 +106,15 @@ def register() -> None:
         )
 
 
+# The root model of the evolution pretrains on Fashion-MNIST; the evolved tasks are the rest.
+ROOT_PRETRAINING_BASE = "fashion_mnist"
+
+
+def evolution_members() -> list[str]:
+    """The `_rgb32_v1` tasks the muNet system evolves over: all but the root's data set."""
+    return [rgb32_task_name(s.name) for s in OFFLINE_IMAGE_TASKS if s.name != ROOT_PRETRAINING_BASE]
+
+
 def mixture_members() -> list[str]:
     """The `_rgb32_v1` tasks of the offline image mixture whose data is present."""
     return [rgb32_task_name(s.name) for s in OFFLINE_IMAGE_TASKS if s.available()]
