@@ -20,6 +20,7 @@ optimizer state goes through `inherit_opt_state`, keyed by component id.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -317,6 +318,14 @@ class StepCache:
         self.train_compilations = 0
         self.eval_compilations = 0
         self.compile_seconds = 0.0
+        # Candidates of a generation train in threads (one per device): compilation is
+        # serialised, and each thread counts the compile time it spent itself.
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    def thread_compile_seconds(self) -> float:
+        """Wall time this thread has spent compiling steps of this cache."""
+        return float(getattr(self._local, "seconds", 0.0))
 
     def clear(self) -> None:
         """Drops every compiled step (counters are kept)."""
@@ -337,8 +346,10 @@ class StepCache:
         """
         trainable, frozen, _, batch = args[:4]
         key: tuple[Any, ...] = (config, slots, settings, _signature(trainable))
-        key += (_signature(frozen), _signature(batch))
-        if key not in self._train:
+        key += (_signature(frozen), _signature(batch), _device_of(trainable, frozen))
+        with self._lock:
+            if key in self._train:
+                return self._train[key]
 
             def loss_fn(trainable: Params, frozen: Params, batch: Batch) -> jax.Array:
                 logits = forward(config, slots, {**frozen, **trainable}, batch["image"])
@@ -355,14 +366,16 @@ class StepCache:
 
             self._train[key] = self._compile(step, args)
             self.train_compilations += 1
-        return self._train[key]
+            return self._train[key]
 
     def eval_step(
         self, config: vit.ViTConfig, slots: tuple[str, ...], args: tuple[Any, ...]
     ) -> Any:
         """The compiled eval step: (params_by_slot, batch, correct, count) -> sums so far."""
-        key = (config, slots, _signature(args[0]), _signature(args[1]))
-        if key not in self._eval:
+        key = (config, slots, _signature(args[0]), _signature(args[1]), _device_of(args[0]))
+        with self._lock:
+            if key in self._eval:
+                return self._eval[key]
 
             def step(params, batch, correct, count):
                 logits = forward(config, slots, params, batch["image"])
@@ -372,12 +385,14 @@ class StepCache:
 
             self._eval[key] = self._compile(step, args)
             self.eval_compilations += 1
-        return self._eval[key]
+            return self._eval[key]
 
     def _compile(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
-        self.compile_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        self._local.seconds = self.thread_compile_seconds() + seconds
         return compiled
 
 
@@ -428,8 +443,19 @@ def _eval_batch(batch: Batch) -> dict[str, np.ndarray]:
     return out
 
 
-def _to_device(tree: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.asarray, nn.unbox(tree))
+def _to_device(tree: Any, device: jax.Device | None = None) -> Any:
+    """The (unboxed) tree as arrays on `device` (None: the default device)."""
+    if device is None:
+        return jax.tree_util.tree_map(jnp.asarray, nn.unbox(tree))
+    return jax.device_put(nn.unbox(tree), device)
+
+
+def _device_of(*trees: Any) -> Any:
+    """The device a step's arguments live on (part of a compiled step's key)."""
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if isinstance(leaf, jax.Array):
+            return tuple(sorted(d.id for d in leaf.devices()))
+    return None
 
 
 def validate(
@@ -439,6 +465,7 @@ def validate(
     batches: Sequence[Batch],
     *,
     cache: StepCache | None = None,
+    device: jax.Device | None = None,
 ) -> float:
     """Accuracy of a path's parameters on validation batches (rows with `_mask` 0 skipped).
 
@@ -448,15 +475,17 @@ def validate(
       params_by_slot: slot -> parameters.
       batches: batches with "image", "label" and optionally "_mask".
       cache: the step cache (default: the process-wide one).
+      device: where to run (None: the default device).
 
     Returns:
       The fraction of correctly classified examples (0 when there are none).
     """
     cache = cache or _DEFAULT_CACHE
-    params = _to_device({slot: params_by_slot[slot] for slot in slots})
-    correct, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    params = _to_device({slot: params_by_slot[slot] for slot in slots}, device)
+    correct = _to_device(np.zeros((), np.float32), device)
+    count = _to_device(np.zeros((), np.float32), device)
     for batch in batches:
-        args = (params, _eval_batch(batch), correct, count)
+        args = (params, _to_device(_eval_batch(batch), device), correct, count)
         correct, count = cache.eval_step(config, tuple(slots), args)(*args)
     total = float(count)
     return float(correct) / total if total else 0.0
@@ -477,6 +506,7 @@ def train_candidate(
     parent_trainable_ids: Collection[str] = (),
     clone_sources: Mapping[str, str] | None = None,
     cache: StepCache | None = None,
+    device: jax.Device | None = None,
 ) -> CandidateResult:
     """Trains a candidate path for V x B steps and keeps its best-validation parameters.
 
@@ -499,6 +529,8 @@ def train_candidate(
       parent_trainable_ids: the parent's trainable ids (the keys of its state).
       clone_sources: new id -> parent id of cloned components (`MutationPlan.clones`).
       cache: the step cache (default: the process-wide one).
+      device: where to train (None: the default device); candidates of a generation
+        train on different devices at once.
 
     Returns:
       The result (best-validation parameters of the trainable components only).
@@ -510,7 +542,7 @@ def train_candidate(
     if num_validations < 1 or steps_per_validation < 1:
         raise ValueError(f"V={num_validations} and B={steps_per_validation} must be >= 1.")
     cache = cache or _DEFAULT_CACHE
-    compile_before = cache.compile_seconds
+    compile_before = cache.thread_compile_seconds()
     slots = tuple(slot for slot, _ in components)
     trainable_set = set(trainable_ids)
     slot_of: dict[str, str] = {}
@@ -523,8 +555,8 @@ def train_candidate(
     if missing:
         raise ValueError(f"Trainable ids {sorted(missing)} are not in the path.")
     id_of = {slot: component_id for component_id, slot in slot_of.items()}
-    trainable = _to_device({slot: pool[cid] for cid, slot in slot_of.items()})
-    frozen = _to_device({s: pool[cid] for s, cid in components if cid not in trainable_set})
+    trainable = _to_device({slot: pool[cid] for cid, slot in slot_of.items()}, device)
+    frozen = _to_device({s: pool[cid] for s, cid in components if cid not in trainable_set}, device)
 
     total_steps = num_validations * steps_per_validation
     settings = OptimizerSettings.from_values(hparam_values, total_steps, steps_per_validation)
@@ -539,6 +571,7 @@ def train_candidate(
             parent_ids=parent_trainable_ids,
         )
         opt_state = rekey_opt_state(by_id, slot_of.keys(), slot_of)
+    opt_state = _to_device(opt_state, device)
     lr = np.float32(hparam_values["lr"])
     momentum = np.float32(hparam_values.get("momentum") or 0.0)
 
@@ -547,25 +580,29 @@ def train_candidate(
     losses: list[float] = []
     train_seconds = eval_seconds = 0.0
     for validation in range(num_validations):
-        loss_sum = jnp.zeros((), jnp.float32)
+        loss_sum = _to_device(np.zeros((), np.float32), device)
         start = time.perf_counter()
         for _ in range(steps_per_validation):
             try:
-                batch = _train_batch(next(train_batches))
+                batch = _to_device(_train_batch(next(train_batches)), device)
             except StopIteration as error:
                 raise ValueError("The train batches ran out.") from error
             args = (trainable, frozen, opt_state, batch, lr, momentum, loss_sum)
-            compile_start = cache.compile_seconds
+            compile_start = cache.thread_compile_seconds()
             step = cache.train_step(config, slots, settings, args)
-            start += cache.compile_seconds - compile_start
+            start += cache.thread_compile_seconds() - compile_start
             trainable, opt_state, loss_sum = step(*args)
         losses.append(float(loss_sum) / steps_per_validation)
         train_seconds += time.perf_counter() - start
 
         start = time.perf_counter()
-        compile_start = cache.compile_seconds
-        quality = validate(config, slots, {**frozen, **trainable}, validation_batches, cache=cache)
-        eval_seconds += time.perf_counter() - start - (cache.compile_seconds - compile_start)
+        compile_start = cache.thread_compile_seconds()
+        quality = validate(
+            config, slots, {**frozen, **trainable}, validation_batches, cache=cache, device=device
+        )
+        eval_seconds += (
+            time.perf_counter() - start - (cache.thread_compile_seconds() - compile_start)
+        )
         step_number = (validation + 1) * steps_per_validation
         validations.append((step_number, quality))
         if quality > best_quality:
@@ -580,5 +617,5 @@ def train_candidate(
         train_losses=tuple(losses),
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
-        compile_seconds=cache.compile_seconds - compile_before,
+        compile_seconds=cache.thread_compile_seconds() - compile_before,
     )

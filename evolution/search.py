@@ -35,13 +35,15 @@ introduction). Inference from the store is in `evolution.inference`, data callba
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -182,6 +184,11 @@ class SearchConfig:
       space: the hyperparameter space; None uses `default_search_space`.
       inherit_opt_state: mu2Net+: a child clone starts from its parent's optimizer
         state when the parent was trained in this iteration.
+      flops_scale: mu2Net+'s compute factor of the score, paid per root-model's worth
+        of FLOPs per example (XLA cost analysis, `path_flops`); 1.0 leaves it out.
+      population_cap: mu2Net+'s per-task population cap (None: unbounded).
+      devices: how many local devices a generation's candidates train on at once
+        (None: all; `search_devices`).
     """
 
     generations: int = 3
@@ -196,6 +203,9 @@ class SearchConfig:
     )
     space: hparams.HParamSpace | None = None
     inherit_opt_state: bool = True
+    flops_scale: float = 1.0
+    population_cap: int | None = None
+    devices: int | None = None
 
     def __post_init__(self):
         for name in (
@@ -207,8 +217,11 @@ class SearchConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be >= 1.")
-        if not 0.0 < self.scale <= 1.0:
-            raise ValueError(f"SearchConfig.scale={self.scale} must be in (0, 1].")
+        for name in ("scale", "flops_scale"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be in (0, 1].")
+        if self.population_cap is not None and self.population_cap < 1:
+            raise ValueError(f"SearchConfig.population_cap={self.population_cap} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +343,120 @@ class _Population:
     def ranked(self) -> list[system.Path]:
         return system.rank_by_score(self.paths.values())
 
+    def cap(self, size: int | None) -> None:
+        """mu2Net+'s per-task population cap: keeps the `size` best-scored paths."""
+        if size is None:
+            return
+        for path in self.ranked()[size:]:
+            del self.paths[path.id]
+            self.offspring.pop(path.id, None)
+            self.opt_states.pop(path.id, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A planned and materialised child, ready to train."""
+
+    parent: system.Path
+    plan: mutations.MutationPlan
+    config: vit.ViTConfig
+    pool: dict[str, Any]
+    data_values: Mapping[str, Any]
+    data_seed: int
+    inherited: Any
+    parent_trainable: tuple[str, ...]
+
+
+def search_devices(count: int | None) -> list[Any]:
+    """The devices a generation's candidates train on (one candidate per device at once).
+
+    Args:
+      count: how many of the local devices to use; None: all of them.
+
+    Returns:
+      The devices.
+
+    Raises:
+      ValueError: `count` is below 1 or above the number of local devices.
+    """
+    local = jax.local_devices()
+    if count is None:
+        return list(local)
+    if not 1 <= count <= len(local):
+        raise ValueError(
+            f"SearchConfig.devices={count}, but this process has {len(local)} local devices "
+            "(set XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N on CPU)."
+        )
+    return list(local[:count])
+
+
+def _train_on_devices(
+    train: Callable[[_Planned, Any], candidate.CandidateResult],
+    planned: Sequence[_Planned],
+    devices: Sequence[Any],
+) -> list[candidate.CandidateResult]:
+    """Trains the planned candidates, up to one per device at a time, results in order.
+
+    With one device the candidates train one after another in this thread (no pool);
+    with more, in threads (JAX releases the GIL while a device computes). Each result
+    depends only on its own inputs, so the outcome does not depend on the device count.
+    """
+    if len(devices) <= 1 or len(planned) <= 1:
+        device = devices[0] if devices else None
+        return [train(item, device) for item in planned]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        futures = [
+            pool.submit(train, item, devices[i % len(devices)]) for i, item in enumerate(planned)
+        ]
+        return [future.result() for future in futures]
+
+
+def _shape_signature(tree: Any) -> tuple[Any, ...]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((np.shape(x), np.dtype(x).name) for x in leaves))
+
+
+_FLOPS_CACHE: dict[Any, float] = {}
+
+
+def path_flops(
+    config: vit.ViTConfig,
+    components: Sequence[tuple[str, str]],
+    params_of: Callable[[str], Any],
+) -> float:
+    """FLOPs of one example through a path, from XLA's cost analysis of its forward pass.
+
+    Cached by architecture (config, slots and parameter shapes), so each distinct shape
+    is lowered once per process.
+
+    Args:
+      config: the path's ViT config.
+      components: its (slot, component id) pairs.
+      params_of: component id -> parameters (shapes are all that is read).
+
+    Returns:
+      The forward pass's FLOPs for a batch of one.
+    """
+    slots = tuple(slot for slot, _ in components)
+    shapes = {
+        slot: jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+            nn.unbox(params_of(cid)),
+        )
+        for slot, cid in components
+    }
+    key = (config, slots, _shape_signature(shapes))
+    if key not in _FLOPS_CACHE:
+        image = jax.ShapeDtypeStruct((1, *config.image_shape), np.float32)
+        lowered = jax.jit(functools.partial(candidate.forward, config, slots)).lower(shapes, image)
+        cost = lowered.cost_analysis()
+        if isinstance(cost, list | tuple):  # older JAX: one dict per computation
+            cost = cost[0]
+        if not cost or "flops" not in cost:
+            raise RuntimeError(f"XLA's cost analysis gave no FLOPs for a path of {slots}.")
+        _FLOPS_CACHE[key] = float(cost["flops"])
+    return _FLOPS_CACHE[key]
+
 
 def _rng_for(config: SearchConfig, task: str, base_generation: int) -> np.random.Generator:
     entropy = [int(config.seed), zlib.crc32(task.encode()), int(base_generation)]
@@ -395,9 +522,27 @@ def evolve_task(
         raise ValueError(f"Task {task_name!r} has {task_classes} classes, not {num_classes}.")
     root_params = state.root_params()
 
+    root_flops = path_flops(root_config, root_path.components, store.load_params)
+
+    def flops_of(config: vit.ViTConfig, path: system.Path) -> float:
+        return path_flops(config, path.components, params_of)
+
+    def score_of_values(quality: float, accounted: float, flops: float | None) -> float:
+        return scoring.score(
+            quality,
+            accounted,
+            root_params,
+            scale=search_config.scale,
+            flops=flops if search_config.flops_scale < 1.0 else None,
+            root_flops=root_flops,
+            flops_scale=search_config.flops_scale,
+        )
+
     def score_of(path: system.Path, quality: float, in_state: system.SystemState) -> float:
-        accounted = in_state.accounted_params(path)
-        return scoring.score(quality, accounted, root_params, scale=search_config.scale)
+        flops = path.metrics.get("flops") if path.metrics else None
+        if flops is None and search_config.flops_scale < 1.0:
+            flops = flops_of(config_of(path), path)
+        return score_of_values(quality, in_state.accounted_params(path), flops)
 
     # The task's own paths, re-scored with today's sharing.
     published = []
@@ -430,6 +575,7 @@ def evolve_task(
             {**state.components, **new_records}, paths, state.tasks, state.root_path_id
         )
 
+    devices = search_devices(search_config.devices)
     records: list[CandidateRecord] = []
     train_s = eval_s = compile_s = 0.0
     for g in range(search_config.generations):
@@ -441,6 +587,7 @@ def evolve_task(
         joining: list[tuple[system.Path, candidate.CandidateResult, list[system.Component]]] = []
         work = working_state()
         ranked = population.ranked()
+        planned: list[_Planned] = []
         for _ in range(search_config.candidates_per_generation):
             parent_id = selection.select_parent(
                 [p.id for p in ranked], population.offspring, seeds, rng
@@ -460,33 +607,51 @@ def evolve_task(
                 generation=generation,
             )
             data_seed = int(rng.integers(0, 2**31 - 1))
-            parent_config = config_of(parent)
             pool = {cid: params_of(cid) for cid in parent.component_ids}
             child_config, created = mutations.materialize(
-                plan, pool, parent_config, num_classes=task_classes
+                plan, pool, config_of(parent), num_classes=task_classes
             )
             pool.update(created)
             inherited: Any = None
             parent_trainable: tuple[str, ...] = ()
             if search_config.inherit_opt_state and parent_id in population.opt_states:
                 inherited, parent_trainable = population.opt_states[parent_id]
-            result = candidate.train_candidate(
-                config=child_config,
-                components=plan.path.components,
-                pool=pool,
-                trainable_ids=plan.trainable_ids,
-                hparam_values=space.values(plan.hparams),
+            planned.append(
+                _Planned(
+                    parent,
+                    plan,
+                    child_config,
+                    pool,
+                    data_values,
+                    data_seed,
+                    inherited,
+                    parent_trainable,
+                )
+            )
+
+        def train(item: _Planned, device: Any) -> candidate.CandidateResult:
+            return candidate.train_candidate(
+                config=item.config,
+                components=item.plan.path.components,
+                pool=item.pool,
+                trainable_ids=item.plan.trainable_ids,
+                hparam_values=space.values(item.plan.hparams),
                 train_batches=train_batches_fn(
-                    data_values, batch_size=search_config.batch_size, seed=data_seed
+                    item.data_values, batch_size=search_config.batch_size, seed=item.data_seed
                 ),
                 validation_batches=validation_batches,
                 num_validations=search_config.num_validations,
                 steps_per_validation=search_config.steps_per_validation,
-                parent_opt_state=inherited,
-                parent_trainable_ids=parent_trainable,
-                clone_sources=plan.clones,
+                parent_opt_state=item.inherited,
+                parent_trainable_ids=item.parent_trainable,
+                clone_sources=item.plan.clones,
                 cache=cache,
+                device=device,
             )
+
+        results = _train_on_devices(train, planned, devices)
+        for item, result in zip(planned, results, strict=True):
+            parent, plan = item.parent, item.plan
             train_s += result.train_seconds
             eval_s += result.eval_seconds
             compile_s += result.compile_seconds
@@ -503,11 +668,13 @@ def evolve_task(
                 work.root_path_id,
             )
             accounted = would_be.accounted_params(child)
-            child_score = scoring.score(quality, accounted, root_params, scale=search_config.scale)
+            flops = path_flops(item.config, child.components, item.pool.__getitem__)
+            child_score = score_of_values(quality, accounted, flops)
             same_task = parent.task == task_name
             accepted = scoring.accept(child_score, parent.score, same_task)
             metrics = {
                 "accounted_params": accounted,
+                "flops": flops,
                 "best_step": result.best_step,
                 "validations": [list(v) for v in result.validations],
                 "train_losses": [x if math.isfinite(x) else None for x in result.train_losses],
@@ -544,6 +711,7 @@ def evolve_task(
             population.opt_states[child.id] = (result.opt_state, tuple(result.params))
             new_params.update(result.params)
             new_records.update({c.id: c for c in child_records})
+        population.cap(search_config.population_cap)
 
         best = population.ranked()[0] if population.paths else None
         elapsed = time.perf_counter() - start
