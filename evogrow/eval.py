@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
 from evogrow import checkpoints as checkpoints_lib
 from evogrow import data as data_lib
@@ -77,6 +79,24 @@ def restore_params(
     return model, items["params"], shardings, int(meta["step"])
 
 
+def mixture_summary(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The row of a whole mixture: accuracy over all its examples and the task mean.
+
+    Args:
+      per_task: task -> {"accuracy", "num_examples", ...} of each member task.
+
+    Returns:
+      {"accuracy" (example-weighted), "mean_task_accuracy", "num_examples"}.
+    """
+    total = float(sum(v["num_examples"] for v in per_task.values()))
+    weighted = sum(v["accuracy"] * v["num_examples"] for v in per_task.values())
+    return {
+        "accuracy": weighted / total if total else 0.0,
+        "mean_task_accuracy": float(np.mean([v["accuracy"] for v in per_task.values()])),
+        "num_examples": total,
+    }
+
+
 def evaluate(
     *,
     model: Any,
@@ -104,6 +124,8 @@ def evaluate(
     )
     evaluator = evaluation_lib.ClassificationEvaluator(model, partitioner, dataset_cfg, shardings)
     metrics, _ = evaluator.evaluate(params)
+    if len(metrics) > 1:  # a mixture: one more row for all of it
+        metrics[dataset_cfg.mixture_or_task_name] = mixture_summary(metrics)
     os.makedirs(output_dir, exist_ok=True)
     for task, values in metrics.items():
         writer = reporting.create_writer(os.path.join(output_dir, "inference_eval", task))
