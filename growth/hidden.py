@@ -51,11 +51,14 @@ from growth.ops import (
     Step,
     Tile,
     Zero,
+    batch_key_data,
     flatten,
+    generator,
     leaf_shape,
     path_seed,
     plan_step,
     random_split,
+    split_from,
 )
 from growth.rules import PAD, REPLICATE, GrowthError, check_grows, choose, traits_of
 
@@ -94,13 +97,33 @@ def _pad_ops(path: Path, where: EmbedAxis, shape: tuple, old: int, new: int) -> 
     return (Pad(where.axis, new, Zero()),)
 
 
-def _replicate_ops(
-    path: Path, where: EmbedAxis, shape: tuple, copies: int, key: jax.Array
-) -> tuple[Op, ...]:
-    if where.side != INPUT:
-        return (Tile(where.axis, copies),)
-    split = random_split(jax.random.fold_in(key, path_seed(path)), copies, shape[where.axis])
-    return (Tile(where.axis, copies, split),)
+def _replicate_plan(
+    leaves: Mapping[Path, tuple[EmbedAxis, tuple]], copies: int, key: jax.Array
+) -> dict[Path, tuple[Op, ...]]:
+    """Tile ops for every leaf; input-side leaves get random split proportions.
+
+    The split of a leaf is ``random_split(fold_in(key, path_seed(path)), ...)``; the keys
+    of all leaves are derived in one dispatch (``batch_key_data``), bit for bit the same.
+    """
+    plan: dict[Path, tuple[Op, ...]] = {
+        path: (Tile(where.axis, copies),)
+        for path, (where, _) in leaves.items()
+        if where.side != INPUT
+    }
+    inputs = [path for path, (where, _) in leaves.items() if where.side == INPUT]
+    if isinstance(key, jax.core.Tracer):
+        rows = [None] * len(inputs)
+    else:
+        rows = list(batch_key_data(key, [path_seed(path) for path in inputs])) if inputs else []
+    for path, row in zip(inputs, rows, strict=True):
+        where, shape = leaves[path]
+        size = shape[where.axis]
+        if row is None:
+            split = random_split(jax.random.fold_in(key, path_seed(path)), copies, size)
+        else:
+            split = split_from(generator(row), copies, size)
+        plan[path] = (Tile(where.axis, copies, split),)
+    return {path: plan[path] for path in leaves}
 
 
 def grow_hidden(
@@ -150,12 +173,13 @@ def grow_hidden(
             where, shape = leaves[path]
             leaves[path] = (EmbedAxis(INPUT, where.axis), shape)
     split_key, free_key = jax.random.split(key)
-    plan: dict[Path, tuple[Op, ...]] = {}
-    for path, (where, shape) in leaves.items():
-        if rule.method == PAD:
-            plan[path] = _pad_ops(path, where, shape, old, new_size)
-        else:
-            plan[path] = _replicate_ops(path, where, shape, new_size // old, split_key)
+    if rule.method == PAD:
+        plan = {
+            path: _pad_ops(path, where, shape, old, new_size)
+            for path, (where, shape) in leaves.items()
+        }
+    else:
+        plan = _replicate_plan(leaves, new_size // old, split_key)
     changes: dict[str, Any] = {"hidden": new_size}
     if rule.method == PAD:
         changes["norm_eps"] = config.norm_eps * old / new_size

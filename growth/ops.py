@@ -743,7 +743,21 @@ def random_split(key: jax.Array, copies: int, size: int) -> np.ndarray:
     Returns:
       A float32 numpy array of shape ``[copies, size]``.
     """
-    raw = numpy_rng(key).uniform(0.5, 1.5, (copies, size)).astype(np.float32)
+    return split_from(numpy_rng(key), copies, size)
+
+
+def split_from(rng: np.random.Generator, copies: int, size: int) -> np.ndarray:
+    """``random_split`` drawn from a given generator (e.g. one of ``batch_key_data``'s rows).
+
+    Args:
+      rng: the generator of the leaf's key (``generator(key_data)``).
+      copies: number of copies (>= 1).
+      size: number of slices along the replicated axis.
+
+    Returns:
+      A float32 numpy array of shape ``[copies, size]``.
+    """
+    raw = rng.uniform(0.5, 1.5, (copies, size)).astype(np.float32)
     split = (raw / raw.sum(axis=0, keepdims=True)).astype(np.float32)
     split[-1] = np.float32(1.0) - split[:-1].sum(axis=0, dtype=np.float32)
     return split
