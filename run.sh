@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one launcher of evogrow: set-up on first use, the main job, tests, benchmarks.
 #
-#   ./run.sh                      the main job on the embedded default (offline data)
+#   ./run.sh                      the main job: evolve a muNet system on offline image tasks
 #   ./run.sh test [PYTEST ARGS]   lint, type check and the test suite
 #   ./run.sh lint                 ruff (lint + format check) and mypy only
 #   ./run.sh train|eval|infer --gin_file=... --gin.KEY=VALUE
 #   ./run.sh grow --checkpoint DIR --expand "mlp_dim=256,add_layer@2" --out DIR
+#   ./run.sh pretrain_root|evolve|baseline|export_system|agent --gin_file=... [--add_task|--task NAME]
 #   ./run.sh bench NAME           a benchmark; prints what it measured, JSON last line
 #   ./run.sh setup                (re)install the environment only
 #
@@ -84,7 +85,11 @@ lint() {
 }
 
 cmd="${1:-main}"
-[[ $# -gt 0 ]] && shift
+if [[ "$cmd" == --* && "$cmd" != "--help" ]]; then
+  cmd=main  # ./run.sh --gin.KEY=VALUE ...: the main job with overrides
+else
+  [[ $# -gt 0 ]] && shift
+fi
 case "$cmd" in
   setup)
     rm -f "$STAMP"
@@ -103,7 +108,7 @@ case "$cmd" in
     ensure_env
     run_python -m evogrow.main main "$@"
     ;;
-  train | eval | infer | grow)
+  train | eval | infer | grow | pretrain_root | evolve | baseline | export_system | export_system_t5x | agent)
     ensure_env
     run_python -m evogrow.main "$cmd" "$@"
     ;;
@@ -112,10 +117,10 @@ case "$cmd" in
     run_python -m evogrow.bench "$@"
     ;;
   -h | --help | help)
-    sed -n '2,13p' "$0"
+    sed -n '2,14p' "$0"
     ;;
   *)
-    log "error: unknown command '$cmd'. Commands: main (default), test, lint, setup, train, eval, infer, grow, bench NAME."
+    log "error: unknown command '$cmd'. Commands: main (default), test, lint, setup, train, eval, infer, grow, pretrain_root, evolve, baseline, export_system, export_system_t5x, agent, bench NAME."
     exit 2
     ;;
 esac

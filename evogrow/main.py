@@ -1,13 +1,17 @@
-"""The evogrow CLI behind run.sh: gin-configured train / eval / infer, and the main job.
+"""The evogrow CLI behind run.sh: gin-configured commands and the main job.
 
-    python -m evogrow.main [main|train|eval|infer] --gin_file=F ... --gin.NAME=VALUE ...
+    python -m evogrow.main COMMAND --gin_file=F ... --gin.NAME=VALUE ...
         [--gin_search_paths=DIR,DIR] [--coordinator_address=HOST:PORT
-        --process_count=N --process_index=I]
+        --process_count=N --process_index=I] [--add_task NAME ...] [--task NAME]
     python -m evogrow.main grow --checkpoint DIR --expand REQUESTS --out DIR
 
-`main` (the default) trains the embedded experiment (gin/experiments/digits_vit.gin) on
-offline data, evaluates it, saves a checkpoint and a PNG of the training curves, and
-prints the final test accuracy. Flags live only here; everything else is bound by gin.
+COMMAND: train, eval, infer (the trainer), pretrain_root, evolve (--add_task NAME
+introduces a task), baseline (the evolution's baselines), export_system, agent (--task
+NAME: one asynchronous agent on a stored system), or main (the default): the
+embedded demonstration (gin/experiments/munet_demo.gin) that reuses or pretrains the
+root ViT, evolves a muNet system over three offline image tasks, adds a fourth, and
+prints the per-task table and the picture of the system. Flags live only here;
+everything else is bound by gin.
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-MAIN_JOB_GIN = "gin/experiments/digits_vit.gin"
+MAIN_JOB_GIN = "gin/experiments/munet_demo.gin"
 
 # command -> "module:function" of the gin-configured entry point.
 COMMANDS = {
-    "main": "evogrow.train:train",
+    "main": "evolution.demo:demo",
     "train": "evogrow.train:train",
     "eval": "evogrow.eval:evaluate",
     "infer": "evogrow.infer:infer",
+    "pretrain_root": "evolution.root:pretrain_root",
+    "evolve": "evolution.evolve:evolve",
+    "baseline": "evolution.baseline_run:baseline",
+    "export_system": "evolution.export:export_system",
+    "export_system_t5x": "evolution.t5x_export:export_system_t5x",
+    "agent": "evolution.agent_main:agent",
 }
 
 logger = logging.getLogger("evogrow")
@@ -54,8 +64,21 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--process_count", type=int, default=1)
     parser.add_argument("--process_index", type=int, default=0)
     parser.add_argument("--log_level", default="INFO")
+    parser.add_argument(
+        "--add_task", action="append", default=[], help="evolve: introduce this task (repeat)"
+    )
+    parser.add_argument("--task", default=None, help="agent: the task the agent works on")
     parsed = parser.parse_args(args)
-    return parsed, [*parsed.gin_bindings, *bindings]
+    bindings = [*parsed.gin_bindings, *bindings]
+    if parsed.task is not None:
+        if parsed.command != "agent":
+            raise LaunchError(f"--task is a flag of 'agent', not of {parsed.command!r}.")
+        bindings.append(f"TASK = {parsed.task!r}")
+    if parsed.add_task:
+        if parsed.command != "evolve":
+            raise LaunchError(f"--add_task is a flag of 'evolve', not of {parsed.command!r}.")
+        bindings.append(f"ADD_TASKS = {list(parsed.add_task)!r}")
+    return parsed, bindings
 
 
 def _setup_logging(level: str) -> None:
@@ -73,29 +96,46 @@ def _entry_point(command: str) -> Callable:
 
 
 def _main_job_bindings(bindings: list[str]) -> list[str]:
-    """Adds a fresh, timestamped MODEL_DIR unless the user bound one."""
-    if any(b.split("=")[0].strip() == "MODEL_DIR" for b in bindings):
+    """Adds a fresh, timestamped RUN_DIR unless the user bound one."""
+    if any(b.split("=")[0].strip() == "RUN_DIR" for b in bindings):
         return bindings
     from evogrow import gin_utils
 
-    model_dir = os.path.join(gin_utils.REPO_ROOT, "runs", time.strftime("digits_vit-%Y%m%d-%H%M%S"))
-    return [f"MODEL_DIR = '{model_dir}'", *bindings]
+    run_dir = os.path.join(gin_utils.REPO_ROOT, "runs", time.strftime("munet_demo-%Y%m%d-%H%M%S"))
+    return [f"RUN_DIR = '{run_dir}'", *bindings]
 
 
-def _report_main_job(model_dir: str, wall_seconds: float) -> None:
-    from evogrow import curves, reporting
+def _use_compilation_cache() -> None:
+    """Keeps compiled XLA programs across runs (JAX's persistent compilation cache).
 
-    png = curves.plot_training_curves(model_dir)
-    final = [r for r in reporting.read_history(model_dir) if r["kind"] == "inference_eval"]
-    print(f"training curves: {png}")
-    print(f"checkpoints: {os.path.join(model_dir, 'checkpoints')}")
-    if final:
-        last = final[-1]
-        print(
-            f"final {last.get('split', '')} accuracy: {last['accuracy']:.4f} "
-            f"({last['task']}, {int(last['num_examples'])} examples, step {last['step']}, "
-            f"wall time {wall_seconds:.0f} s)"
-        )
+    The evolution compiles one train step per distinct candidate architecture; a second
+    run (a resumed search, the demo again, a benchmark) reuses them. The folder is
+    $EVOGROW_XLA_CACHE (default ~/.cache/evogrow/xla; "off" disables it); a cache that
+    the caller configured already (e.g. the tests') is left alone.
+    """
+    import jax
+
+    folder = os.environ.get("EVOGROW_XLA_CACHE", os.path.expanduser("~/.cache/evogrow/xla"))
+    if folder == "off" or getattr(jax.config, "jax_compilation_cache_dir", None):
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+
+
+def _user_errors(command: str) -> tuple[type[Exception], ...]:
+    """Exceptions of `command` that mean bad input, reported in one line."""
+    from evogrow import data
+
+    errors: tuple[type[Exception], ...] = (data.UnknownTaskError,)
+    if COMMANDS[command].startswith("evolution."):
+        from evolution import agent_view, agents, evolve, root
+
+        errors += (evolve.EvolveError, root.RootNotFoundError)
+        errors += (agents.AgentError, agent_view.AgentStateError)
+        if command == "export_system_t5x":
+            from evolution import t5x_export
+
+            errors += (t5x_export.T5XNotInstalledError,)
+    return errors
 
 
 def run(argv: Sequence[str]) -> int:
@@ -129,7 +169,7 @@ def run(argv: Sequence[str]) -> int:
 
     import gin
 
-    from evogrow import data, gin_utils
+    from evogrow import gin_utils
 
     gin_files = list(args.gin_file)
     if args.command == "main":
@@ -142,16 +182,14 @@ def run(argv: Sequence[str]) -> int:
         *gin_utils.DEFAULT_GIN_SEARCH_PATHS,
     ]
     gin_utils.parse_gin(search_paths, gin_files, bindings)
+    _use_compilation_cache()
     entry = gin.get_configurable(_entry_point(args.command))
     try:
         entry()
-    except data.UnknownTaskError as error:
+    except _user_errors(args.command) as error:
         raise LaunchError(str(error)) from error
     if args.command == "main":
-        import jax
-
-        if jax.process_index() == 0:
-            _report_main_job(gin.query_parameter("%MODEL_DIR"), time.perf_counter() - start)
+        print(f"main job wall time: {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -23,10 +23,10 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from evogrow import checkpoints as checkpoints_lib
+from evogrow import curves, partitioning, reporting, state_growth
 from evogrow import data as data_lib
 from evogrow import evaluation as evaluation_lib
 from evogrow import growth_schedule as growth_schedule_lib
-from evogrow import partitioning, reporting, state_growth
 from evogrow import trainer as trainer_lib
 from evogrow.partitioning import Partitioner
 
@@ -220,6 +220,8 @@ def train(
                 checkpointer.save(step, state, metadata)
             if (eval_period and step % eval_period == 0) or last:
                 evaluator.run(state, step, write_predictions)
+    if jax.process_index() == 0:
+        logger.info("training curves: %s", curves.plot_training_curves(model_dir))
     return step, state
 
 

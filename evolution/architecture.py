@@ -1,53 +1,55 @@
-"""The architecture stored with a path: a ViT config as JSON and back.
+"""The architecture stored with a path: a model config as JSON and back.
 
 Paths store their model config in `system.Path.architecture` so that a store alone
-suffices to rebuild and run any task's model.
+suffices to rebuild and run any task's model. The "model" field names the family
+(`evolution.families`: "vit", the default, or "encoder" for the text encoder).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
-
-from evolution import system
+from evolution import families, system
 from models import vit
 
 ROOT_TASK = "root"
-MODEL_FAMILY = "vit"
+MODEL_FAMILY = families.DEFAULT_FAMILY
 
 
-def architecture_of(config: vit.ViTConfig) -> dict[str, Any]:
+def architecture_of(config: families.ModelConfig) -> dict[str, Any]:
     """The JSON-safe architecture stored with a path (`system.Path.architecture`).
 
     Args:
-      config: the path's ViT config.
+      config: the path's config (a ViT's or the text encoder's).
 
     Returns:
-      {"model": "vit", "config": fields except num_layers / num_classes,
-      "num_layers": L, "num_classes": C}; `mutations.plan_child` updates "num_layers".
+      {"model": "vit" (or the family's name), "config": fields except num_layers /
+      num_classes, "num_layers": L, "num_classes": C}; `mutations.plan_child` updates
+      "num_layers".
     """
-    fields = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if field.name in ("num_layers", "num_classes"):
-            continue
-        if field.name in ("dtype", "param_dtype"):
-            value = jnp.dtype(value).name
-        elif isinstance(value, tuple):
-            value = list(value)
-        fields[field.name] = value
-    return {
-        "model": MODEL_FAMILY,
-        "config": fields,
-        "num_layers": int(config.num_layers),
-        "num_classes": int(config.num_classes),
-    }
+    return families.architecture_of(config)
+
+
+def model_config_of(path: system.Path) -> families.ModelConfig:
+    """Rebuilds a path's config, of whichever family, from its stored architecture.
+
+    Args:
+      path: a path written by this module (its architecture from `architecture_of`).
+
+    Returns:
+      The config (`vit.ViTConfig`, `encoder.EncoderConfig`).
+
+    Raises:
+      ValueError: the path has no architecture of a known family.
+    """
+    try:
+        return families.config_from_architecture(path.architecture)
+    except ValueError as error:
+        raise ValueError(f"Path {path.id!r}: {error}") from error
 
 
 def config_of(path: system.Path) -> vit.ViTConfig:
-    """Rebuilds a path's ViT config from its stored architecture.
+    """Rebuilds a ViT path's config from its stored architecture.
 
     Args:
       path: a path written by this module (its architecture from `architecture_of`).
@@ -56,19 +58,12 @@ def config_of(path: system.Path) -> vit.ViTConfig:
       The config.
 
     Raises:
-      ValueError: the architecture is not a ViT's as written by `architecture_of`.
+      ValueError: the architecture is not a ViT's as written by `architecture_of` (use
+        `model_config_of` for any family).
     """
     architecture = dict(path.architecture)
     if architecture.get("model") != MODEL_FAMILY or "config" not in architecture:
         raise ValueError(f"Path {path.id!r} has no ViT architecture: {architecture}.")
-    fields = dict(architecture["config"])
-    for name in ("dtype", "param_dtype"):
-        if name in fields:
-            fields[name] = getattr(jnp, str(fields[name]))
-    if "image_shape" in fields:
-        fields["image_shape"] = tuple(int(v) for v in fields["image_shape"])
-    return vit.ViTConfig(
-        **fields,
-        num_layers=int(architecture["num_layers"]),
-        num_classes=int(architecture["num_classes"]),
-    )
+    config = families.config_from_architecture(architecture)
+    assert isinstance(config, vit.ViTConfig)
+    return config

@@ -14,6 +14,10 @@ nothing is put into or published in the store, so the evolved system never chang
   the features the head sees; evolved paths put "adapter_i" before "block_i" instead,
   and baseline paths are never given to `mutations.plan_child`.
 
+The rules read slots, so they apply to any `evolution.families` root: a text-encoder
+root (embed, block_i, head) has no final norm, so "adapters" trains only its adapters
+and head, and "freeze" clones the top L - k blocks.
+
 Fresh heads and adapters are made by `mutations.materialize`, as for evolved paths.
 Training is `candidate.train_candidate` (frozen components have no gradients or
 optimizer memory), validating every B steps and keeping the best-validation parameters,
@@ -41,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from evolution import batches, candidate, hparams, mutations, search, system
+from evolution import batches, candidate, families, hparams, mutations, search, system
 from evolution import store as store_lib
-from evolution.architecture import architecture_of, config_of
+from evolution.architecture import architecture_of, model_config_of
 from evolution.batches import Batch, TrainBatchesFn
 
 logger = logging.getLogger("evogrow")
@@ -113,7 +117,7 @@ def plan_baseline(
     Raises:
       ValueError: k outside 0..L, or adapters asked of a root that has adapters already.
     """
-    config = config_of(root)
+    config = model_config_of(root)
     num_layers = config.num_layers
     k = spec.freeze_layers
     if spec.method == FREEZE and not (k is not None and 0 <= k <= num_layers):
@@ -316,7 +320,8 @@ def run_baseline(
         `TrainBatchesFn` (called with the space's data hyperparameters, `batch_size`
         and a seed drawn from `seed` and the task, the same for every method).
       validation_batches: fixed batches ("image", "label", optional "_mask").
-      test_images: [N, H, W, C] float test images.
+      test_images: [N, H, W, C] float test images (for a text-encoder root: [N, L]
+        int token ids).
       test_labels: [N] int test labels.
       num_classes: classes of the fresh head.
       steps: training steps (a multiple of `steps_per_validation`).
@@ -347,7 +352,7 @@ def run_baseline(
     if state.root_path_id is None:
         raise ValueError("The store has no root path; call search.seed_root first.")
     root = state.paths[state.root_path_id]
-    root_config = config_of(root)
+    root_config = model_config_of(root)
     space = search.default_search_space(root_config)
     values = _resolve_hparams(space, hparam_values)
     if freeze_layers is None:
@@ -384,7 +389,10 @@ def run_baseline(
     best = {slot: result.params.get(cid, pool[cid]) for slot, cid in plan.path.components}
     # Test batches of the validation batches' size run the same compiled eval step.
     test_batch_size = len(np.asarray(validation_batches[0]["label"]))
-    test_batches = batches.array_eval_batches(test_images, test_labels, test_batch_size)
+    feature = families.family_of(config).input_key
+    test_batches = batches.array_eval_batches(
+        test_images, test_labels, test_batch_size, feature=feature
+    )
     test_accuracy = candidate.validate(config, slots, best, test_batches, cache=cache)
     records = tuple(mutations.component_records(plan, result.params, agent=plan.path.agent))
     path = dataclasses.replace(plan.path, quality=result.quality, metrics={"hparam_values": values})
@@ -421,7 +429,7 @@ class BaselineTask:
     Attributes:
       data: training stream, validation batches and optionally the number of classes
         (as for the search).
-      test_images: [N, H, W, C] float test images.
+      test_images: [N, H, W, C] float test images (text encoder: [N, L] token ids).
       test_labels: [N] int test labels.
     """
 

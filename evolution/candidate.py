@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evolution import mutations
-from models import adapters, vit
+from evolution import families, mutations
+from models import adapters
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -226,27 +226,37 @@ def inherit_opt_state(
 
 
 def forward(
-    config: vit.ViTConfig, slots: Sequence[str], params_by_slot: Mapping[str, Params], image: Any
+    config: families.ModelConfig,
+    slots: Sequence[str],
+    params_by_slot: Mapping[str, Params],
+    inputs: Any,
 ) -> jax.Array:
-    """Runs a path's components (including residual adapters) on a batch of images.
+    """Runs a path's components (including residual adapters) on a batch of inputs.
+
+    The components are applied by the config's family (`evolution.families`); a
+    residual adapter (slot "adapter_i") maps the running activation to itself plus its
+    bottleneck branch, whatever the family.
 
     Args:
-      config: the path's ViT config.
+      config: the path's config (`vit.ViTConfig`, `encoder.EncoderConfig`).
       slots: the path's slots in order ("embed", ..., "adapter_0", "block_0", ..., "head").
       params_by_slot: slot -> the component's (unboxed) parameters.
-      image: [B, H, W, C] float images.
+      inputs: the family's input feature: [B, H, W, C] float images (ViT) or [B, L]
+        int32 token ids, 0 = padding (encoder).
 
     Returns:
       Logits [B, classes].
     """
-    x = image
+    family = families.family_of(config)
+    context = family.context(config, inputs)
+    x = inputs
     for slot in slots:
         params = params_by_slot[slot]
         if mutations.slot_kind(slot) == "adapter":
             size = int(np.shape(params["down"]["kernel"])[-1])
             x = adapters.ResidualAdapter(config, size).apply({"params": params}, x)
         else:
-            x = vit.apply_component(vit.make_component(config, slot), slot, params, x)
+            x = family.apply_component(config, slot, params, x, context)
     return x
 
 
@@ -334,7 +344,7 @@ class StepCache:
 
     def train_step(
         self,
-        config: vit.ViTConfig,
+        config: families.ModelConfig,
         slots: tuple[str, ...],
         settings: OptimizerSettings,
         args: tuple[Any, ...],
@@ -352,7 +362,8 @@ class StepCache:
                 return self._train[key]
 
             def loss_fn(trainable: Params, frozen: Params, batch: Batch) -> jax.Array:
-                logits = forward(config, slots, {**frozen, **trainable}, batch["image"])
+                inputs = batch[families.family_of(config).input_key]
+                logits = forward(config, slots, {**frozen, **trainable}, inputs)
                 losses = optax.softmax_cross_entropy_with_integer_labels(
                     logits.astype(jnp.float32), batch["label"]
                 )
@@ -369,7 +380,7 @@ class StepCache:
             return self._train[key]
 
     def eval_step(
-        self, config: vit.ViTConfig, slots: tuple[str, ...], args: tuple[Any, ...]
+        self, config: families.ModelConfig, slots: tuple[str, ...], args: tuple[Any, ...]
     ) -> Any:
         """The compiled eval step: (params_by_slot, batch, correct, count) -> sums so far."""
         key = (config, slots, _signature(args[0]), _signature(args[1]), _device_of(args[0]))
@@ -378,7 +389,7 @@ class StepCache:
                 return self._eval[key]
 
             def step(params, batch, correct, count):
-                logits = forward(config, slots, params, batch["image"])
+                logits = forward(config, slots, params, batch[families.family_of(config).input_key])
                 hits = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
                 mask = batch["_mask"].astype(jnp.float32)
                 return correct + jnp.sum(hits * mask), count + jnp.sum(mask)
@@ -433,7 +444,12 @@ class CandidateResult:
 
 
 def _train_batch(batch: Batch) -> dict[str, np.ndarray]:
-    return {"image": np.asarray(batch["image"], np.float32), "label": np.asarray(batch["label"])}
+    """The label and the input features a family reads (images float32, token ids int32)."""
+    out = {"label": np.asarray(batch["label"])}
+    for key, dtype in families.input_keys().items():
+        if key in batch:
+            out[key] = np.asarray(batch[key], dtype)
+    return out
 
 
 def _eval_batch(batch: Batch) -> dict[str, np.ndarray]:
@@ -459,7 +475,7 @@ def _device_of(*trees: Any) -> Any:
 
 
 def validate(
-    config: vit.ViTConfig,
+    config: families.ModelConfig,
     slots: Sequence[str],
     params_by_slot: Mapping[str, Params],
     batches: Sequence[Batch],
@@ -470,10 +486,11 @@ def validate(
     """Accuracy of a path's parameters on validation batches (rows with `_mask` 0 skipped).
 
     Args:
-      config: the path's ViT config.
+      config: the path's config.
       slots: the path's slots in order.
       params_by_slot: slot -> parameters.
-      batches: batches with "image", "label" and optionally "_mask".
+      batches: batches with the family's input ("image" or "inputs"), "label" and
+        optionally "_mask".
       cache: the step cache (default: the process-wide one).
       device: where to run (None: the default device).
 
@@ -493,7 +510,7 @@ def validate(
 
 def train_candidate(
     *,
-    config: vit.ViTConfig,
+    config: families.ModelConfig,
     components: Sequence[tuple[str, str]],
     pool: Mapping[str, Params],
     trainable_ids: Collection[str],
@@ -514,14 +531,15 @@ def train_candidate(
     read from `pool` and never written. The compiled step is taken from `cache`.
 
     Args:
-      config: the path's ViT config (adapters are sized from their parameters).
+      config: the path's config (adapters are sized from their parameters).
       components: the path's (slot, component_id) pairs in order (`system.Path.components`).
       pool: component id -> parameters, for every referenced id (frozen ones and the
         candidate's new ones, e.g. from `mutations.materialize`).
       trainable_ids: the ids the candidate trains (`MutationPlan.trainable_ids`).
       hparam_values: `HParamSpace.values(...)` of the candidate ("lr", "schedule",
         "warmup", "momentum", "nesterov").
-      train_batches: batches ("image" [B, H, W, C] float, "label" [B] int) of one shape.
+      train_batches: batches (the family's input, "image" [B, H, W, C] float or
+        "inputs" [B, L] int32, and "label" [B] int) of one shape.
       validation_batches: batches (optionally with "_mask"), evaluated every B steps.
       num_validations: V.
       steps_per_validation: B.

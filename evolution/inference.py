@@ -1,4 +1,8 @@
-"""Inference from the store: a task's published best path run on images."""
+"""Inference from the store: a task's published best path run on its inputs.
+
+The path's family (`evolution.families`) decides what the inputs are: images for a ViT
+path, token ids for a text-encoder path.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolution import candidate
+from evolution import candidate, families
 from evolution import store as store_lib
-from evolution.architecture import config_of
-from models import vit
+from evolution.architecture import model_config_of
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_forward(config: vit.ViTConfig, slots: tuple[str, ...]) -> Any:
+def _jitted_forward(config: families.ModelConfig, slots: tuple[str, ...]) -> Any:
     return jax.jit(functools.partial(candidate.forward, config, slots))
 
 
@@ -26,7 +29,8 @@ def predict(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
     Args:
       store: the store.
       task: the task.
-      images: [N, H, W, C] float images.
+      images: the path's input feature: [N, H, W, C] float images for a ViT path,
+        [N, L] int token ids (0 = padding) for a text-encoder path.
 
     Returns:
       Logits [N, num_classes] (numpy, float32).
@@ -38,10 +42,11 @@ def predict(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
     path = state.best_path(task)
     if path is None:
         raise ValueError(f"Task {task!r} has no active path in the store.")
-    config = config_of(path)
+    config = model_config_of(path)
     slots = tuple(slot for slot, _ in path.components)
     params = {slot: store.load_params(cid) for slot, cid in path.components}
-    logits = _jitted_forward(config, slots)(params, jnp.asarray(images, jnp.float32))
+    inputs = jnp.asarray(images, families.family_of(config).input_dtype)
+    logits = _jitted_forward(config, slots)(params, inputs)
     return np.asarray(jax.device_get(logits), np.float32)
 
 
@@ -51,7 +56,7 @@ def predict_classes(store: store_lib.Store, task: str, images: Any) -> np.ndarra
     Args:
       store: the store.
       task: the task.
-      images: [N, H, W, C] float images.
+      images: the path's input feature (see `predict`).
 
     Returns:
       int32 classes [N].

@@ -17,7 +17,7 @@ The plan (`MutationPlan`) names the child path and, for each slot, what the call
 do: reference, copy from a parent component (and, per mu2Net+, its optimizer state),
 initialise from scratch, or take from function-preserving depth growth
 (`grow_top_block`, spec/growth.md), so a grown child starts with its parent's exact
-function. `materialize` does that for a ViT's parameters.
+function. `materialize` does that for the parameters of any `evolution.families` model.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import growth
-from evolution import system
+from evolution import families, system
 from evolution.hparams import HParams, HParamSpace, MutationRates, mutate_hparams, with_data_indices
-from models import adapters, vit
+from models import adapters
 
 REFERENCE = "reference"
 CLONE = "clone"
@@ -149,6 +149,8 @@ class MutationPlan:
         "remove:layers", "add:block", "add:adapter_2", "clone:block_3", ...).
       num_layers: the child's number of blocks.
       init_seed: seed of the fresh and grown components' initialisation (`materialize`).
+      skipped: mutation name -> why the parent's model family cannot take it (e.g.
+        "add:block" on a post-norm encoder: `families.add_block_refusal`); not drawn.
     """
 
     path: system.Path
@@ -157,6 +159,7 @@ class MutationPlan:
     applied: tuple[str, ...]
     num_layers: int
     init_seed: int
+    skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def referenced(self) -> tuple[str, ...]:
@@ -301,10 +304,17 @@ def plan_child(
     prefix, layers, suffix = _split_layers(parent)
     num_layers = len(layers)
     grown = False
+    skipped: dict[str, str] = {}
+    add_blocks = options.add_blocks
+    if add_blocks:
+        refusal = families.add_block_refusal(parent.architecture)
+        if refusal is not None:  # e.g. a post-norm encoder: no exact identity block
+            skipped[ADD_BLOCK] = refusal
+            add_blocks = False
     if options.remove_layers and num_layers > options.min_layers and decider.draw(REMOVE_LAYERS):
         layers = layers[:-1]
     elif (
-        options.add_blocks
+        add_blocks
         and num_layers > 0
         and (options.max_layers is None or num_layers < options.max_layers)
         and decider.draw(ADD_BLOCK)
@@ -391,13 +401,14 @@ def plan_child(
         applied=tuple(decider.applied),
         num_layers=child_layers,
         init_seed=init_seed,
+        skipped=skipped,
     )
 
 
 def grow_top_block(
-    config: vit.ViTConfig, params: Mapping[str, Any], *, rng: jax.Array
-) -> tuple[vit.ViTConfig, Any]:
-    """A new identity block on top of a ViT, by function-preserving depth growth.
+    config: families.ModelConfig, params: Mapping[str, Any], *, rng: jax.Array
+) -> tuple[families.ModelConfig, Any]:
+    """A new identity block on top of a model, by function-preserving depth growth.
 
     Calls `growth.expand(config, params, ["add_layer@L"])`: the new block's attention
     and MLP output projections are zero, so the grown model computes the same function
@@ -430,23 +441,23 @@ def _copy_tree(tree: Any) -> Any:
 def materialize(
     plan: MutationPlan,
     pool: Mapping[str, Any],
-    parent_config: vit.ViTConfig,
+    parent_config: families.ModelConfig,
     *,
     num_classes: int | None = None,
-) -> tuple[vit.ViTConfig, dict[str, Any]]:
-    """Creates the parameters of a ViT child's new components.
+) -> tuple[families.ModelConfig, dict[str, Any]]:
+    """Creates the parameters of a child's new components (any `families` model).
 
-    Clones copy their source's parameters; a fresh head is the ViT head's
-    initialisation for `num_classes`; an adapter is a `models.adapters.ResidualAdapter`
-    at initialisation (the identity); a grown block comes from `grow_top_block` on the
-    child's inherited blocks, so the child computes its parent's function. Fresh and
-    grown components draw from `plan.init_seed` folded with their slot's position.
-    Parameters are returned unboxed (plain arrays).
+    Clones copy their source's parameters; a fresh head is the family's head
+    initialisation for `num_classes` (`Family.init_head`); an adapter is a
+    `models.adapters.ResidualAdapter` at initialisation (the identity); a grown block
+    comes from `grow_top_block` on the child's inherited blocks, so the child computes
+    its parent's function. Fresh and grown components draw from `plan.init_seed`
+    folded with their slot's position. Parameters are returned unboxed (plain arrays).
 
     Args:
       plan: from `plan_child`.
       pool: component id -> parameters, holding every source the plan names.
-      parent_config: the parent's ViT config (`num_layers` = the parent's blocks).
+      parent_config: the parent's config (`num_layers` = the parent's blocks).
       num_classes: classes of a fresh head (default: `parent_config.num_classes`).
 
     Returns:
@@ -456,13 +467,13 @@ def materialize(
     Raises:
       KeyError: the pool lacks a component the plan copies or grows from.
     """
-    config = dataclasses.replace(
-        parent_config,
-        num_layers=plan.num_layers,
-        num_classes=parent_config.num_classes if num_classes is None else num_classes,
-    )
+    changes: dict[str, Any] = {"num_layers": plan.num_layers}
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    config = dataclasses.replace(parent_config, **changes)
+    family = families.family_of(config)
     key = jax.random.PRNGKey(plan.init_seed)
-    tokens_1xLxD = jnp.zeros((1, config.num_tokens, config.hidden), config.dtype)
+    tokens_1xLxD = jnp.zeros(family.activation_shape(config), config.dtype)
     by_slot = {s.slot: s for s in plan.slots}
     created: dict[str, Any] = {}
     for position, slot_plan in enumerate(plan.slots):
@@ -471,9 +482,7 @@ def materialize(
             assert slot_plan.source is not None
             created[slot_plan.component_id] = _copy_tree(pool[slot_plan.source])
         elif slot_plan.action == INIT and slot_plan.kind == "head":
-            head = vit.make_component(config, "head")
-            variables = jax.jit(head.init)(slot_key, tokens_1xLxD)
-            created[slot_plan.component_id] = nn.unbox(variables["params"])
+            created[slot_plan.component_id] = family.init_head(config, slot_key)
         elif slot_plan.action == INIT and slot_plan.kind == "adapter":
             module = adapters.ResidualAdapter(config, int(slot_plan.config["size"]))
             variables = jax.jit(module.init)(slot_key, tokens_1xLxD)

@@ -50,9 +50,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from evolution import candidate, hparams, mutations, scoring, selection, system
+from evolution import candidate, families, hparams, mutations, scoring, selection, system
 from evolution import store as store_lib
-from evolution.architecture import ROOT_TASK, architecture_of, config_of
+from evolution.architecture import ROOT_TASK, architecture_of, model_config_of
 from evolution.batches import Batch, TrainBatchesFn
 from models import vit
 
@@ -63,7 +63,7 @@ logger = logging.getLogger("evogrow")
 _FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
 
 
-def default_search_space(config: vit.ViTConfig) -> hparams.HParamSpace:
+def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
     """The notebooks' space (`hparams.default_space`) restricted to what this search runs.
 
     The image size is dropped (a path's position table fixes its input shape) and random
@@ -98,23 +98,26 @@ def _host_tree(tree: Any) -> Any:
 
 def seed_root(
     store: store_lib.Store,
-    config: vit.ViTConfig,
+    config: families.ModelConfig,
     params: Mapping[str, Any],
     *,
     agent: str,
     task: str = ROOT_TASK,
 ) -> system.Path:
-    """Stores a root ViT as components and marks its path as the system's root.
+    """Stores a root model as components and marks its path as the system's root.
 
-    Components `<task>:<slot>` (embed, cls, pos, block_i, final_norm, head) are put and
-    published with the root path `<task>:path` in one transaction, then `set_root`.
+    Components `<task>:<slot>` (the family's slots, `Family.component_slots`: for a ViT
+    embed, cls, pos, block_i, final_norm, head; for the text encoder embed, block_i,
+    head) are put and published with the root path `<task>:path` in one transaction,
+    then `set_root`.
     Calling it again on a store whose root is this same path returns it unchanged.
 
     Args:
       store: the store.
-      config: the root model's config.
-      params: the root model's parameters keyed by slot (`vit.ViT(config)` params,
-        boxed or not).
+      config: the root model's config (`vit.ViTConfig`, `encoder.EncoderConfig` with
+        `num_classes` set).
+      params: the root model's parameters keyed by slot (`vit.ViT(config)` or
+        `encoder.Encoder(config)` params, boxed or not).
       agent: the root agent publishing it.
       task: the root's task name (registered with `config.num_classes` classes).
 
@@ -133,7 +136,9 @@ def seed_root(
         if existing.id == path_id and existing.architecture == wanted:
             return existing
         raise ValueError(f"The store has another root already: {state.root_path_id!r}.")
-    slots = vit.component_slots(config)
+    if config.num_classes is None:
+        raise ValueError("The root model needs a head: set num_classes in its config.")
+    slots = families.family_of(config).component_slots(config)
     missing = [slot for slot in slots if slot not in params]
     if missing:
         raise ValueError(f"Root parameters lack slots {missing}.")
@@ -319,8 +324,10 @@ def _infer_num_classes(batches: Sequence[Batch]) -> int:
     return top + 1
 
 
-def _check_space(space: hparams.HParamSpace, config: vit.ViTConfig) -> None:
+def _check_space(space: hparams.HParamSpace, config: families.ModelConfig) -> None:
     if "image_size" in space.names:
+        if not isinstance(config, vit.ViTConfig):
+            raise ValueError("The space's image_size is for image models only.")
         sizes = set(space["image_size"].values)
         if sizes != {config.image_shape[0]} or config.image_shape[0] != config.image_shape[1]:
             raise ValueError(
@@ -359,7 +366,7 @@ class _Planned:
 
     parent: system.Path
     plan: mutations.MutationPlan
-    config: vit.ViTConfig
+    config: families.ModelConfig
     pool: dict[str, Any]
     data_values: Mapping[str, Any]
     data_seed: int
@@ -420,7 +427,7 @@ _FLOPS_CACHE: dict[Any, float] = {}
 
 
 def path_flops(
-    config: vit.ViTConfig,
+    config: families.ModelConfig,
     components: Sequence[tuple[str, str]],
     params_of: Callable[[str], Any],
 ) -> float:
@@ -430,7 +437,7 @@ def path_flops(
     is lowered once per process.
 
     Args:
-      config: the path's ViT config.
+      config: the path's config (any `evolution.families` model).
       components: its (slot, component id) pairs.
       params_of: component id -> parameters (shapes are all that is read).
 
@@ -447,8 +454,8 @@ def path_flops(
     }
     key = (config, slots, _shape_signature(shapes))
     if key not in _FLOPS_CACHE:
-        image = jax.ShapeDtypeStruct((1, *config.image_shape), np.float32)
-        lowered = jax.jit(functools.partial(candidate.forward, config, slots)).lower(shapes, image)
+        inputs = families.family_of(config).input_spec(config)
+        lowered = jax.jit(functools.partial(candidate.forward, config, slots)).lower(shapes, inputs)
         cost = lowered.cost_analysis()
         if isinstance(cost, list | tuple):  # older JAX: one dict per computation
             cost = cost[0]
@@ -510,7 +517,7 @@ def evolve_task(
     if state.root_path_id is None:
         raise ValueError("The store has no root path; call seed_root first.")
     root_path = state.paths[state.root_path_id]
-    root_config = config_of(root_path)
+    root_config = model_config_of(root_path)
     space = search_config.space or default_search_space(root_config)
     _check_space(space, root_config)
     if task_name not in state.tasks:
@@ -524,7 +531,7 @@ def evolve_task(
 
     root_flops = path_flops(root_config, root_path.components, store.load_params)
 
-    def flops_of(config: vit.ViTConfig, path: system.Path) -> float:
+    def flops_of(config: families.ModelConfig, path: system.Path) -> float:
         return path_flops(config, path.components, params_of)
 
     def score_of_values(quality: float, accounted: float, flops: float | None) -> float:
@@ -541,7 +548,7 @@ def evolve_task(
     def score_of(path: system.Path, quality: float, in_state: system.SystemState) -> float:
         flops = path.metrics.get("flops") if path.metrics else None
         if flops is None and search_config.flops_scale < 1.0:
-            flops = flops_of(config_of(path), path)
+            flops = flops_of(model_config_of(path), path)
         return score_of_values(quality, in_state.accounted_params(path), flops)
 
     # The task's own paths, re-scored with today's sharing.
@@ -609,7 +616,7 @@ def evolve_task(
             data_seed = int(rng.integers(0, 2**31 - 1))
             pool = {cid: params_of(cid) for cid in parent.component_ids}
             child_config, created = mutations.materialize(
-                plan, pool, config_of(parent), num_classes=task_classes
+                plan, pool, model_config_of(parent), num_classes=task_classes
             )
             pool.update(created)
             inherited: Any = None

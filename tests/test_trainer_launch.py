@@ -138,10 +138,11 @@ def test_train_eval_infer_end_to_end(tmp_path):
     assert set(records[0]) == {"index", "label", "prediction"}
 
 
-def test_main_job_few_steps_through_real_entry_point(tmp_path, capsys):
+def test_digits_experiment_few_steps_through_real_entry_point(tmp_path):
     model_dir = tmp_path / "digits"
     argv = [
-        "main",
+        "train",
+        "--gin_file=gin/experiments/digits_vit.gin",
         f"--gin.MODEL_DIR='{model_dir}'",
         "--gin.TRAIN_STEPS=4",
         "--gin.WARMUP_STEPS=2",
@@ -150,8 +151,8 @@ def test_main_job_few_steps_through_real_entry_point(tmp_path, capsys):
         "--gin.train.stats_period=2",
     ]
     assert main.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "final test accuracy: " in out and "(digits_v1, 179 examples, step 4" in out
+    final = [r for r in reporting.read_history(str(model_dir)) if r["kind"] == "inference_eval"]
+    assert final[-1]["step"] == 4 and int(final[-1]["num_examples"]) == 179
     assert (model_dir / "training_curves.png").stat().st_size > 10_000
     meta = checkpoints.Checkpointer(str(model_dir / "checkpoints"), read_only=True).read_metadata()
     assert meta["step"] == 4

@@ -10,6 +10,8 @@ BENCHMARKS = {
     "trainer": "evogrow.bench.trainer",
     "growth": "evogrow.bench.growth",
     "staged": "evogrow.bench.staged",
+    "munet": "evogrow.bench.munet",
+    "munet_text": "evogrow.bench.munet_text",
 }
 
 

@@ -1,0 +1,96 @@
+"""`./run.sh agent`: one asynchronous agent (a method bound to a task) on a shared store.
+
+    ./run.sh agent --gin_file=gin/runs/agent.gin --task digits_rgb32_v1 \
+      --gin.STORE_DIR="'/tmp/store'" --gin.METHOD="'munet'"
+
+Start several (different tasks or methods, or the same task with different methods and
+names) as separate processes on one store; each can be stopped (even by kill -9) and
+started again. The task's data is read by seqio task name (`evolution.task_data`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from evolution import agents, search, task_data
+
+logger = logging.getLogger("evogrow")
+
+
+def agent(
+    *,
+    store_dir: str,
+    task: str,
+    method: str = agents.MUNET,
+    name: str | None = None,
+    root_dir: str | None = None,
+    cycles: int | None = None,
+    max_seconds: float | None = None,
+    search_config: search.SearchConfig | None = None,
+    baseline: agents.BaselineSettings | None = None,
+    eval_batch_size: int = 256,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    max_test_examples: int | None = None,
+) -> list[agents.CycleResult]:
+    """Entry point: runs one agent's cycles on the store in `store_dir`.
+
+    Args:
+      store_dir: the shared store (created when missing; it then needs `root_dir`).
+      task: the seqio task the agent works on (`import tasks` registers them).
+      method: "munet" or a baseline ("finetune", "freeze", "adapters").
+      name: the agent's name, unique among the store's running agents (None:
+        "<method>-<task>").
+      root_dir: a pretrained root seeded when the store has none (None: the store
+        must have a root).
+      cycles: cycles to run now (None: until `max_seconds`, or until stopped).
+      max_seconds: start no cycle after this many seconds (None: no limit).
+      search_config: a muNet cycle's settings (baselines use its steps per
+        validation, batch size, scale, FLOPs scale and seed); None: the defaults.
+      baseline: a baseline agent's method parameters; None: the defaults.
+      eval_batch_size: validation and test batch size.
+      max_train_examples: cap on the task's training examples (None: all).
+      max_eval_examples: cap on its validation examples (None: all).
+      max_test_examples: cap on its test examples, read by baselines (None: all).
+
+    Returns:
+      The cycles' results.
+
+    Raises:
+      agents.AgentError: a bad configuration, or an agent of this name is running.
+      agent_view.AgentStateError: the store's published state is malformed or foreign.
+    """
+    config = agents.AgentConfig(
+        task=task,
+        method=method,
+        name=name,
+        search=search_config or search.SearchConfig(),
+        baseline=baseline or agents.BaselineSettings(),
+    )
+    data = task_data.search_task_data(
+        task,
+        eval_batch_size=eval_batch_size,
+        max_train_examples=max_train_examples,
+        max_eval_examples=max_eval_examples,
+    )
+    test_data = None
+    if method != agents.MUNET:
+        test_data = task_data.load_task_arrays(task, "test", max_examples=max_test_examples)
+    results = agents.run_agent(
+        store_dir=store_dir,
+        config=config,
+        data=data,
+        test_data=test_data,
+        cycles=cycles,
+        max_seconds=max_seconds,
+        root_dir=root_dir,
+    )
+    if results:
+        last = results[-1]
+        print(
+            f"agent {config.agent}: {len(results)} cycles, "
+            f"{sum(r.new_path for r in results)} new paths; live path {last.path.id}: "
+            f"quality {last.quality:.4f}, score {last.score:.4f}, "
+            f"{len(last.reused_components)} components of other agents"
+        )
+    return results

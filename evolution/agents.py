@@ -1,0 +1,522 @@
+"""Asynchronous agents: one method bound to one task, sharing only the published store.
+
+An agent (spec: "Multiagent framework") runs cycles on the store until it has run
+`cycles` of them or `max_seconds` have passed. Each cycle:
+
+1. drops the agent's staged leftovers (work of a cycle that was killed) and reloads what
+   every agent last published; locks are rebuilt from the published paths
+   (`SystemState.locks`). What it loads is checked first (`agent_view.check_state`:
+   a malformed or foreign path is refused with an `AgentStateError` naming it, and
+   nothing is loaded);
+2. runs one cycle of its method privately (candidates and their components stay
+   invisible to the others: staged, never published);
+3. publishes its live path and the components it created in ONE store transaction
+   (`Store.publish`), retiring only its own paths.
+
+Methods: "munet" (the muNet / mu2Net+ single-path search, one `search.evolve_task` per
+cycle) and the baselines "finetune", "freeze", "adapters" (`baselines.run_baseline` from
+the root each cycle, with a new seed; the agent keeps the better-scored of its live path
+and the new one). Every agent's published path can be a seed of the other tasks' muNet
+agents, so methods reuse each other's components.
+
+A parent retired by another agent during a cycle stays a valid, unchanged parent of the
+child published at the cycle's end (published components are never written again: a
+task trains only its own fresh clones); the next cycle no longer sees it, and selection
+falls back to the seeds, which always include the root (`SystemState.seed_paths`).
+
+A muNet agent's search sees the store through `agent_view.AgentView`, which hides
+other agents' paths of its own task and paths that cannot be parents (see there).
+
+Agents on one machine are separate processes on the embedded SQLite store; a lock file
+per agent name (`<store_dir>/agents/<name>.lock`, released by the kernel when the
+process dies, even by kill -9) keeps two processes from running as the same agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from evolution import agent_view, baselines, candidate, scoring, search, system
+from evolution import store as store_lib
+from evolution.architecture import model_config_of
+
+logger = logging.getLogger("evogrow")
+
+MUNET = "munet"
+METHODS = (MUNET, *baselines.METHODS)
+LOCK_FOLDER = "agents"
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+class AgentError(ValueError):
+    """An agent that cannot start as configured; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineSettings:
+    """A baseline agent's method parameters (its other settings come from the search's).
+
+    Attributes:
+      steps: training steps per cycle; None: one muNet cycle's training steps
+        (generations x candidates x validations x steps per validation).
+      freeze_layers: k of "freeze" (None: half the root's blocks).
+      adapter_size: width of "adapters" (None: the space's default).
+      hparam_values: overrides of the space's default hyperparameter values.
+    """
+
+    steps: int | None = None
+    freeze_layers: int | None = None
+    adapter_size: int | None = None
+    hparam_values: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """One agent: a method with its config, bound to one task.
+
+    Attributes:
+      task: the task it works on.
+      method: "munet" or a baseline ("finetune", "freeze", "adapters").
+      name: the agent's name (what it publishes as; unique among running agents);
+        None: "<method>-<task>".
+      search: the muNet cycle's settings; baselines use its steps_per_validation,
+        batch_size, scale, flops_scale and seed.
+      baseline: a baseline agent's method parameters.
+    """
+
+    task: str
+    method: str = MUNET
+    name: str | None = None
+    search: search.SearchConfig = dataclasses.field(default_factory=search.SearchConfig)
+    baseline: BaselineSettings = dataclasses.field(default_factory=BaselineSettings)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise AgentError(f"Unknown agent method {self.method!r}; expected one of {METHODS}.")
+        if not self.task:
+            raise AgentError("An agent needs a task.")
+        if self.name is None:
+            safe_task = re.sub(r"[^A-Za-z0-9_.-]", "_", self.task)[:48]
+            object.__setattr__(self, "name", f"{self.method}-{safe_task}")
+        if not _NAME_PATTERN.fullmatch(str(self.name)):
+            raise AgentError(
+                f"Agent name {self.name!r} is not valid: use 1-64 characters from "
+                "[A-Za-z0-9_.:-], starting with a letter or digit."
+            )
+
+    @property
+    def agent(self) -> str:
+        """The agent's name (never None after construction)."""
+        return str(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class CycleResult:
+    """What one cycle of an agent published.
+
+    Attributes:
+      agent: the agent.
+      task: its task.
+      method: its method.
+      cycle: the cycle's index in this run of the agent (0, 1, ...).
+      path: the agent's live path after the publication.
+      new_path: whether `path` was created in this cycle (else it was kept and
+        re-published with its current score).
+      published_components: ids of the components published with it.
+      retired: ids of the agent's paths retired by the publication.
+      quality: the live path's validation quality.
+      score: its score in the published system.
+      reused_components: ids of components on the live path that other agents (not
+        the root's) created.
+      candidates: candidates trained in the cycle.
+      wall_seconds: the cycle's wall time.
+    """
+
+    agent: str
+    task: str
+    method: str
+    cycle: int
+    path: system.Path
+    new_path: bool
+    published_components: tuple[str, ...]
+    retired: tuple[str, ...]
+    quality: float
+    score: float
+    reused_components: tuple[str, ...]
+    candidates: int
+    wall_seconds: float
+
+
+# -- one cycle --------------------------------------------------------------------------
+
+
+def _reused(state: system.SystemState, path: system.Path, agent: str) -> tuple[str, ...]:
+    root_ids = set()
+    if state.root_path_id is not None:
+        root_ids = set(state.paths[state.root_path_id].component_ids)
+    return tuple(
+        cid
+        for cid in path.component_ids
+        if cid not in root_ids and state.components[cid].agent != agent
+    )
+
+
+def _munet_cycle(
+    store: store_lib.Store, config: AgentConfig, data: search.TaskData, cycle: int, cache: Any
+) -> CycleResult:
+    view = agent_view.AgentView(store, agent=config.agent, task=config.task, for_search=True)
+    result = search.evolve_task(
+        view,
+        config.task,
+        config.search,
+        train_batches_fn=data.train_batches_fn,
+        validation_batches=data.validation_batches,
+        agent=config.agent,
+        num_classes=data.num_classes,
+        metadata=data.metadata,
+        cache=cache,
+    )
+    state = store.load_state()
+    path = state.paths[result.best_path.id]
+    return CycleResult(
+        agent=config.agent,
+        task=config.task,
+        method=config.method,
+        cycle=cycle,
+        path=path,
+        new_path=bool(result.published_components),
+        published_components=result.published_components,
+        retired=result.retired,
+        quality=result.quality,
+        score=result.score,
+        reused_components=_reused(state, path, config.agent),
+        candidates=len(result.candidates),
+        wall_seconds=result.wall_seconds,
+    )
+
+
+def _cycle_seed(*parts: int | str) -> int:
+    entropy = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+    return int(np.random.default_rng(np.random.SeedSequence(entropy)).integers(0, 2**31 - 1))
+
+
+def _num_classes(data: search.TaskData, state: system.SystemState, task: str) -> int:
+    if data.num_classes is not None:
+        return int(data.num_classes)
+    if task in state.tasks:
+        return state.tasks[task].num_classes
+    top = max(int(np.max(np.asarray(b["label"]))) for b in data.validation_batches)
+    return top + 1
+
+
+def _as_agent_path(
+    outcome: baselines.BaselineResult, *, agent: str, cycle: int, seed: int, steps: int
+) -> tuple[system.Path, list[system.Component], dict[str, Any]]:
+    """A baseline's path, components and parameters under fresh ids of the agent.
+
+    `run_baseline` names them after its method and task, the same every run; an agent
+    publishes a new set per cycle. The path's architecture loses the baseline's spec (a
+    muNet child copies its parent's architecture), which goes to its metrics instead.
+    """
+    rng = np.random.default_rng(seed)
+    renamed = {c.id: system.new_id(rng, agent) for c in outcome.components}
+    records = [
+        dataclasses.replace(c, id=renamed[c.id], agent=agent, generation=cycle)
+        for c in outcome.components
+    ]
+    params = {renamed[old]: tree for old, tree in outcome.training.params.items()}
+    metrics = {
+        **outcome.path.metrics,
+        "cycle": cycle,
+        "baseline": dataclasses.asdict(outcome.spec),
+        "test_accuracy": outcome.test_accuracy,
+        "steps": steps,
+    }
+    path = dataclasses.replace(
+        outcome.path,
+        id=system.new_id(rng, agent),
+        agent=agent,
+        components=tuple((slot, renamed.get(cid, cid)) for slot, cid in outcome.path.components),
+        generation=cycle,
+        architecture={k: v for k, v in outcome.path.architecture.items() if k != "baseline"},
+        metrics=metrics,
+    )
+    return path, records, params
+
+
+def _scored(
+    path: system.Path,
+    state: system.SystemState,
+    params_of: Callable[[str], Any],
+    settings: search.SearchConfig,
+) -> system.Path:
+    """The path with its score in `state`, as `search.evolve_task` scores its paths."""
+    flops = root_flops = None
+    if settings.flops_scale < 1.0:
+        root = state.paths[str(state.root_path_id)]
+        flops = search.path_flops(model_config_of(path), path.components, params_of)
+        root_flops = search.path_flops(model_config_of(root), root.components, params_of)
+    score = scoring.score(
+        float(path.quality or 0.0),
+        state.accounted_params(path),
+        state.root_params(),
+        scale=settings.scale,
+        flops=flops,
+        root_flops=root_flops,
+        flops_scale=settings.flops_scale,
+    )
+    return dataclasses.replace(path, score=score)
+
+
+def _baseline_cycle(
+    store: store_lib.Store,
+    config: AgentConfig,
+    data: search.TaskData,
+    test_data: tuple[np.ndarray, np.ndarray],
+    cycle: int,
+    cache: Any,
+) -> CycleResult:
+    """One baseline run from the root, published if it beats the agent's live path."""
+    start = time.perf_counter()
+    agent, task, settings = config.agent, config.task, config.search
+    store.discard_staged(agent)
+    view = agent_view.AgentView(store, agent=agent, task=task, for_search=False)
+    state = view.load_state()
+    classes = _num_classes(data, state, task)
+    if task not in state.tasks:
+        store.add_task(task, num_classes=classes, metadata=data.metadata)
+        state = view.load_state()
+    # Numbered in the store (the live path records the last), so a restart goes on.
+    mine = [p for p in state.paths.values() if p.agent == agent]
+    number = 1 + max((int(p.metrics.get("cycle", p.generation)) for p in mine), default=0)
+    seed = _cycle_seed(settings.seed, agent, number)
+    steps = config.baseline.steps or (
+        settings.generations
+        * settings.candidates_per_generation
+        * settings.num_validations
+        * settings.steps_per_validation
+    )
+    outcome = baselines.run_baseline(
+        store=view,
+        method=config.method,
+        task=task,
+        train_batches=data.train_batches_fn,
+        validation_batches=data.validation_batches,
+        test_images=test_data[0],
+        test_labels=test_data[1],
+        num_classes=classes,
+        steps=steps,
+        steps_per_validation=settings.steps_per_validation,
+        hparam_values=config.baseline.hparam_values,
+        seed=seed,
+        freeze_layers=config.baseline.freeze_layers,
+        adapter_size=config.baseline.adapter_size,
+        batch_size=settings.batch_size,
+        cache=cache,
+    )
+    new, records, params = _as_agent_path(
+        outcome, agent=agent, cycle=number, seed=seed, steps=steps
+    )
+    live = [p for p in state.active_paths(task) if p.agent == agent]
+    # Scored in the system it would be published into: the agent's live path retired.
+    retired = {p.id: dataclasses.replace(p, status=system.RETIRED) for p in live}
+    components = {**state.components, **{c.id: c for c in records}}
+    paths = {**state.paths, **retired, new.id: new}
+    would_be = system.SystemState(components, paths, state.tasks, state.root_path_id)
+    new = _scored(
+        new, would_be, lambda c: params[c] if c in params else store.load_params(c), settings
+    )
+    ranked = system.rank_by_score(_scored(p, state, store.load_params, settings) for p in live)
+    if not ranked or (new.score or 0.0) > (ranked[0].score or 0.0):
+        for record in records:
+            store.put_component(record, params[record.id])
+        kept, fresh, retire = new, tuple(r.id for r in records), tuple(p.id for p in live)
+        store.publish(agent, paths=[new], components=fresh, retire=retire)
+    else:
+        kept = dataclasses.replace(ranked[0], metrics={**ranked[0].metrics, "cycle": number})
+        fresh, retire = (), tuple(p.id for p in live if p.id != kept.id)
+        store.publish(agent, paths=[kept], retire=retire)
+    store.discard_staged(agent)
+    final = store.load_state()
+    path = final.paths[kept.id]
+    return CycleResult(
+        agent=agent,
+        task=task,
+        method=config.method,
+        cycle=cycle,
+        path=path,
+        new_path=kept.id == new.id,
+        published_components=fresh,
+        retired=retire,
+        quality=float(path.quality or 0.0),
+        score=float(path.score or 0.0),
+        reused_components=_reused(final, path, agent),
+        candidates=1,
+        wall_seconds=time.perf_counter() - start,
+    )
+
+
+def run_cycle(
+    store: store_lib.Store,
+    config: AgentConfig,
+    data: search.TaskData,
+    *,
+    test_data: tuple[np.ndarray, np.ndarray] | None = None,
+    cycle: int = 0,
+    cache: candidate.StepCache | None = None,
+) -> CycleResult:
+    """One cycle of an agent: reload (checked), work privately, publish atomically.
+
+    Args:
+      store: the shared store (with a root).
+      config: the agent.
+      data: its task's training stream and validation batches.
+      test_data: (inputs, labels) a baseline reports its test accuracy on (required by
+        baselines, unused by muNet).
+      cycle: the cycle's index in the agent's run (reported in the result).
+      cache: compiled steps shared across cycles.
+
+    Returns:
+      What the cycle published.
+
+    Raises:
+      agent_view.AgentStateError: the published state is malformed or foreign (nothing is loaded).
+      AgentError: a baseline agent without `test_data`.
+    """
+    cache = cache or candidate.default_cache()
+    if config.method == MUNET:
+        return _munet_cycle(store, config, data, cycle, cache)
+    if test_data is None:
+        raise AgentError(f"The {config.method!r} agent needs test_data (inputs, labels).")
+    return _baseline_cycle(store, config, data, test_data, cycle, cache)
+
+
+# -- the agent's run ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def agent_lock(store_dir: str, agent: str) -> Iterator[None]:
+    """Holds `<store_dir>/agents/<agent>.lock` exclusively (flock; freed when the process dies).
+
+    Raises:
+      AgentError: another live process runs as this agent on the store.
+    """
+    folder = os.path.join(store_dir, LOCK_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    lock_path = os.path.join(folder, f"{agent}.lock")
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held for the context
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise AgentError(
+                f"Agent {agent!r} is already running on {store_dir} (pid {owner}); give "
+                "this one another name."
+            ) from error
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _ensure_root(store: store_lib.Store, root_dir: str | None) -> None:
+    """Seeds the root of `root_dir` into a store that has none (concurrent seeders retry)."""
+    if store.load_state().root_path_id is not None or root_dir is None:
+        return
+    from evolution import root  # noqa: PLC0415 - reads seqio data; only when seeding
+
+    for attempt in range(5):
+        try:
+            root.seed_store(store, root_dir)
+            return
+        except (store_lib.StoreError, ValueError):
+            if store.load_state().root_path_id is not None:
+                return  # another agent seeded it at the same moment: as good as ours
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
+
+
+def run_agent(
+    *,
+    store_dir: str,
+    config: AgentConfig,
+    data: search.TaskData,
+    test_data: tuple[np.ndarray, np.ndarray] | None = None,
+    cycles: int | None = None,
+    max_seconds: float | None = None,
+    root_dir: str | None = None,
+    on_publish: Callable[[CycleResult], None] | None = None,
+    cache: candidate.StepCache | None = None,
+) -> list[CycleResult]:
+    """Runs one agent's cycles on a store until `cycles` ran or `max_seconds` passed.
+
+    The agent may be killed at any moment (even by kill -9) and started again: what it
+    published stays, its staged work is dropped at its next cycle, and the store never
+    shows a half-published cycle.
+
+    Args:
+      store_dir: the shared store (created when missing).
+      config: the agent.
+      data: its task's training stream and validation batches (and classes, metadata).
+      test_data: (inputs, labels) for a baseline's test accuracy.
+      cycles: how many cycles to run now (None: no limit).
+      max_seconds: start no cycle after this many seconds (None: no limit); with
+        neither limit the agent runs until it is stopped.
+      root_dir: a pretrained root (`./run.sh pretrain_root`) seeded when the store has
+        no root yet (ignored when it has one; None: it must have one).
+      on_publish: called with each cycle's result right after its publication.
+      cache: compiled steps shared across cycles.
+
+    Returns:
+      The cycles' results, in order.
+
+    Raises:
+      AgentError: a bad limit, or another process runs as this agent.
+      agent_view.AgentStateError: the published state is malformed or foreign.
+    """
+    if cycles is not None and cycles < 0:
+        raise AgentError(f"cycles={cycles} must be >= 0.")
+    if max_seconds is not None and max_seconds <= 0:
+        raise AgentError(f"max_seconds={max_seconds} must be > 0.")
+    if config.method != MUNET and test_data is None:
+        raise AgentError(f"The {config.method!r} agent needs test_data (inputs, labels).")
+    start = time.monotonic()
+    cache = cache or candidate.default_cache()
+    results: list[CycleResult] = []
+    with store_lib.open_store(store_dir) as store, agent_lock(store_dir, config.agent):
+        _ensure_root(store, root_dir)
+        logger.info("agent %s (%s on %s): started", config.agent, config.method, config.task)
+        while cycles is None or len(results) < cycles:
+            if max_seconds is not None and time.monotonic() - start >= max_seconds:
+                break
+            cycle = len(results)
+            result = run_cycle(store, config, data, test_data=test_data, cycle=cycle, cache=cache)
+            results.append(result)
+            logger.info(
+                "agent %s: cycle %d published %s (%s): quality %.4f, score %.4f, %d new "
+                "components, %d reused from other agents, %d retired; %.1fs (%.1f min in all)",
+                *(config.agent, cycle + 1, result.path.id, "new" if result.new_path else "kept"),
+                *(result.quality, result.score, len(result.published_components)),
+                *(len(result.reused_components), len(result.retired), result.wall_seconds),
+                (time.monotonic() - start) / 60.0,
+            )
+            if on_publish is not None:
+                on_publish(result)
+    return results

@@ -1,0 +1,325 @@
+"""`./run.sh evolve`: evolve a stored muNet system over seqio tasks, or add tasks to it.
+
+    ./run.sh evolve --gin_file=gin/experiments/munet_offline.gin [--add_task NAME ...]
+
+One call is a *run*: a deterministic plan of task iterations (`search.evolve_task`) on
+the store in `store_dir`, then a report of the whole system (test accuracy per task, a
+Markdown table, a picture of the system, accuracy against parameters, TensorBoard
+scalars) in `output_dir`.
+
+- Continuing (no --add_task): `rounds` rounds over the run's tasks (the store's tasks
+  followed by `tasks` it does not hold yet, round-robin as in the papers).
+- Dynamic task introduction (--add_task NAME): each new task gets `rounds` iterations;
+  the tasks already in the store are not iterated and, because their components are
+  locked, their predictions stay bit-identical.
+- The root comes from `root_dir` (`evolution.root`, `./run.sh pretrain_root`) when the
+  store has none yet.
+- Nothing is lost on a crash: every task iteration publishes its best path in one store
+  transaction, and the run records the iterations it finished in
+  `<output_dir>/evolve_progress.json`; running the same command again skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from evolution import inference, report, root, search, system, system_picture, task_data
+from evolution import store as store_lib
+
+logger = logging.getLogger("evogrow")
+
+PROGRESS_FILE = "evolve_progress.json"
+SUMMARY_FILE = "evolve_summary.json"
+
+
+class EvolveError(ValueError):
+    """A run that cannot start as configured; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolveOutcome:
+    """What a run did and wrote.
+
+    Attributes:
+      results: the task iterations run now (not the ones a resumed run skipped).
+      test_accuracy: task -> test accuracy of its best path, for every evolved task.
+      table: the Markdown table of the system.
+      files: name -> path of each file written (picture_svg, picture_png, plot,
+        summary, tensorboard).
+      overhead_share: the evolution's own share of the iterations' wall time
+        (everything but training, validation and compilation).
+    """
+
+    results: tuple[search.TaskResult, ...]
+    test_accuracy: dict[str, float]
+    table: str
+    files: dict[str, str]
+    overhead_share: float
+
+
+def _plan(known: Sequence[str], tasks: Sequence[str], add_tasks: Sequence[str], rounds: int):
+    """The run's task iterations in order."""
+    if add_tasks:
+        already = [t for t in add_tasks if t in known]
+        if already:
+            raise EvolveError(
+                f"--add_task {already}: already in the system; run without --add_task to "
+                "continue evolving it."
+            )
+        return [t for _ in range(rounds) for t in add_tasks]
+    order = [t for t in known] + [t for t in tasks if t not in known]
+    if not order:
+        raise EvolveError(
+            "No tasks to evolve: the store holds none; bind evolve.tasks (TASKS in the gin "
+            "file) or pass --add_task NAME."
+        )
+    return [t for _ in range(rounds) for t in order]
+
+
+def _recorded_plan(output_dir: str) -> list[str] | None:
+    """The plan of an earlier run recorded in `output_dir`, if any."""
+    path = os.path.join(output_dir, PROGRESS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return list(json.load(f).get("plan", [])) or None
+
+
+def _read_progress(output_dir: str, plan: Sequence[str]) -> int:
+    """How many of `plan`'s iterations an earlier, interrupted run of it finished."""
+    path = os.path.join(output_dir, PROGRESS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        progress = json.load(f)
+    if progress.get("plan") != list(plan):
+        logger.info("evolve: %s belongs to another plan; starting this one afresh", path)
+        return 0
+    return int(progress.get("done", 0))
+
+
+def _write_progress(output_dir: str, plan: Sequence[str], done: int) -> None:
+    path = os.path.join(output_dir, PROGRESS_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"plan": list(plan), "done": done}, f)
+    os.replace(tmp, path)
+
+
+def test_accuracies(
+    store: store_lib.Store, state: system.SystemState, *, split: str = "test"
+) -> dict[str, float]:
+    """Accuracy of every task's best path on its seqio task's `split`.
+
+    Tasks whose stored metadata names no seqio task (e.g. tests' synthetic tasks) are
+    skipped.
+
+    Args:
+      store: the store.
+      state: its state.
+      split: the split to score.
+
+    Returns:
+      task -> accuracy.
+    """
+    out = {}
+    for name, record in state.tasks.items():
+        seqio_task = (record.metadata or {}).get("seqio_task")
+        if not seqio_task or state.best_path(name) is None:
+            continue
+        images, labels = task_data.load_task_arrays(seqio_task, split)
+        predicted = inference.predict_classes(store, name, images)
+        out[name] = float(np.mean(predicted == labels))
+    return out
+
+
+def write_report(
+    store: store_lib.Store,
+    output_dir: str,
+    *,
+    step: int,
+    extra_points: Sequence[tuple[str, str, float, float]] = (),
+) -> tuple[dict[str, float], str, dict[str, str]]:
+    """Scores every task on its test split and writes the table, picture, plot and scalars.
+
+    Args:
+      store: the store.
+      output_dir: where to write.
+      step: the TensorBoard step (e.g. the number of task iterations so far).
+      extra_points: more (task, method, accuracy, params) points for the plot
+        (baselines).
+
+    Returns:
+      (test accuracy per task, the Markdown table, name -> file written).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    state = store.load_state()
+    accuracy = test_accuracies(store, state)
+    table = report.system_table(state, test_accuracy=accuracy)
+    metrics = {task: {"test acc": acc} for task, acc in accuracy.items()}
+    svg, png = system_picture.render_system_files(state, output_dir, task_metrics=metrics)
+    points = [
+        (task, "evolved", acc, state.accounted_params(state.best_path(task)))  # type: ignore[arg-type]
+        for task, acc in accuracy.items()
+    ]
+    plot = report.plot_accuracy_vs_params(
+        [*points, *extra_points], os.path.join(output_dir, "accuracy_vs_params.png")
+    )
+    tb_dir = os.path.join(output_dir, "tensorboard")
+    report.write_tensorboard(tb_dir, state, step=step, test_accuracy=accuracy)
+    with open(os.path.join(output_dir, "system.md"), "w") as f:
+        f.write(table + "\n")
+    files = {"picture_svg": svg, "picture_png": png, "plot": plot, "tensorboard": tb_dir}
+    files["table"] = os.path.join(output_dir, "system.md")
+    return accuracy, table, files
+
+
+def evolve(
+    *,
+    store_dir: str,
+    root_dir: str,
+    search_config: search.SearchConfig,
+    tasks: Sequence[str] = (),
+    add_tasks: Sequence[str] = (),
+    rounds: int = 1,
+    eval_batch_size: int = 256,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    output_dir: str | None = None,
+    agent: str = "munet",
+) -> EvolveOutcome:
+    """Runs task iterations on a stored system, then reports on the whole system.
+
+    Args:
+      store_dir: the store (created when missing).
+      root_dir: a pretrained root (`evolution.root.pretrain_root`), used when the store
+        has no root yet.
+      search_config: each task iteration's settings.
+      tasks: seqio task names of the system (`import tasks` registers them); the
+        store's tasks come first, these join when new.
+      add_tasks: tasks to introduce now (`--add_task`); only they are iterated.
+      rounds: rounds over the run's tasks (iterations per new task with `add_tasks`).
+      eval_batch_size: validation batch size.
+      max_train_examples: cap on each task's training examples (None: all).
+      max_eval_examples: cap on each task's validation examples (None: all).
+      output_dir: where the report and the run's progress go (default
+        `<store_dir>_report`).
+      agent: the publishing agent's name.
+
+    Returns:
+      The outcome.
+
+    Raises:
+      EvolveError: nothing to evolve, a task added twice, or a bad `rounds`.
+    """
+    if rounds < 1:
+        raise EvolveError(f"evolve.rounds={rounds} must be >= 1.")
+    # Beside the store, not in it: the store owns its folder.
+    output_dir = output_dir or f"{os.path.normpath(store_dir)}_report"
+    os.makedirs(output_dir, exist_ok=True)
+    store = store_lib.open_store(store_dir)
+    try:
+        state = store.load_state()
+        if state.root_path_id is None:
+            root.seed_store(store, root_dir)
+            state = store.load_state()
+        root_task = state.paths[state.root_path_id].task if state.root_path_id else None
+        known = [t for t in state.task_order() if t != root_task]
+        resumed = _recorded_plan(output_dir)
+        if add_tasks and resumed and resumed[: len(add_tasks)] == list(add_tasks):
+            plan = resumed  # an interrupted introduction of these tasks: finish it
+        else:
+            plan = _plan(known, list(tasks), list(add_tasks), rounds)
+        done = _read_progress(output_dir, plan)
+        if done:
+            logger.info("evolve: resuming; %d of %d iterations were done", done, len(plan))
+        data: dict[str, search.TaskData] = {}
+        results: list[search.TaskResult] = []
+        start = time.perf_counter()
+        for index in range(done, len(plan)):
+            task = plan[index]
+            if task not in data:
+                data[task] = task_data.search_task_data(
+                    task,
+                    eval_batch_size=eval_batch_size,
+                    max_train_examples=max_train_examples,
+                    max_eval_examples=max_eval_examples,
+                )
+            item = data[task]
+            result = search.evolve_task(
+                store,
+                task,
+                search_config,
+                train_batches_fn=item.train_batches_fn,
+                validation_batches=item.validation_batches,
+                agent=agent,
+                num_classes=item.num_classes,
+                metadata=item.metadata,
+            )
+            results.append(result)
+            _write_progress(output_dir, plan, index + 1)
+            elapsed = time.perf_counter() - start
+            finished = index + 1 - done
+            eta = elapsed / finished * (len(plan) - index - 1)
+            logger.info(
+                "evolve: iteration %d/%d (%s) done: quality %.4f, %.2f x root params; "
+                "%.1f min elapsed, ETA %.1f min",
+                index + 1,
+                len(plan),
+                task,
+                result.quality,
+                result.accounted_params / result.root_params,
+                elapsed / 60.0,
+                eta / 60.0,
+            )
+        accuracy, table, files = write_report(store, output_dir, step=len(plan))
+        wall = sum(r.wall_seconds for r in results)
+        overhead = sum(r.overhead_seconds for r in results)
+        share = overhead / wall if wall else 0.0
+        summary = {
+            "plan": plan,
+            "test_accuracy": accuracy,
+            "overhead_share": share,
+            "iterations": [_result_summary(r) for r in results],
+        }
+        files["summary"] = os.path.join(output_dir, SUMMARY_FILE)
+        with open(files["summary"], "w") as f:
+            json.dump(summary, f, indent=1)
+        print(table)
+        for name in ("picture_png", "picture_svg", "plot", "table", "tensorboard"):
+            print(f"{name}: {files[name]}")
+        if results:
+            print(
+                f"evolution overhead: {100 * share:.1f}% of {wall:.0f} s of task iterations "
+                "(everything but training, validation and compilation)"
+            )
+        return EvolveOutcome(tuple(results), accuracy, table, files, share)
+    finally:
+        store.close()
+
+
+def _result_summary(result: search.TaskResult) -> dict[str, Any]:
+    """The JSON-safe facts of one task iteration."""
+    return {
+        "task": result.task,
+        "best_path": result.best_path.id,
+        "quality": result.quality,
+        "score": result.score,
+        "accounted_params": result.accounted_params,
+        "candidates": len(result.candidates),
+        "accepted": sum(c.accepted for c in result.candidates),
+        "train_seconds": result.train_seconds,
+        "eval_seconds": result.eval_seconds,
+        "compile_seconds": result.compile_seconds,
+        "overhead_seconds": result.overhead_seconds,
+        "wall_seconds": result.wall_seconds,
+        "candidates_per_hour": result.candidates_per_hour,
+    }
