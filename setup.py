@@ -37,6 +37,9 @@ EXTRAS_REQUIRE = {
         "hypothesis==6.170.17",
         "ruff==0.17.6",
         "mypy==2.4.1",
+        # Multi-machine evolution (issue 6): the PostgreSQL store and Ray scheduling.
+        "psycopg[binary]==3.3.9",
+        "ray==2.60.0",
     ],
     # t5x is not on PyPI: install it from its repository first (README, "Using t5x").
     "t5x": ["t5x"],

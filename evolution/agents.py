@@ -17,7 +17,10 @@ Methods: "munet" (the muNet / mu2Net+ single-path search, one `search.evolve_tas
 cycle) and the baselines "finetune", "freeze", "adapters" (`baselines.run_baseline` from
 the root each cycle, with a new seed; the agent keeps the better-scored of its live path
 and the new one). Every agent's published path can be a seed of the other tasks' muNet
-agents, so methods reuse each other's components.
+agents, so methods reuse each other's components. "multipath" (`multipath_agent`) trains
+a router over its task's best path and other tasks' paths, all frozen, and keeps its best
+result in files beside the store: it publishes nothing (see there why), so steps 1 and 3
+do not apply to it beyond the checked reload.
 
 A parent retired by another agent during a cycle stays a valid, unchanged parent of the
 child published at the cycle's end (published components are never written again: a
@@ -47,14 +50,15 @@ from typing import Any
 
 import numpy as np
 
-from evolution import agent_view, baselines, candidate, scoring, search, system
+from evolution import agent_view, baselines, candidate, multipath_agent, scoring, search, system
 from evolution import store as store_lib
 from evolution.architecture import model_config_of
 
 logger = logging.getLogger("evogrow")
 
 MUNET = "munet"
-METHODS = (MUNET, *baselines.METHODS)
+MULTIPATH = multipath_agent.MULTIPATH
+METHODS = (MUNET, *baselines.METHODS, MULTIPATH)
 LOCK_FOLDER = "agents"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -87,12 +91,13 @@ class AgentConfig:
 
     Attributes:
       task: the task it works on.
-      method: "munet" or a baseline ("finetune", "freeze", "adapters").
+      method: "munet", a baseline ("finetune", "freeze", "adapters") or "multipath".
       name: the agent's name (what it publishes as; unique among running agents);
         None: "<method>-<task>".
       search: the muNet cycle's settings; baselines use its steps_per_validation,
         batch_size, scale, flops_scale and seed.
       baseline: a baseline agent's method parameters.
+      multipath: a multipath agent's method parameters.
     """
 
     task: str
@@ -100,6 +105,9 @@ class AgentConfig:
     name: str | None = None
     search: search.SearchConfig = dataclasses.field(default_factory=search.SearchConfig)
     baseline: BaselineSettings = dataclasses.field(default_factory=BaselineSettings)
+    multipath: multipath_agent.MultipathSettings = dataclasses.field(
+        default_factory=multipath_agent.MultipathSettings
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -156,6 +164,10 @@ class CycleResult:
     reused_components: tuple[str, ...]
     candidates: int
     wall_seconds: float
+
+
+# What a cycle returns: a multipath agent's cycle publishes nothing.
+AgentResult = CycleResult | multipath_agent.MultipathCycle
 
 
 # -- one cycle --------------------------------------------------------------------------
@@ -375,7 +387,8 @@ def run_cycle(
     test_data: tuple[np.ndarray, np.ndarray] | None = None,
     cycle: int = 0,
     cache: candidate.StepCache | None = None,
-) -> CycleResult:
+    report_dir: str | None = None,
+) -> AgentResult:
     """One cycle of an agent: reload (checked), work privately, publish atomically.
 
     Args:
@@ -383,17 +396,31 @@ def run_cycle(
       config: the agent.
       data: its task's training stream and validation batches.
       test_data: (inputs, labels) a baseline reports its test accuracy on (required by
-        baselines, unused by muNet).
+        baselines, optional for multipath, unused by muNet).
       cycle: the cycle's index in the agent's run (reported in the result).
       cache: compiled steps shared across cycles.
+      report_dir: where a multipath agent keeps its best result (required by it).
 
     Returns:
-      What the cycle published.
+      What the cycle published (a `multipath_agent.MultipathCycle` for multipath).
 
     Raises:
       agent_view.AgentStateError: the published state is malformed or foreign (nothing is loaded).
-      AgentError: a baseline agent without `test_data`.
+      AgentError: a baseline agent without `test_data`, or multipath without `report_dir`.
     """
+    if config.method == MULTIPATH:
+        if report_dir is None:
+            raise AgentError("The 'multipath' agent needs report_dir (where it keeps its best).")
+        return multipath_agent.run_multipath_cycle(
+            store,
+            agent=config.agent,
+            task=config.task,
+            settings=config.multipath,
+            data=data,
+            report_dir=report_dir,
+            test_data=test_data,
+            cycle=cycle,
+        )
     cache = cache or candidate.default_cache()
     if config.method == MUNET:
         return _munet_cycle(store, config, data, cycle, cache)
@@ -462,9 +489,9 @@ def run_agent(
     cycles: int | None = None,
     max_seconds: float | None = None,
     root_dir: str | None = None,
-    on_publish: Callable[[CycleResult], None] | None = None,
+    on_publish: Callable[[AgentResult], None] | None = None,
     cache: candidate.StepCache | None = None,
-) -> list[CycleResult]:
+) -> list[AgentResult]:
     """Runs one agent's cycles on a store until `cycles` ran or `max_seconds` passed.
 
     The agent may be killed at any moment (even by kill -9) and started again: what it
@@ -475,13 +502,14 @@ def run_agent(
       store_dir: the shared store (created when missing).
       config: the agent.
       data: its task's training stream and validation batches (and classes, metadata).
-      test_data: (inputs, labels) for a baseline's test accuracy.
+      test_data: (inputs, labels) for a baseline's (or multipath's) test accuracy.
       cycles: how many cycles to run now (None: no limit).
       max_seconds: start no cycle after this many seconds (None: no limit); with
         neither limit the agent runs until it is stopped.
       root_dir: a pretrained root (`./run.sh pretrain_root`) seeded when the store has
         no root yet (ignored when it has one; None: it must have one).
-      on_publish: called with each cycle's result right after its publication.
+      on_publish: called with each cycle's result right after its publication (for
+        multipath, after the cycle: it publishes nothing).
       cache: compiled steps shared across cycles.
 
     Returns:
@@ -495,28 +523,40 @@ def run_agent(
         raise AgentError(f"cycles={cycles} must be >= 0.")
     if max_seconds is not None and max_seconds <= 0:
         raise AgentError(f"max_seconds={max_seconds} must be > 0.")
-    if config.method != MUNET and test_data is None:
+    if config.method in baselines.METHODS and test_data is None:
         raise AgentError(f"The {config.method!r} agent needs test_data (inputs, labels).")
     start = time.monotonic()
     cache = cache or candidate.default_cache()
-    results: list[CycleResult] = []
-    with store_lib.open_store(store_dir) as store, agent_lock(store_dir, config.agent):
+    results: list[AgentResult] = []
+    lock_folder = store_lib.local_folder_of(store_dir)
+    report_dir = os.path.join(lock_folder, multipath_agent.FOLDER)
+    with store_lib.open_store(store_dir) as store, agent_lock(lock_folder, config.agent):
         _ensure_root(store, root_dir)
         logger.info("agent %s (%s on %s): started", config.agent, config.method, config.task)
         while cycles is None or len(results) < cycles:
             if max_seconds is not None and time.monotonic() - start >= max_seconds:
                 break
             cycle = len(results)
-            result = run_cycle(store, config, data, test_data=test_data, cycle=cycle, cache=cache)
+            options = dict(test_data=test_data, cycle=cycle, cache=cache, report_dir=report_dir)
+            result = run_cycle(store, config, data, **options)  # type: ignore[arg-type]
             results.append(result)
-            logger.info(
-                "agent %s: cycle %d published %s (%s): quality %.4f, score %.4f, %d new "
-                "components, %d reused from other agents, %d retired; %.1fs (%.1f min in all)",
-                *(config.agent, cycle + 1, result.path.id, "new" if result.new_path else "kept"),
-                *(result.quality, result.score, len(result.published_components)),
-                *(len(result.reused_components), len(result.retired), result.wall_seconds),
-                (time.monotonic() - start) / 60.0,
-            )
+            minutes = (time.monotonic() - start) / 60.0
+            if isinstance(result, multipath_agent.MultipathCycle):
+                logger.info(
+                    "agent %s: cycle %d %s; %.1fs (%.1f min in all)",
+                    *(config.agent, cycle + 1, result.message, result.wall_seconds, minutes),
+                )
+            else:
+                kind = "new" if result.new_path else "kept"
+                logger.info(
+                    "agent %s: cycle %d published %s (%s): quality %.4f, score %.4f, %d "
+                    "candidates, %d new components, %d reused from other agents, %d retired; "
+                    "%.1fs (%.1f min in all)",
+                    *(config.agent, cycle + 1, result.path.id, kind, result.quality, result.score),
+                    *(result.candidates, len(result.published_components)),
+                    *(len(result.reused_components), len(result.retired), result.wall_seconds),
+                    minutes,
+                )
             if on_publish is not None:
                 on_publish(result)
     return results

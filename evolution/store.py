@@ -177,15 +177,57 @@ class Store(abc.ABC):
         self.close()
 
 
+SERVER_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_server_location(location: str) -> bool:
+    """Whether `location` names a server store (PostgreSQL) rather than a local folder."""
+    return location.startswith(SERVER_SCHEMES)
+
+
+def local_folder_of(location: str) -> str:
+    """The folder of a store's files: the store directory, or a server store's params_dir.
+
+    Agents keep their lock files there (`agents.agent_lock`), so it must be a folder
+    every process that runs agents of this store can reach.
+
+    Args:
+      location: an `open_store` location.
+
+    Returns:
+      The folder.
+    """
+    if is_server_location(location):
+        from evolution import postgres_store
+
+        return postgres_store.split_location(location)[1]
+    return location
+
+
 def open_store(location: str) -> Store:
     """Opens (or creates) the store at `location`.
 
     Args:
-      location: a local directory, which holds an embedded SQLite store.
+      location: a local directory, which holds an embedded SQLite store (the default),
+        or `postgresql://user@host:port/dbname?params_dir=/shared/dir`: metadata in a
+        PostgreSQL database, parameters in a directory every agent can reach (multi-
+        machine runs; needs `pip install "psycopg[binary]"`).
 
     Returns:
       The store.
+
+    Raises:
+      ImportError: a PostgreSQL location without psycopg installed.
     """
+    if is_server_location(location):
+        try:
+            from evolution import postgres_store
+        except ImportError as error:
+            raise ImportError(
+                f"The store {location!r} is a PostgreSQL server store, which needs psycopg: "
+                'pip install "psycopg[binary]" (evogrow\'s [test] extra has it).'
+            ) from error
+        return postgres_store.PostgresStore.from_location(location)
     from evolution import sqlite_store
 
     return sqlite_store.SqliteStore(location)
