@@ -7,7 +7,8 @@
 
 COMMAND: train, eval, infer (the trainer), pretrain_root, evolve (--add_task NAME
 introduces a task), baseline (the evolution's baselines), export_system, agent (--task
-NAME: one asynchronous agent on a stored system), or main (the default): the
+NAME: one asynchronous agent on a stored system), agents_ray (several agents as Ray
+tasks), or main (the default): the
 embedded demonstration (gin/experiments/munet_demo.gin) that reuses or pretrains the
 root ViT, evolves a muNet system over three offline image tasks, adds a fourth, and
 prints the per-task table and the picture of the system. Flags live only here;
@@ -38,6 +39,7 @@ COMMANDS = {
     "export_system": "evolution.export:export_system",
     "export_system_t5x": "evolution.t5x_export:export_system_t5x",
     "agent": "evolution.agent_main:agent",
+    "agents_ray": "evolution.ray_main:agents_ray",
 }
 
 logger = logging.getLogger("evogrow")

@@ -6,13 +6,16 @@
 Start several (different tasks or methods, or the same task with different methods and
 names) as separate processes on one store; each can be stopped (even by kill -9) and
 started again. The task's data is read by seqio task name (`evolution.task_data`).
+METHOD='multipath' runs a router over the task's best published path and other tasks'
+paths (`evolution.multipath_agent`): start it once the task has a path (it waits until
+then); it publishes nothing and keeps its best in <store>/multipath/<name>.json/.npz.
 """
 
 from __future__ import annotations
 
 import logging
 
-from evolution import agents, search, task_data
+from evolution import agents, multipath_agent, search, task_data
 
 logger = logging.getLogger("evogrow")
 
@@ -28,17 +31,18 @@ def agent(
     max_seconds: float | None = None,
     search_config: search.SearchConfig | None = None,
     baseline: agents.BaselineSettings | None = None,
+    multipath: multipath_agent.MultipathSettings | None = None,
     eval_batch_size: int = 256,
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     max_test_examples: int | None = None,
-) -> list[agents.CycleResult]:
+) -> list[agents.AgentResult]:
     """Entry point: runs one agent's cycles on the store in `store_dir`.
 
     Args:
       store_dir: the shared store (created when missing; it then needs `root_dir`).
       task: the seqio task the agent works on (`import tasks` registers them).
-      method: "munet" or a baseline ("finetune", "freeze", "adapters").
+      method: "munet", a baseline ("finetune", "freeze", "adapters") or "multipath".
       name: the agent's name, unique among the store's running agents (None:
         "<method>-<task>").
       root_dir: a pretrained root seeded when the store has none (None: the store
@@ -48,10 +52,12 @@ def agent(
       search_config: a muNet cycle's settings (baselines use its steps per
         validation, batch size, scale, FLOPs scale and seed); None: the defaults.
       baseline: a baseline agent's method parameters; None: the defaults.
+      multipath: a multipath agent's method parameters; None: the defaults.
       eval_batch_size: validation and test batch size.
       max_train_examples: cap on the task's training examples (None: all).
       max_eval_examples: cap on its validation examples (None: all).
-      max_test_examples: cap on its test examples, read by baselines (None: all).
+      max_test_examples: cap on its test examples, read by baselines and multipath
+        (None: all).
 
     Returns:
       The cycles' results.
@@ -66,6 +72,7 @@ def agent(
         name=name,
         search=search_config or search.SearchConfig(),
         baseline=baseline or agents.BaselineSettings(),
+        multipath=multipath or multipath_agent.MultipathSettings(),
     )
     data = task_data.search_task_data(
         task,
@@ -85,11 +92,14 @@ def agent(
         max_seconds=max_seconds,
         root_dir=root_dir,
     )
-    if results:
-        last = results[-1]
+    last = results[-1] if results else None
+    if isinstance(last, multipath_agent.MultipathCycle):
+        print(f"agent {config.agent}: {len(results)} cycles; last: {last.message}")
+    elif last is not None:
+        new_paths = sum(isinstance(r, agents.CycleResult) and r.new_path for r in results)
         print(
             f"agent {config.agent}: {len(results)} cycles, "
-            f"{sum(r.new_path for r in results)} new paths; live path {last.path.id}: "
+            f"{new_paths} new paths; live path {last.path.id}: "
             f"quality {last.quality:.4f}, score {last.score:.4f}, "
             f"{len(last.reused_components)} components of other agents"
         )

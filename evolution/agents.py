@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -532,13 +533,15 @@ def run_agent(
     report_dir = os.path.join(lock_folder, multipath_agent.FOLDER)
     with store_lib.open_store(store_dir) as store, agent_lock(lock_folder, config.agent):
         _ensure_root(store, root_dir)
+        run_one = functools.partial(
+            run_cycle, store, config, data, test_data=test_data, cache=cache, report_dir=report_dir
+        )
         logger.info("agent %s (%s on %s): started", config.agent, config.method, config.task)
         while cycles is None or len(results) < cycles:
             if max_seconds is not None and time.monotonic() - start >= max_seconds:
                 break
             cycle = len(results)
-            options = dict(test_data=test_data, cycle=cycle, cache=cache, report_dir=report_dir)
-            result = run_cycle(store, config, data, **options)  # type: ignore[arg-type]
+            result = run_one(cycle=cycle)
             results.append(result)
             minutes = (time.monotonic() - start) / 60.0
             if isinstance(result, multipath_agent.MultipathCycle):

@@ -26,6 +26,8 @@ Candidates of a generation are trained one after another (on one device); the sp
 D-way parallelism over devices is not implemented here. mu2Net+ optimizer-state
 inheritance applies to parents trained in the same iteration (their state is held in
 memory); a parent read from the store starts its child's optimizer afresh.
+With `SearchConfig.executor="ray"` each candidate is a Ray task instead
+(`evolution.ray_engine`), with the same results.
 
 `seed_root` stores the root model; `evolve_round_robin` iterates tasks in turn
 (`selection.next_task`), a task joining the rotation when it first appears (dynamic task
@@ -61,6 +63,8 @@ logger = logging.getLogger("evogrow")
 # Data hyperparameters that `array_train_batches` implements; the default search space
 # pins the others (random crop, mixup) to their no-op value.
 _FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
+# Where a generation's candidates train (`SearchConfig.executor`).
+EXECUTORS = ("threads", "ray")
 
 
 def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
@@ -194,6 +198,10 @@ class SearchConfig:
       population_cap: mu2Net+'s per-task population cap (None: unbounded).
       devices: how many local devices a generation's candidates train on at once
         (None: all; `search_devices`).
+      executor: where a generation's candidates train: "threads" (this process's
+        devices) or "ray" (one Ray task per candidate, `ray_engine.train_candidates`).
+      ray_address: the Ray cluster of executor "ray" (None: $RAY_ADDRESS, or a local
+        cluster started on first use).
     """
 
     generations: int = 3
@@ -211,6 +219,8 @@ class SearchConfig:
     flops_scale: float = 1.0
     population_cap: int | None = None
     devices: int | None = None
+    executor: str = "threads"
+    ray_address: str | None = None
 
     def __post_init__(self):
         for name in (
@@ -227,6 +237,10 @@ class SearchConfig:
                 raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be in (0, 1].")
         if self.population_cap is not None and self.population_cap < 1:
             raise ValueError(f"SearchConfig.population_cap={self.population_cap} must be >= 1.")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"SearchConfig.executor={self.executor!r} is unknown; use one of {EXECUTORS}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -656,7 +670,34 @@ def evolve_task(
                 device=device,
             )
 
-        results = _train_on_devices(train, planned, devices)
+        if search_config.executor == "ray":
+            from evolution import ray_engine  # noqa: PLC0415 - Ray is optional
+
+            results = ray_engine.train_candidates(
+                [
+                    ray_engine.CandidateJob(
+                        config=item.config,
+                        components=item.plan.path.components,
+                        pool=item.pool,
+                        trainable_ids=tuple(item.plan.trainable_ids),
+                        hparam_values=space.values(item.plan.hparams),
+                        data_values=item.data_values,
+                        data_seed=item.data_seed,
+                        parent_opt_state=item.inherited,
+                        parent_trainable_ids=item.parent_trainable,
+                        clone_sources=item.plan.clones,
+                    )
+                    for item in planned
+                ],
+                train_batches_fn=train_batches_fn,
+                validation_batches=validation_batches,
+                batch_size=search_config.batch_size,
+                num_validations=search_config.num_validations,
+                steps_per_validation=search_config.steps_per_validation,
+                ray_address=search_config.ray_address,
+            )
+        else:
+            results = _train_on_devices(train, planned, devices)
         for item, result in zip(planned, results, strict=True):
             parent, plan = item.parent, item.plan
             train_s += result.train_seconds

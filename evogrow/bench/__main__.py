@@ -12,6 +12,7 @@ BENCHMARKS = {
     "staged": "evogrow.bench.staged",
     "munet": "evogrow.bench.munet",
     "munet_text": "evogrow.bench.munet_text",
+    "agents": "evogrow.bench.agents",
 }
 
 
