@@ -1,5 +1,6 @@
-"""The PostgreSQL store: the store contract on both backends, concurrent publishers,
-kill -9 of a publisher, and the same search results as the embedded SQLite store.
+"""The PostgreSQL store: locations, foreign stores, concurrent publishers, kill -9 of a
+publisher, and the same search results as the embedded SQLite store (the store contract
+on both backends is test_evolution_store_contract.py).
 
 The tests start a throw-away PostgreSQL server (Debian's `postgresql` package) on
 127.0.0.1 at a free port in a temporary folder (as the `postgres` or `nobody` user when
@@ -14,17 +15,22 @@ import subprocess
 import sys
 import time
 
-import jax
-import ml_dtypes
 import numpy as np
-import optax
 import pytest
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (3) is not installed")
 
 import postgres_testlib  # noqa: E402
+from store_testlib import (  # noqa: E402
+    Backend,
+    bits,
+    make_component,
+    make_params,
+    make_path,
+    seed_root,
+)
 
-from evolution import param_files, postgres_store, sqlite_store, store, system  # noqa: E402
+from evolution import param_files, postgres_store, store, system  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
@@ -52,266 +58,16 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-class Backend:
-    """Opens one store location (again and again) of either backend."""
-
-    def __init__(self, kind, tmp_path, port=None):
-        self.kind = kind
-        if kind == "sqlite":
-            self.directory = str(tmp_path / "store")
-            self.params_dir = os.path.join(self.directory, sqlite_store.PARAMS_FOLDER)
-        else:
-            self.dsn = _new_database(port)
-            self.params_dir = str(tmp_path / "params")
-
-    def open(self):
-        if self.kind == "sqlite":
-            return sqlite_store.SqliteStore(self.directory)
-        return postgres_store.PostgresStore(self.dsn, self.params_dir)
-
-    def folders(self):
-        return set(os.listdir(self.params_dir)) - {postgres_store.MARKER_NAME}
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request, tmp_path):
-    port = request.getfixturevalue("server") if request.param == "postgres" else None
-    return Backend(request.param, tmp_path, port)
-
-
 @pytest.fixture
 def pg(server, tmp_path):
-    return Backend("postgres", tmp_path, server)
+    """A fresh PostgreSQL store location."""
+    return Backend("postgres", tmp_path, _new_database(server))
 
 
 @pytest.fixture
 def db(backend):
     with backend.open() as opened:
         yield opened
-
-
-# -- helpers (as in test_evolution_store.py) ------------------------------------------
-
-
-def _params(value, dtype=np.float32):
-    return {
-        "dense": {"kernel": np.full((4, 3), value, dtype), "bias": np.arange(3).astype(dtype)},
-        "scale": np.full((3,), value, dtype),
-    }
-
-
-def _component(cid, agent="root_agent", task="root", kind="block", **kwargs):
-    return system.Component(
-        id=cid, kind=kind, num_params=21, agent=agent, task=task, config={"v": 1}, **kwargs
-    )
-
-
-def _seed_root(db):
-    db.add_task("root", num_classes=10, metadata={"modality": "image"})
-    db.add_task("t", num_classes=3)
-    for _, cid in ROOT_SLOTS:
-        db.put_component(_component(cid), _params(1.0))
-    root = system.Path(id="root-path", task="root", components=ROOT_SLOTS, agent="root_agent")
-    db.publish("root_agent", [root], [cid for _, cid in ROOT_SLOTS])
-    db.set_root("root-path")
-    return root
-
-
-def _path(pid, head, agent="agent", task="t", **kwargs):
-    return system.Path(
-        id=pid, task=task, components=(*ROOT_SLOTS[:2], ("head", head)), agent=agent, **kwargs
-    )
-
-
-def _bits(tree):
-    return [(np.asarray(x).dtype, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
-
-
-# -- the store contract, on both backends ---------------------------------------------
-
-
-def test_params_and_opt_state_round_trip_bit_identical(db):
-    rng = np.random.default_rng(0)
-    params = {
-        "f32": rng.standard_normal((5, 7)).astype(np.float32),
-        "bf16": rng.standard_normal((3, 2)).astype(ml_dtypes.bfloat16),
-        "nested": {"i32": np.arange(6, dtype=np.int32).reshape(2, 3)},
-        "special": np.array([np.nan, np.inf, -0.0], np.float32),
-    }
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
-    opt_state = jax.tree.map(lambda x: np.asarray(x) + 0.5, optimizer.init(params["f32"]))
-    db.put_component(_component("c1"), params, opt_state)
-    db.put_component(_component("c2"), params)
-    assert _bits(db.load_params("c1")) == _bits(params)
-    restored = db.load_opt_state("c1", target=opt_state)
-    assert type(restored) is type(opt_state) and _bits(restored) == _bits(opt_state)
-    assert db.load_opt_state("c2") is None
-    with pytest.raises(store.StoreError, match="target"):
-        db.load_opt_state("c1", target={"only": np.zeros(1)})
-
-
-def test_state_round_trip_and_reopen(backend):
-    with backend.open() as db:
-        root = _seed_root(db)
-        db.put_component(_component("h1", agent="agent", task="t", kind="head"), _params(3.0))
-        path = _path(
-            "p1",
-            "h1",
-            hparams={"lr": 2, "schedule": "cosine"},
-            parent="root-path",
-            score=0.1 + 0.2,  # a double that a 4-byte REAL column would not keep
-            quality=0.8,
-            metrics={"val": [0.5, 0.8]},
-            generation=3,
-            architecture={"hidden": 32},
-        )
-        db.publish("agent", [path], ["h1"])
-        before = db.load_state()
-    with backend.open() as db:
-        after = db.load_state()
-        assert after == before
-        assert after.paths["p1"] == path and after.paths["root-path"] == root
-        assert after.root_path_id == "root-path"
-        assert [t.name for t in sorted(after.tasks.values(), key=lambda t: t.order)] == [
-            "root",
-            "t",
-        ]
-        assert after.tasks["root"].metadata == {"modality": "image"}
-        assert after.components["h1"] == _component("h1", agent="agent", task="t", kind="head")
-        assert after.locks_of("root-embed") == frozenset({"root", "t"})
-        assert _bits(db.load_params("h1")) == _bits(_params(3.0))
-        assert db.removed_on_open == []
-
-
-def test_updates_retirement_and_ownership(db):
-    _seed_root(db)
-    db.put_component(_component("h1", agent="agent", task="t", kind="head"), _params(1.0))
-    first = _path("p1", "h1", score=0.5)
-    db.publish("agent", [first], ["h1"])
-    updated = _path("p1", "h1", score=0.6, offspring=2, metrics={"n": 1})
-    db.publish("agent", [updated])
-    assert db.load_state().paths["p1"] == updated
-    with pytest.raises(store.IntegrityError, match="publish a new path"):
-        db.publish("agent", [_path("p1", "root-head")])
-    with pytest.raises(store.IntegrityError, match="cannot change path"):
-        db.retire_path("someone_else", "p1")
-    with pytest.raises(store.IntegrityError, match="made by"):
-        db.publish("someone_else", [first])
-    db.retire_path("agent", "p1")
-    state = db.load_state()
-    assert state.paths["p1"].status == system.RETIRED
-    assert state.locks_of("h1") == frozenset() and state.best_path("t") is None
-
-
-def test_publish_is_all_or_nothing_even_when_interrupted(db, monkeypatch):
-    _seed_root(db)
-    for head in ("h1", "h2", "h3"):
-        db.put_component(_component(head, agent="agent", task="t", kind="head"), _params(1.0))
-    db.publish("agent", [_path("old", "h1")], ["h1"])
-    before = db.load_state()
-    good, dangling = _path("p_good", "h2"), _path("p_bad", "missing")
-    with pytest.raises(store.IntegrityError, match="missing.*not in the store"):
-        db.publish("agent", [good, dangling], ["h2"], retire=["old"])
-    assert db.load_state() == before
-    with pytest.raises(store.IntegrityError, match="staged but not published"):
-        db.publish("agent", [good])
-    original, calls = type(db)._write_path, []
-
-    def failing(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # even a non-Exception interruption rolls back
-        return original(self, *args)
-
-    monkeypatch.setattr(type(db), "_write_path", failing)
-    with pytest.raises(KeyboardInterrupt):
-        db.publish("agent", [good, _path("p3", "h3")], ["h2", "h3"], retire=["old"])
-    monkeypatch.undo()
-    assert db.load_state() == before
-    db.publish("agent", [good], ["h2"], retire=["old"])
-    state = db.load_state()
-    assert state.paths["p_good"] == good and state.paths["old"].status == system.RETIRED
-
-
-def test_failed_put_leaves_no_folder(db, backend, monkeypatch):
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(param_files, "_write_item", broken)
-    with pytest.raises(OSError, match="disk full"):
-        db.put_component(_component("c1"), _params(1.0))
-    monkeypatch.undo()
-    assert backend.folders() == set()
-    with pytest.raises(store.UnknownEntryError):
-        db.load_params("c1")
-
-
-def test_discard_staged_removes_only_the_agents_unpublished_components(db, backend):
-    _seed_root(db)
-    for cid, agent in (("a2", "a"), ("a1", "a"), ("a3", "a"), ("b1", "b")):
-        db.put_component(_component(cid, agent=agent, task="t"), _params(1.0))
-    db.publish("a", [_path("pa", "a1", agent="a")], ["a1"])
-    assert db.discard_staged("a") == ("a2", "a3")
-    assert backend.folders() == {"a1", "b1", *(cid for _, cid in ROOT_SLOTS)}
-    with pytest.raises(store.UnknownEntryError):
-        db.load_params("a2")
-    assert db.load_params("b1")["scale"].shape == (3,)
-
-
-def _dead_pid():
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_orphans_removed_on_open_but_live_work_kept(backend):
-    with backend.open() as db:
-        _seed_root(db)
-        db.put_component(_component("staged", agent="a", task="t"), _params(1.0))
-    host = param_files._HOST
-    orphans = {"deadbeef", f".tmp-{host}-{_dead_pid()}-abc"}
-    kept = {f".tmp-{host}-{os.getpid()}-abc", ".tmp-otherhost-1-abc"}
-    for name in orphans | kept:
-        os.makedirs(os.path.join(backend.params_dir, name))
-    with backend.open() as db:
-        assert sorted(db.removed_on_open) == sorted(orphans)
-        assert backend.folders() == {*kept, "staged", *(cid for _, cid in ROOT_SLOTS)}
-        assert db.load_params("staged")["scale"].shape == (3,)
-        with backend.open() as second:  # a second client sees publications, not staging
-            assert "staged" not in second.load_state().components
-            db.publish("a", [_path("p1", "staged", agent="a")], ["staged"])
-            assert second.load_state().paths["p1"].agent == "a"
-
-
-def test_clear_errors_for_unknown_and_conflicting_entries(db):
-    _seed_root(db)
-    for call in (db.load_params, db.load_opt_state, db.set_root):
-        with pytest.raises(store.UnknownEntryError, match="nope"):
-            call("nope")
-    with pytest.raises(store.UnknownEntryError, match="nope"):
-        db.retire_path("agent", "nope")
-    with pytest.raises(store.UnknownEntryError, match="never put"):
-        db.publish("agent", components=["nope"])
-    with pytest.raises(store.UnknownEntryError, match="unknown task"):
-        db.publish("agent", [_path("p", "root-head", task="unknown_task")])
-    with pytest.raises(store.IntegrityError, match="exists already"):
-        db.put_component(_component("root-embed"), _params(1.0))
-    with pytest.raises(store.IntegrityError, match="cannot re-add"):
-        db.add_task("t", num_classes=4)
-    assert db.add_task("t", num_classes=3).order == 1
-    db.put_component(_component("b1", agent="b", task="t"), _params(1.0))
-    with pytest.raises(store.IntegrityError, match="cannot publish component"):
-        db.publish("agent", components=["b1"])
-    os.remove(os.path.join(db_params_dir(db), "b1", "params.npz"))
-    with pytest.raises(store.StoreError, match="b1"):
-        db.load_params("b1")
-    db.close()
-    with pytest.raises(store.StoreError, match="closed"):
-        db.load_state()
-
-
-def db_params_dir(db):
-    return getattr(db, "params_dir", None) or os.path.join(db.directory, "params")
 
 
 # -- PostgreSQL only: locations and foreign or damaged stores -------------------------
@@ -331,14 +87,14 @@ def test_location_string(server, tmp_path):
     name = _new_database(server).split("dbname=")[1].split()[0]
     location = f"postgresql://evogrow@127.0.0.1:{server}/{name}?params_dir={tmp_path / 'p'}"
     with postgres_store.PostgresStore.from_location(location) as db:
-        _seed_root(db)
+        seed_root(db)
         assert db.params_dir == str(tmp_path / "p")
         assert db.load_state().root_path_id == "root-path"
 
 
 def test_foreign_or_damaged_locations_are_refused(pg, tmp_path, server):
     with pg.open() as db:
-        _seed_root(db)
+        seed_root(db)
     with pytest.raises(store.ForeignStoreError, match="another|of store"):
         postgres_store.PostgresStore(_new_database(server), pg.params_dir)
     (tmp_path / "busy").mkdir()
@@ -490,7 +246,7 @@ def _check_state(db, state, check_params=False):
 
 def _seeded(pg):
     with pg.open() as db:
-        _seed_root(db)
+        seed_root(db)
 
 
 def test_concurrent_publishers_lose_nothing_and_tear_nothing(pg, tmp_path):
@@ -560,8 +316,8 @@ def test_publishers_killed_mid_transaction_leave_nothing_half_visible(pg, tmp_pa
         assert len(db.discard_staged("mid_publish")) == 2
         assert db.discard_staged("after_rename") == ()
         assert pg.folders() == set(state.components)
-        db.put_component(_component("after", agent="agent", task="t"), _params(5.0))
-        db.publish("agent", [_path("p_after", "after")], ["after"])  # the lock is free
+        db.put_component(make_component("after", agent="agent", task="t"), make_params(5.0))
+        db.publish("agent", [make_path("p_after", "after")], ["after"])  # the lock is free
 
 
 # -- same results as the embedded store -----------------------------------------------
@@ -592,7 +348,10 @@ def test_search_iteration_gives_identical_results_on_both_stores(server, tmp_pat
         data[split] = (images.astype(np.float32), labels)
     cache = cand.StepCache()
     outcomes = []
-    for backend in (Backend("sqlite", tmp_path / "a"), Backend("postgres", tmp_path, server)):
+    for backend in (
+        Backend("sqlite", tmp_path / "a"),
+        Backend("postgres", tmp_path, _new_database(server)),
+    ):
         with backend.open() as db:
             search.seed_root(db, TINY_VIT, random_params(), agent="root")
             result = search.evolve_task(
@@ -615,4 +374,4 @@ def test_search_iteration_gives_identical_results_on_both_stores(server, tmp_pat
     ]
     assert state_b == state_a
     assert list(state_b.paths) == list(state_a.paths)  # the same order, too
-    assert _bits(best_b) == _bits(best_a)
+    assert bits(best_b) == bits(best_a)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from evogrow.bench import munet as munet_bench
+from evogrow.bench import methods
 from evolution import agents, inference, multipath_agent, root, task_data
 from evolution import store as store_lib
 from tasks import offline_image
@@ -336,16 +336,10 @@ def main(argv: list[str]) -> int:
       the exit status.
     """
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s] %(message)s")
-    logger.setLevel(logging.INFO)
-    out = os.path.abspath(
-        args.out or os.path.join("runs", time.strftime("bench_agents-%Y%m%d-%H%M%S"))
-    )
-    os.makedirs(out, exist_ok=True)
+    out = methods.start_run(args.out, "bench_agents")
     args.root_dir = os.path.abspath(args.root_dir)
     start = time.perf_counter()
-    made = root.ensure_root(root_dir=args.root_dir, **munet_bench.ROOT_SETTINGS)
-    print(f"root: {made.num_params} params, Fashion-MNIST test accuracy {made.test_accuracy:.4f}")
+    methods.image_root(args.root_dir)
     tests = {t: task_data.load_task_arrays(t, "test") for t in args.tasks}
     phases = [_phase(args, k, out, tests) for k in args.ks]
     multipath_start = time.perf_counter()

@@ -25,24 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
-from collections import defaultdict
-from typing import Any
 
-import numpy as np
-
-from evolution import baselines, mutations, report, root, search, task_data
+from evogrow.bench import methods
+from evolution import baselines, mutations, search, task_data
 from evolution import evolve as evolve_lib
 from evolution import store as store_lib
 from tasks import offline_image
-
-logger = logging.getLogger("evogrow")
-
-ROOT_SETTINGS = dict(
-    steps=2000, batch_size=128, learning_rate=2e-3, warmup_steps=200, weight_decay=0.05, seed=0
-)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -62,43 +52,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _evolution_steps(results: list[search.TaskResult], steps_per_candidate: int) -> dict:
-    """Training steps the evolution spent on each task (all candidates, accepted or not)."""
-    steps: dict[str, int] = defaultdict(int)
-    for result in results:
-        steps[result.task] += len(result.candidates) * steps_per_candidate
-    return dict(steps)
-
-
-def _table(
-    names: list[str],
-    evolved: dict[str, tuple[float, float]],
-    by_method: dict[str, list[Any]],
-) -> str:
-    """Markdown: per task, accuracy and accounted parameters of every method."""
-    methods = ["evolved", *by_method]
-    header = "| task | " + " | ".join(f"{m} acc | {m} params" for m in methods) + " |"
-    lines = [header, "|" + "---|" * (1 + 2 * len(methods))]
-    rows: dict[str, dict[str, tuple[float, float]]] = {"evolved": evolved}
-    rows.update(
-        {
-            m: {r.task: (r.test_accuracy, r.accounted_params) for r in rs}
-            for m, rs in by_method.items()
-        }
-    )
-    for name in [*names, "mean"]:
-        cells = []
-        for method in methods:
-            if name == "mean":
-                acc = float(np.mean([rows[method][n][0] for n in names]))
-                params = float(np.mean([rows[method][n][1] for n in names]))
-            else:
-                acc, params = rows[method][name]
-            cells.append(f"{acc:.4f} | {params / 1e3:.1f}k")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> int:
     """Runs the benchmark; prints the table, then the JSON summary as the last line.
 
@@ -109,15 +62,10 @@ def main(argv: list[str]) -> int:
       the exit status.
     """
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s] %(message)s")
-    logger.setLevel(logging.INFO)
-    out = args.out or os.path.join("runs", time.strftime("bench_munet-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    out = methods.start_run(args.out, "bench_munet")
     names = offline_image.evolution_members()
     start = time.perf_counter()
-
-    made = root.ensure_root(root_dir=args.root_dir, **ROOT_SETTINGS)
-    print(f"root: {made.num_params} params, Fashion-MNIST test accuracy {made.test_accuracy:.4f}")
+    made = methods.image_root(args.root_dir)
     config = search.SearchConfig(
         generations=args.generations,
         candidates_per_generation=args.candidates,
@@ -140,7 +88,7 @@ def main(argv: list[str]) -> int:
         output_dir=os.path.join(out, "evolved"),
     )
     evolve_wall = time.perf_counter() - evolve_start
-    steps = _evolution_steps(list(outcome.results), args.validations * args.steps_per_validation)
+    steps = methods.evolution_steps(outcome.results, args.validations * args.steps_per_validation)
 
     store = store_lib.open_store(store_dir)
     try:
@@ -174,41 +122,22 @@ def main(argv: list[str]) -> int:
     finally:
         store.close()
 
-    by_method: dict[str, list[Any]] = defaultdict(list)
-    for result in results:
-        by_method[result.method].append(result)
-    table = _table(names, evolved, dict(by_method))
-    points = [(n, "evolved", acc, params) for n, (acc, params) in evolved.items()]
-    points += [(r.task, r.method, r.test_accuracy, r.accounted_params) for r in results]
-    plot = report.plot_accuracy_vs_params(
-        points, os.path.join(out, "accuracy_vs_params.png"), title="muNet benchmark"
+    comparison = methods.compare_methods(
+        names, evolved, results, out, table_name="munet.md", title="muNet benchmark"
     )
-    with open(os.path.join(out, "munet.md"), "w") as f:
-        f.write(table + "\n")
-
-    def mean_acc(method: str) -> float:
-        return float(np.mean([r.test_accuracy for r in by_method[method]]))
-
-    evolved_params = float(np.mean([p for _, p in evolved.values()]))
-    finetune_params = float(np.mean([r.accounted_params for r in by_method["finetune"]]))
     summary = {
         "tasks": len(names),
-        "evolved_mean_acc": float(np.mean([a for a, _ in evolved.values()])),
-        "finetune_mean_acc": mean_acc("finetune"),
-        "adapters_mean_acc": mean_acc("adapters"),
-        "freeze_mean_acc": mean_acc("freeze"),
-        "params_ratio": evolved_params / finetune_params,
-        "evolved_params_per_task": evolved_params,
-        "finetune_params_per_task": finetune_params,
+        **comparison.summary,
         "steps_per_task": steps,
         "evolve_wall_s": evolve_wall,
         "baselines_wall_s": baseline_wall,
         "evolution_overhead_share": outcome.overhead_share,
         "total_wall_s": time.perf_counter() - start,
         "root_test_acc": made.test_accuracy,
-        "text_variant": "not run: the search builds ViT paths only (see the issue note)",
+        "text_variant": "./run.sh bench munet_text",
     }
-    print(table)
-    print(f"plot: {plot}\nsystem picture: {outcome.files['picture_png']}\ntable: {out}/munet.md")
+    print(comparison.table)
+    print(f"plot: {comparison.plot}\nsystem picture: {outcome.files['picture_png']}")
+    print(f"table: {comparison.table_file}")
     print(json.dumps(summary))
     return 0

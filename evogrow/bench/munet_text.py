@@ -39,19 +39,17 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
 import tasks
-from evogrow.bench import munet
+from evogrow.bench import methods
 from evolution import (
     baselines,
     batches,
     inference,
     mutations,
-    report,
     search,
     task_data,
     text_root,
@@ -125,10 +123,7 @@ def main(argv: list[str]) -> int:
       the exit status.
     """
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s] %(message)s")
-    logger.setLevel(logging.INFO)
-    out = args.out or os.path.join("runs", time.strftime("bench_munet_text-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    out = methods.start_run(args.out, "bench_munet_text")
     names = list(args.tasks)
     start = time.perf_counter()
 
@@ -168,7 +163,7 @@ def main(argv: list[str]) -> int:
             store, data, config, iterations=args.rounds * len(names)
         )
         evolve_wall = time.perf_counter() - evolve_start
-        steps = munet._evolution_steps(results, args.validations * args.steps_per_validation)
+        steps = methods.evolution_steps(results, args.validations * args.steps_per_validation)
         state = store.load_state()
         evolved = {}
         for name in names:
@@ -196,34 +191,19 @@ def main(argv: list[str]) -> int:
     finally:
         store.close()
 
-    by_method: dict[str, list[Any]] = defaultdict(list)
-    for result in baseline_results:
-        by_method[result.method].append(result)
-    table = munet._table(names, evolved, dict(by_method))
-    points = [(n, "evolved", acc, params) for n, (acc, params) in evolved.items()]
-    points += [(r.task, r.method, r.test_accuracy, r.accounted_params) for r in baseline_results]
-    plot = report.plot_accuracy_vs_params(
-        points, os.path.join(out, "accuracy_vs_params.png"), title="muNet benchmark (text)"
+    comparison = methods.compare_methods(
+        names,
+        evolved,
+        baseline_results,
+        out,
+        table_name="munet_text.md",
+        title="muNet benchmark (text)",
     )
-    with open(os.path.join(out, "munet_text.md"), "w") as f:
-        f.write(table + "\n")
-
-    def mean_acc(method: str) -> float:
-        return float(np.mean([r.test_accuracy for r in by_method[method]]))
-
-    evolved_params = float(np.mean([p for _, p in evolved.values()]))
-    finetune_params = float(np.mean([r.accounted_params for r in by_method["finetune"]]))
     wall = sum(r.wall_seconds for r in results)
     summary = {
         "tasks": len(names),
         "task_names": names,
-        "evolved_mean_acc": float(np.mean([a for a, _ in evolved.values()])),
-        "finetune_mean_acc": mean_acc("finetune"),
-        "adapters_mean_acc": mean_acc("adapters"),
-        "freeze_mean_acc": mean_acc("freeze"),
-        "params_ratio": evolved_params / finetune_params,
-        "evolved_params_per_task": evolved_params,
-        "finetune_params_per_task": finetune_params,
+        **comparison.summary,
         "root_params": root_params,
         "root": f"all-MiniLM-L6-v2, bottom {args.num_layers} blocks, length {args.sequence_length}",
         "steps_per_task": steps,
@@ -233,7 +213,7 @@ def main(argv: list[str]) -> int:
         "evolution_overhead_share": sum(r.overhead_seconds for r in results) / wall if wall else 0,
         "total_wall_s": time.perf_counter() - start,
     }
-    print(table)
-    print(f"plot: {plot}\ntable: {out}/munet_text.md")
+    print(comparison.table)
+    print(f"plot: {comparison.plot}\ntable: {comparison.table_file}")
     print(json.dumps(summary))
     return 0

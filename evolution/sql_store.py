@@ -1,0 +1,448 @@
+"""What the SQL stores share: rows in a relational database, parameters in folders.
+
+`SqlStore` holds the logic of `sqlite_store.SqliteStore` and `postgres_store.PostgresStore`
+(the `store.Store` contract, written once): components are put parameters-first (a
+folder renamed into `<params root>/<id>` inside the transaction that inserts the row,
+under the database's write lock), publications are one transaction, `load_state` is
+one snapshot. A backend supplies its connection, its write transaction (serial: writers
+of one store queue on one lock), its read snapshot, its schema check and a few dialect
+details (`PLACEHOLDER`, `ROW_ORDER`, `_insert_publication`).
+
+Statements are written with `?` placeholders; a backend whose driver uses another style
+sets `PLACEHOLDER` and `_sql` rewrites them. Values keep the same types in every
+backend (JSON as text written by `dumps`, booleans as the driver stores Python bools),
+so both stores return equal `SystemState`s.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from evolution import param_files, store, system
+
+logger = logging.getLogger("evogrow")
+
+SCHEMA_FORMAT = "evogrow.evolution.store"
+SCHEMA_VERSION = 1
+TABLES = frozenset(
+    {"schema_info", "settings", "tasks", "components", "publications", "paths", "path_components"}
+)
+_COMPONENT_COLUMNS = "id, kind, num_params, agent, task, config, parent, generation"
+_PATH_COLUMNS = (
+    "id, agent, task, components, parent, hparams, generation, architecture, score,"
+    " quality, metrics, offspring, status"
+)
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a value as every SQL store writes it (sorted keys).
+
+    Args:
+      value: a JSON-safe value.
+
+    Returns:
+      The text.
+    """
+    return json.dumps(value, sort_keys=True)
+
+
+def _component_of(row: tuple) -> system.Component:
+    return system.Component(
+        id=row[0],
+        kind=row[1],
+        num_params=row[2],
+        agent=row[3],
+        task=row[4],
+        config=json.loads(row[5]),
+        parent=row[6],
+        generation=row[7],
+    )
+
+
+def _path_of(row: tuple) -> system.Path:
+    return system.Path(
+        id=row[0],
+        agent=row[1],
+        task=row[2],
+        components=tuple(tuple(pair) for pair in json.loads(row[3])),
+        parent=row[4],
+        hparams=json.loads(row[5]),
+        generation=row[6],
+        architecture=json.loads(row[7]),
+        score=row[8],
+        quality=row[9],
+        metrics=json.loads(row[10]),
+        offspring=row[11],
+        status=row[12],
+    )
+
+
+class SqlStore(store.Store):
+    """A `store.Store` on a SQL database and a folder of parameter folders.
+
+    Subclasses set `_connection` (a DB-API connection whose `execute` returns a cursor),
+    `_params_root` (the folder of `<id>/` parameter folders) and `_location` (for
+    messages), and implement `_transaction` and `_snapshot`.
+    """
+
+    PLACEHOLDER = "?"
+    # A column that orders rows by insertion (load_state keeps that order).
+    ROW_ORDER = "rowid"
+
+    _connection: Any
+    _params_root: str
+    _location: str
+
+    # -- what a backend supplies ------------------------------------------------------
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction holding the store's write lock; yields the connection."""
+
+    @abc.abstractmethod
+    def _snapshot(self) -> contextlib.AbstractContextManager[Any]:
+        """A read-only transaction on one consistent snapshot; yields the connection."""
+
+    def _insert_publication(self, db: Any, agent: str) -> int:
+        """Inserts a publication row; returns its sequence number."""
+        row = db.execute(
+            self._sql("INSERT INTO publications(agent, time) VALUES (?, ?) RETURNING seq"),
+            (agent, time.time()),
+        ).fetchone()
+        return int(row[0])
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.PLACEHOLDER == "?" else statement.replace("?", self.PLACEHOLDER)
+
+    def _db(self) -> Any:
+        if self._connection is None:
+            raise store.StoreError(f"The store at {self._location} is closed.")
+        return self._connection
+
+    def _execute(self, db: Any, statement: str, values: tuple = ()) -> Any:
+        return db.execute(self._sql(statement), values)
+
+    def _executemany(self, db: Any, statement: str, rows: list[tuple]) -> None:
+        cursor = db.cursor()
+        try:
+            cursor.executemany(self._sql(statement), rows)
+        finally:
+            cursor.close()
+
+    def _remove_orphans_locked(self, db: Any, keep: Iterable[str] = ()) -> list[str]:
+        """Removes parameter folders no row references and dead local temporaries.
+
+        Call inside a write transaction, so no concurrent writer is renaming a folder.
+        """
+        known = {row[0] for row in self._execute(db, "SELECT id FROM components")}
+        known |= set(keep)
+        removed = []
+        for name in sorted(os.listdir(self._params_root)):
+            if name.startswith(param_files.TEMP_PREFIX):
+                orphan = param_files.is_temp_of_dead_local_process(name)
+            else:
+                orphan = name not in known
+            if orphan:
+                shutil.rmtree(os.path.join(self._params_root, name), ignore_errors=True)
+                removed.append(name)
+        if removed:
+            logger.info(
+                "store %s: removed %d orphaned parameter folders", self._location, len(removed)
+            )
+        return removed
+
+    # -- tasks ------------------------------------------------------------------------
+
+    def add_task(
+        self, name: str, *, num_classes: int, metadata: Mapping[str, Any] | None = None
+    ) -> system.TaskRecord:
+        """See `Store.add_task`."""
+        with self._transaction() as db:
+            row = self._execute(
+                db, "SELECT position, num_classes, metadata FROM tasks WHERE name = ?", (name,)
+            ).fetchone()
+            if row is not None:
+                existing = system.TaskRecord(name, row[1], row[0], json.loads(row[2]))
+                wanted = system.TaskRecord(name, num_classes, row[0], metadata or {})
+                if existing != wanted:
+                    raise store.IntegrityError(
+                        f"Task {name!r} exists as {existing}; cannot re-add it as {wanted}."
+                    )
+                return existing
+            order = int(self._execute(db, "SELECT COUNT(*) FROM tasks").fetchone()[0])
+            record = system.TaskRecord(name, num_classes, order, metadata or {})
+            self._execute(
+                db,
+                "INSERT INTO tasks(name, position, num_classes, metadata) VALUES (?, ?, ?, ?)",
+                (name, order, record.num_classes, dumps(record.metadata)),
+            )
+            return record
+
+    # -- components -------------------------------------------------------------------
+
+    def put_component(
+        self, component: system.Component, params: Any, opt_state: Any = None
+    ) -> None:
+        """See `Store.put_component`."""
+        if self._component_row(component.id) is not None:
+            raise store.IntegrityError(f"Component {component.id!r} exists already.")
+        items = {"params": params}
+        if opt_state is not None:
+            items["opt_state"] = opt_state
+        temp = param_files.write_temp_folder(self._params_root, items)
+        final = os.path.join(self._params_root, component.id)
+        renamed = False
+        try:
+            with self._transaction() as db:
+                if self._component_row(component.id) is not None:
+                    raise store.IntegrityError(f"Component {component.id!r} exists already.")
+                if os.path.lexists(final):
+                    # A crashed writer's folder without a row; we hold the write lock.
+                    shutil.rmtree(final)
+                param_files.publish_folder(temp, final)
+                renamed = True
+                self._execute(
+                    db,
+                    "INSERT INTO components(id, kind, num_params, agent, task, config, parent,"
+                    " generation, has_opt_state, published) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        component.id,
+                        component.kind,
+                        component.num_params,
+                        component.agent,
+                        component.task,
+                        dumps(component.config),
+                        component.parent,
+                        component.generation,
+                        opt_state is not None,
+                        False,
+                    ),
+                )
+        except BaseException:
+            shutil.rmtree(final if renamed else temp, ignore_errors=True)
+            raise
+
+    def _component_row(self, component_id: str) -> tuple | None:
+        """(agent, published, has_opt_state) of a component, or None."""
+        return self._execute(
+            self._db(),
+            "SELECT agent, published, has_opt_state FROM components WHERE id = ?",
+            (component_id,),
+        ).fetchone()
+
+    def _folder_of(self, component_id: str) -> str:
+        if self._component_row(component_id) is None:
+            raise store.UnknownEntryError(f"Unknown component {component_id!r}.")
+        return os.path.join(self._params_root, component_id)
+
+    def load_params(self, component_id: str) -> Any:
+        """See `Store.load_params`."""
+        folder = self._folder_of(component_id)
+        try:
+            return param_files.read_item(folder, "params")
+        except param_files.ParamFileError as error:
+            raise store.StoreError(f"Parameters of {component_id!r}: {error}") from error
+
+    def load_opt_state(self, component_id: str, target: Any = None) -> Any:
+        """See `Store.load_opt_state`."""
+        folder = self._folder_of(component_id)
+        if not param_files.has_item(folder, "opt_state"):
+            row = self._component_row(component_id)
+            if row is not None and row[2]:
+                raise store.StoreError(f"Optimizer state of {component_id!r} is missing.")
+            return None
+        try:
+            return param_files.read_item(folder, "opt_state", target)
+        except param_files.ParamFileError as error:
+            raise store.StoreError(f"Optimizer state of {component_id!r}: {error}") from error
+
+    def discard_staged(self, agent: str) -> tuple[str, ...]:
+        """See `Store.discard_staged`."""
+        with self._transaction() as db:
+            ids = tuple(
+                row[0]
+                for row in self._execute(
+                    db,
+                    "SELECT id FROM components WHERE agent = ? AND NOT published ORDER BY id",
+                    (agent,),
+                ).fetchall()
+            )
+            self._executemany(db, "DELETE FROM components WHERE id = ?", [(i,) for i in ids])
+        # Rows go first: a crash here leaves folders without rows, removed on next open.
+        for component_id in ids:
+            shutil.rmtree(os.path.join(self._params_root, component_id), ignore_errors=True)
+        return ids
+
+    # -- paths ------------------------------------------------------------------------
+
+    def publish(
+        self,
+        agent: str,
+        paths: Iterable[system.Path] = (),
+        components: Iterable[str] = (),
+        retire: Iterable[str] = (),
+    ) -> None:
+        """See `Store.publish`."""
+        paths, components, retire = list(paths), list(dict.fromkeys(components)), list(retire)
+        path_ids = [p.id for p in paths]
+        if len(set(path_ids)) != len(path_ids):
+            raise store.IntegrityError(f"publish got the same path twice: {path_ids}.")
+        if set(path_ids) & set(retire):
+            raise store.IntegrityError(
+                f"publish both updates and retires {sorted(set(path_ids) & set(retire))}."
+            )
+        with self._transaction() as db:
+            self._publish_components(db, agent, components)
+            seq = self._insert_publication(db, agent)
+            for path in paths:
+                self._write_path(db, agent, path, seq)
+            for path_id in retire:
+                self._check_owner(db, agent, path_id)
+                self._execute(
+                    db, "UPDATE paths SET status = ? WHERE id = ?", (system.RETIRED, path_id)
+                )
+
+    def _publish_components(self, db: Any, agent: str, ids: list[str]) -> None:
+        for component_id in ids:
+            row = self._component_row(component_id)
+            if row is None:
+                raise store.UnknownEntryError(
+                    f"Cannot publish component {component_id!r}: it was never put."
+                )
+            if row[0] != agent:
+                raise store.IntegrityError(
+                    f"Agent {agent!r} cannot publish component {component_id!r} of {row[0]!r}."
+                )
+            if not os.path.isdir(os.path.join(self._params_root, component_id)):
+                raise store.StoreError(f"Parameters of component {component_id!r} are missing.")
+            self._execute(
+                db, "UPDATE components SET published = ? WHERE id = ?", (True, component_id)
+            )
+
+    def _check_owner(self, db: Any, agent: str, path_id: str) -> None:
+        row = self._execute(db, "SELECT agent FROM paths WHERE id = ?", (path_id,)).fetchone()
+        if row is None:
+            raise store.UnknownEntryError(f"Unknown path {path_id!r}.")
+        if row[0] != agent:
+            raise store.IntegrityError(
+                f"Agent {agent!r} cannot change path {path_id!r} of agent {row[0]!r}."
+            )
+
+    def _write_path(self, db: Any, agent: str, path: system.Path, seq: int) -> None:
+        if path.agent != agent:
+            raise store.IntegrityError(
+                f"Agent {agent!r} cannot publish path {path.id!r} made by {path.agent!r}."
+            )
+        if self._execute(db, "SELECT 1 FROM tasks WHERE name = ?", (path.task,)).fetchone() is None:
+            raise store.UnknownEntryError(f"Path {path.id!r} has unknown task {path.task!r}.")
+        for component_id in path.component_ids:
+            row = self._component_row(component_id)
+            if row is None or not row[1]:
+                state = "not in the store" if row is None else "staged but not published"
+                raise store.IntegrityError(
+                    f"Path {path.id!r} references component {component_id!r}, which is "
+                    f"{state}; put it and list it in `components`."
+                )
+        mutable = (path.score, path.quality, dumps(path.metrics), path.offspring, path.status)
+        fixed = (
+            agent,
+            path.task,
+            dumps(path.components),
+            path.parent,
+            dumps(path.hparams),
+            path.generation,
+            dumps(path.architecture),
+        )
+        old = self._execute(
+            db,
+            "SELECT agent, task, components, parent, hparams, generation, architecture"
+            " FROM paths WHERE id = ?",
+            (path.id,),
+        ).fetchone()
+        if old is not None:
+            if old[0] != agent:
+                raise store.IntegrityError(
+                    f"Agent {agent!r} cannot change path {path.id!r} of agent {old[0]!r}."
+                )
+            if tuple(old) != fixed:
+                raise store.IntegrityError(
+                    f"Path {path.id!r} exists with other task, components, parent, "
+                    "hyperparameters, generation or architecture; publish a new path instead."
+                )
+            self._execute(
+                db,
+                "UPDATE paths SET score = ?, quality = ?, metrics = ?, offspring = ?,"
+                " status = ?, publication = ? WHERE id = ?",
+                (*mutable, seq, path.id),
+            )
+            return
+        self._execute(
+            db,
+            "INSERT INTO paths(id, agent, task, components, parent, hparams, generation,"
+            " architecture, score, quality, metrics, offspring, status, publication)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (path.id, *fixed, *mutable, seq),
+        )
+        self._executemany(
+            db,
+            "INSERT INTO path_components(path_id, position, component_id) VALUES (?, ?, ?)",
+            [(path.id, i, cid) for i, cid in enumerate(path.component_ids)],
+        )
+
+    def set_root(self, path_id: str) -> None:
+        """See `Store.set_root`."""
+        with self._transaction() as db:
+            if self._execute(db, "SELECT 1 FROM paths WHERE id = ?", (path_id,)).fetchone() is None:
+                raise store.UnknownEntryError(f"Unknown path {path_id!r}.")
+            self._execute(
+                db,
+                "INSERT INTO settings(key, value) VALUES ('root_path', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (path_id,),
+            )
+
+    # -- reading the system -----------------------------------------------------------
+
+    def load_state(self) -> system.SystemState:
+        """See `Store.load_state`."""
+        with self._snapshot() as db:
+            tasks = {
+                name: system.TaskRecord(name, num_classes, position, json.loads(metadata))
+                for name, position, num_classes, metadata in self._execute(
+                    db, "SELECT name, position, num_classes, metadata FROM tasks ORDER BY position"
+                ).fetchall()
+            }
+            components = {
+                row[0]: _component_of(row)
+                for row in self._execute(
+                    db,
+                    f"SELECT {_COMPONENT_COLUMNS} FROM components WHERE published"
+                    f" ORDER BY {self.ROW_ORDER}",
+                ).fetchall()
+            }
+            paths = {
+                row[0]: _path_of(row)
+                for row in self._execute(
+                    db, f"SELECT {_PATH_COLUMNS} FROM paths ORDER BY {self.ROW_ORDER}"
+                ).fetchall()
+            }
+            root = self._execute(
+                db, "SELECT value FROM settings WHERE key = 'root_path'"
+            ).fetchone()
+        return system.SystemState(components, paths, tasks, root[0] if root else None)
+
+    def close(self) -> None:
+        """See `Store.close`."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
