@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from evolution import agents, multipath_agent, search, task_data
+from evolution import agent_run, agents, multipath_agent, search, task_data
 
 logger = logging.getLogger("evogrow")
 
@@ -83,7 +83,7 @@ def agent(
     test_data = None
     if method != agents.MUNET:
         test_data = task_data.load_task_arrays(task, "test", max_examples=max_test_examples)
-    results = agents.run_agent(
+    results = agent_run.run_agent(
         store_dir=store_dir,
         config=config,
         data=data,

@@ -11,7 +11,7 @@ Two things run on Ray (https://docs.ray.io), which schedules them on the cluster
   the parameter pool) go to the object store once. Results come back in order as host
   (numpy) trees, so the search goes on exactly as with executor "threads".
 - Agents (`run_agents`; `./run.sh agents_ray`): each agent (a method bound to a task,
-  `agents.AgentConfig`) is one Ray task running `agents.run_agent` on a shared store.
+  `agents.AgentConfig`) is one Ray task running `agent_run.run_agent` on a shared store.
 
 Ray is imported only when one of these runs; without it they raise an ImportError that
 says how to install it.
@@ -49,7 +49,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from evolution import agents, candidate, families, search
+from evolution import agent_run, agents, candidate, families, search
 from evolution import store as store_lib
 from evolution.batches import Batch, TrainBatchesFn
 
@@ -304,7 +304,7 @@ def _run_agent_task(
 
     logging.getLogger("evogrow").setLevel(logging.INFO)
     data, test = data_fn(config)
-    return agents.run_agent(
+    return agent_run.run_agent(
         store_dir=store,
         config=config,
         data=data,
@@ -335,7 +335,7 @@ def run_agents(
 ) -> list[list[agents.AgentResult]]:
     """Runs agents as Ray tasks on one shared store and waits for them.
 
-    Each agent is one Ray task (`num_cpus` CPUs) running `agents.run_agent` with its
+    Each agent is one Ray task (`num_cpus` CPUs) running `agent_run.run_agent` with its
     data from `data_fn`; agents meet only through what they publish in the store.
 
     Args:

@@ -188,7 +188,7 @@ def is_server_location(location: str) -> bool:
 def local_folder_of(location: str) -> str:
     """The folder of a store's files: the store directory, or a server store's params_dir.
 
-    Agents keep their lock files there (`agents.agent_lock`), so it must be a folder
+    Agents keep their lock files there (`agent_run.agent_lock`), so it must be a folder
     every process that runs agents of this store can reach.
 
     Args:

@@ -27,6 +27,7 @@ import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import (
+    agent_run,
     agent_view,
     agents,
     batches,
@@ -127,7 +128,7 @@ import json, logging, os, signal, sys, time
 import numpy as np
 
 import test_evolution_agents as spec
-from evolution import agents, candidate, inference, sqlite_store
+from evolution import agent_run, agents, candidate, inference, sqlite_store
 
 store_dir, task, method, name, cycles, out_dir = sys.argv[1:7]
 logging.basicConfig(format="%(asctime)s %(message)s")
@@ -164,7 +165,7 @@ def on_publish(result):
         f.write(json.dumps(record) + "\n")
     print("published", result.path.id, flush=True)
 
-agents.run_agent(store_dir=store_dir, config=config, data=spec._task_data(task),
+agent_run.run_agent(store_dir=store_dir, config=config, data=spec._task_data(task),
                  test_data=spec._test_split(task), cycles=int(cycles), on_publish=on_publish)
 print("done", flush=True)
 """
@@ -518,7 +519,7 @@ def test_malformed_or_foreign_state_is_refused(tmp_path, kind, expected, method)
     before = _publications(store_dir)
     config = agents.AgentConfig("tex_a", method, search=SEARCH, baseline=BASELINE)
     with pytest.raises(agent_view.AgentStateError, match=f"path 'bad-path'.*{expected}"):
-        agents.run_agent(
+        agent_run.run_agent(
             store_dir=store_dir,
             config=config,
             data=_task_data("tex_a"),
@@ -534,19 +535,21 @@ def test_agent_start_errors(tmp_path):
     data = _task_data("tex_a")
     empty = str(tmp_path / "empty")
     with pytest.raises(agent_view.AgentStateError, match="no root path"):
-        agents.run_agent(store_dir=empty, config=config, data=data, cycles=1)
+        agent_run.run_agent(store_dir=empty, config=config, data=data, cycles=1)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not a store")
     with pytest.raises(store_lib.ForeignStoreError):
-        agents.run_agent(store_dir=str(foreign), config=config, data=data, cycles=1)
+        agent_run.run_agent(store_dir=str(foreign), config=config, data=data, cycles=1)
     with (
-        agents.agent_lock(empty, config.agent),
+        agent_run.agent_lock(empty, config.agent),
         pytest.raises(agents.AgentError, match="already running"),
     ):
-        agents.run_agent(store_dir=empty, config=config, data=data, cycles=1)
+        agent_run.run_agent(store_dir=empty, config=config, data=data, cycles=1)
     with pytest.raises(agents.AgentError, match="needs test_data"):
-        agents.run_agent(store_dir=empty, config=agents.AgentConfig("tex_a", "freeze"), data=data)
+        agent_run.run_agent(
+            store_dir=empty, config=agents.AgentConfig("tex_a", "freeze"), data=data
+        )
     with pytest.raises(agents.AgentError, match="Unknown agent method"):
         agents.AgentConfig("tex_a", "router")
     assert agents.AgentConfig("tex a/1").agent == "munet-tex_a_1"

@@ -22,7 +22,7 @@ import pytest
 from test_evolution_agents import SEARCH, _task_data, _test_split
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import agent_view, agents, multipath_agent, search, sqlite_store
+from evolution import agent_run, agent_view, agents, multipath_agent, search, sqlite_store
 from evolution import mutations as mut
 
 SETTINGS = multipath_agent.MultipathSettings(
@@ -116,13 +116,13 @@ def test_cycle_writes_report_and_changes_nothing_published(store_dir, tmp_path):
 
 def test_restart_reads_previous_best(store_dir, tmp_path):
     report_dir = os.path.join(store_dir, multipath_agent.FOLDER)
-    first = agents.run_agent(
+    first = agent_run.run_agent(
         store_dir=store_dir, config=_config(), data=_task_data("tex_a"), cycles=1
     )[0]
     assert first.status == multipath_agent.NEW_BEST
     _, router_1, connectors_1 = multipath_agent.load_best(report_dir, "multipath-tex_a")
     # A new run of the agent (as after a restart): it reads the kept best back.
-    second = agents.run_agent(
+    second = agent_run.run_agent(
         store_dir=store_dir, config=_config(), data=_task_data("tex_a"), cycles=1
     )[0]
     assert second.previous_quality == first.quality
@@ -139,7 +139,7 @@ def test_restart_reads_previous_best(store_dir, tmp_path):
 
 def test_task_without_published_path_waits(store_dir, tmp_path):
     before = _snapshot(store_dir)
-    results = agents.run_agent(
+    results = agent_run.run_agent(
         store_dir=store_dir, config=_config("tex_c"), data=_task_data("tex_c"), cycles=2
     )
     assert [r.status for r in results] == [multipath_agent.WAITING] * 2
@@ -180,7 +180,7 @@ def test_agents_bench_parses_the_cycle_log(store_dir, caplog):
 
     config = agents.AgentConfig("tex_b", "munet", search=MUNET_SEARCH)
     with caplog.at_level(logging.INFO, logger="evogrow"):
-        (result,) = agents.run_agent(
+        (result,) = agent_run.run_agent(
             store_dir=store_dir, config=config, data=_task_data("tex_b"), cycles=1
         )
     matches = [agents_bench._CYCLE_LINE.search(r.getMessage()) for r in caplog.records]

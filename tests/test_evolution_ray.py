@@ -29,7 +29,7 @@ import test_evolution_agents as agents_spec  # noqa: E402
 from test_evolution_search import SEARCH, _task_data_of  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
-from evolution import agents, candidate, ray_engine, search, sqlite_store  # noqa: E402
+from evolution import agent_run, agents, candidate, ray_engine, search, sqlite_store  # noqa: E402
 from evolution import store as store_lib  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -167,7 +167,7 @@ def in_process(tmp_path_factory):
     for config in MUNET_AGENTS + BASELINE_AGENTS:
         data, test = agent_data(config)
         results.append(
-            agents.run_agent(
+            agent_run.run_agent(
                 store_dir=directory, config=config, data=data, test_data=test, cycles=1
             )
         )

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from evogrow.bench import methods
-from evolution import agents, inference, multipath_agent, root, task_data
+from evolution import agent_run, agents, inference, multipath_agent, root, task_data
 from evolution import store as store_lib
 from tasks import offline_image
 
@@ -259,7 +259,7 @@ def _multipath(args: argparse.Namespace, store_dir: str, tests: dict[str, tuple]
         data = task_data.search_task_data(
             task, eval_batch_size=256, max_train_examples=args.max_train_examples
         )
-        (result,) = agents.run_agent(
+        (result,) = agent_run.run_agent(
             store_dir=store_dir, config=config, data=data, test_data=tests[task], cycles=1
         )
         assert isinstance(result, multipath_agent.MultipathCycle)
