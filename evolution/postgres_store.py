@@ -214,30 +214,11 @@ class PostgresStore(sql_store.SqlStore):
                     )
                 return store_id
             where = f"database {db.info.dbname!r} (schema {self._schema_name()!r})"
-            if "schema_info" not in tables:
-                raise store.ForeignStoreError(
-                    f"{where} has tables {sorted(tables)[:5]} but no schema_info: not an "
-                    "evolution store."
-                )
-            info: dict[str, str] = dict(db.execute("SELECT key, value FROM schema_info").fetchall())
-        if info.get("format") != SCHEMA_FORMAT or not str(info.get("version")).isdigit():
-            raise store.ForeignStoreError(
-                f"{where} records format {info.get('format')!r} version "
-                f"{info.get('version')!r}; expected {SCHEMA_FORMAT!r}."
-            )
-        version = int(info["version"])
-        if version > SCHEMA_VERSION:
-            raise store.SchemaVersionError(
-                f"{where} has schema version {version}; this code reads up to "
-                f"{SCHEMA_VERSION}. Use a newer evogrow."
-            )
-        if version < SCHEMA_VERSION or not sql_store.TABLES <= tables or "store_id" not in info:
-            raise store.ForeignStoreError(
-                f"{where} (schema version {version}) lacks tables "
-                f"{sorted(sql_store.TABLES - tables)} or its store id: a damaged or "
-                "unsupported store."
-            )
-        return info["store_id"]
+            info = None
+            if "schema_info" in tables:
+                info = dict(db.execute("SELECT key, value FROM schema_info").fetchall())
+        checked = sql_store.check_schema_info(where, tables, info, required_keys=("store_id",))
+        return checked["store_id"]
 
     def _schema_name(self) -> str:
         row = self._db().execute("SELECT current_schema()").fetchone()

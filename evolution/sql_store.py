@@ -54,6 +54,52 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def check_schema_info(
+    where: str,
+    tables: set[str],
+    info: Mapping[str, str] | None,
+    *,
+    required_keys: tuple[str, ...] = (),
+) -> Mapping[str, str]:
+    """Refuses a database that is not a usable store of this schema version.
+
+    Args:
+      where: the database, as messages name it.
+      tables: the names of its tables (not empty).
+      info: its schema_info rows as key -> value (None: no schema_info table).
+      required_keys: schema_info keys the backend needs besides format and version.
+
+    Returns:
+      `info`, checked.
+
+    Raises:
+      ForeignStoreError: not a store of ours, or a damaged one.
+      SchemaVersionError: written by a newer schema version.
+    """
+    if info is None:
+        raise store.ForeignStoreError(
+            f"{where} has tables {sorted(tables)[:5]} but no schema_info: not an evolution store."
+        )
+    if info.get("format") != SCHEMA_FORMAT or not str(info.get("version")).isdigit():
+        raise store.ForeignStoreError(
+            f"{where} records format {info.get('format')!r} version "
+            f"{info.get('version')!r}; expected {SCHEMA_FORMAT!r}."
+        )
+    version = int(info["version"])
+    if version > SCHEMA_VERSION:
+        raise store.SchemaVersionError(
+            f"{where} has schema version {version}; this code reads up to "
+            f"{SCHEMA_VERSION}. Use a newer evogrow."
+        )
+    missing_keys = [key for key in required_keys if key not in info]
+    if version < SCHEMA_VERSION or not TABLES <= tables or missing_keys:
+        raise store.ForeignStoreError(
+            f"{where} (schema version {version}) lacks tables {sorted(TABLES - tables)} "
+            f"or schema_info keys {missing_keys}: a damaged or unsupported store."
+        )
+    return info
+
+
 def _component_of(row: tuple) -> system.Component:
     return system.Component(
         id=row[0],

@@ -175,28 +175,10 @@ class SqliteStore(sql_store.SqlStore):
                     [("format", SCHEMA_FORMAT), ("version", str(SCHEMA_VERSION))],
                 )
                 return
-            if "schema_info" not in tables:
-                raise store.ForeignStoreError(
-                    f"{self.directory}/{DATABASE_NAME} has tables {sorted(tables)} but no "
-                    "schema_info: not an evolution store."
-                )
-            info = dict(db.execute("SELECT key, value FROM schema_info").fetchall())
-            if info.get("format") != SCHEMA_FORMAT or not str(info.get("version")).isdigit():
-                raise store.ForeignStoreError(
-                    f"{self.directory}/{DATABASE_NAME} records format {info.get('format')!r} "
-                    f"version {info.get('version')!r}; expected {SCHEMA_FORMAT!r}."
-                )
-            version = int(info["version"])
-            if version > SCHEMA_VERSION:
-                raise store.SchemaVersionError(
-                    f"{self.directory} has schema version {version}; this code reads up to "
-                    f"{SCHEMA_VERSION}. Use a newer evogrow."
-                )
-            if version < SCHEMA_VERSION or not sql_store.TABLES <= tables:
-                raise store.ForeignStoreError(
-                    f"{self.directory} (schema version {version}) lacks tables "
-                    f"{sorted(sql_store.TABLES - tables)}: a damaged or unsupported store."
-                )
+            info = None
+            if "schema_info" in tables:
+                info = dict(db.execute("SELECT key, value FROM schema_info").fetchall())
+            sql_store.check_schema_info(f"{self.directory}/{DATABASE_NAME}", tables, info)
 
     def _insert_publication(self, db: sqlite3.Connection, agent: str) -> int:
         cursor = db.execute(

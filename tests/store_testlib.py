@@ -16,8 +16,6 @@ import numpy as np
 from evolution import sqlite_store, system
 
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
-# The parameter folder's entry that is not a component (the PostgreSQL store's marker).
-MARKER_NAME = ".evogrow-store"
 
 
 def make_params(value, dtype=np.float32):
@@ -93,5 +91,10 @@ class Backend:
         return postgres_store.PostgresStore(self.dsn, self.params_dir)
 
     def folders(self):
-        """The component folders in the parameter directory."""
-        return set(os.listdir(self.params_dir)) - {MARKER_NAME}
+        """The component folders in the parameter directory (not the PostgreSQL marker)."""
+        names = set(os.listdir(self.params_dir))
+        if self.kind == "postgres":
+            from evolution import postgres_store
+
+            names.discard(postgres_store.MARKER_NAME)
+        return names
