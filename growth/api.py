@@ -18,9 +18,10 @@ from growth.depth import grow_depth
 from growth.hidden import grow_hidden
 from growth.mlp import grow_mlp_dim
 from growth.ops import PARAM, Fill, Step, abstract, fold_in_range, fuse_steps, grow_abstract
-from growth.optimizer_state import grow_opt_state
+from growth.optimizer_state import MomentTrees
 from growth.requests import Request, parse_requests
 from growth.rules import traits_of
+from growth.transfer import deferred_transfer
 
 _WIDTH_PLANNERS = {
     "mlp_dim": grow_mlp_dim,
@@ -97,21 +98,23 @@ def expand(
     parsed = parse_requests(requests)
     # Consecutive width steps are planned on shapes only and applied together, so that a
     # leaf grown by several of them is written once (bit-identical to one after the other).
+    # Every grown leaf goes to JAX at the end, in one transfer.
     pending: list[Step] = []
     shapes: Mapping | None = None
-    for request, key in zip(parsed, fold_in_range(rng, len(parsed)), strict=True):
-        if request.kind == "add_layer":
-            params, opt_state = _apply(pending, params, opt_state)
-            pending, shapes = [], None
-            step = plan(config, params, request, key=key, fill=fill)
-            params, opt_state = _apply([step], params, opt_state)
-        else:
-            shapes = abstract(params) if shapes is None else shapes
-            step = plan(config, shapes, request, key=key, fill=fill)
-            shapes = grow_abstract(shapes, step)
-            pending.append(step)
-        config = step.config
-    params, opt_state = _apply(pending, params, opt_state)
+    with deferred_transfer() as transfer:
+        for request, key in zip(parsed, fold_in_range(rng, len(parsed)), strict=True):
+            if request.kind == "add_layer":
+                params, opt_state = _apply(pending, params, opt_state)
+                pending, shapes = [], None
+                step = plan(config, params, request, key=key, fill=fill)
+                params, opt_state = _apply([step], params, opt_state)
+            else:
+                shapes = abstract(params) if shapes is None else shapes
+                step = plan(config, shapes, request, key=key, fill=fill)
+                shapes = grow_abstract(shapes, step)
+                pending.append(step)
+            config = step.config
+        params, opt_state = transfer.place(_apply(pending, params, opt_state))
     return config, dict(params), opt_state
 
 
@@ -120,6 +123,8 @@ def _apply(steps: Sequence[Step], params: Mapping, opt_state: Any) -> tuple[Mapp
     if not steps:
         return params, opt_state
     step = steps[0] if len(steps) == 1 else fuse_steps(steps)
-    if opt_state is not None:
-        opt_state = grow_opt_state(opt_state, params, step)
-    return step.grow(params, PARAM), opt_state
+    if opt_state is None:
+        return step.grow(params, PARAM), None
+    moments = MomentTrees(opt_state, params)  # grown with the parameters, in one pass
+    new_params, *new_moments = step.grow_trees([(params, PARAM), *moments.trees])
+    return new_params, moments.rebuild(new_moments)

@@ -27,16 +27,21 @@ from growth.ops import Fill, Free, Op, Pad, Scale, Step, Zero, plan_step
 from growth.rules import QK_RESCALE, GrowthError, check_grows, traits_of
 
 
-def _attention_leaves(params: Mapping, projection: str) -> list[tuple[str, ...]]:
-    """Paths of the kernel and bias (if any) of one projection in every attention module."""
-    paths: list[tuple[str, ...]] = []
-    for apath in modules(params, is_attention):
+def _attention_leaves(params: Mapping, *projections: str) -> list[list[tuple[str, ...]]]:
+    """Per projection, the paths of its kernel and bias (if any) in every attention module.
+
+    The attention modules are found once for all the projections.
+    """
+    found = modules(params, is_attention)
+    if not found:
+        raise GrowthError("No attention module found (expected query/key/value/out).")
+    paths: list[list[tuple[str, ...]]] = [[] for _ in projections]
+    for apath in found:
         module = params
         for name in apath:
             module = module[name]
-        paths.extend(apath + (projection, leaf) for leaf in sorted(module[projection]))
-    if not paths:
-        raise GrowthError("No attention module found (expected query/key/value/out).")
+        for out, projection in zip(paths, projections, strict=True):
+            out.extend(apath + (projection, leaf) for leaf in sorted(module[projection]))
     return paths
 
 
@@ -74,12 +79,13 @@ def grow_num_heads(
     old = config.num_heads
     check_grows("num_heads", old, new_size)
     plan: dict[tuple[str, ...], tuple[Op, ...]] = {}
-    for projection in ("query", "key", "value"):
-        for path in _attention_leaves(params, projection):
+    *qkv, out = _attention_leaves(params, "query", "key", "value", "out")
+    for paths in qkv:
+        for path in paths:
             axis = 1 if path[-1] == "kernel" else 0
             _check(params, path, axis, old, "num_heads")
             plan[path] = (_free_pad(params, path, axis, new_size),)
-    for path in _attention_leaves(params, "out"):
+    for path in out:
         if path[-1] == "kernel":
             _check(params, path, 0, old, "num_heads")
             plan[path] = (Pad(0, new_size, Zero()),)
@@ -105,11 +111,12 @@ def grow_v_dim(config: Any, params: Mapping, new_size: int, *, key: jax.Array, f
     old = config.v_dim
     check_grows("v_dim", old, new_size)
     plan: dict[tuple[str, ...], tuple[Op, ...]] = {}
-    for path in _attention_leaves(params, "value"):
+    values, out = _attention_leaves(params, "value", "out")
+    for path in values:
         axis = 2 if path[-1] == "kernel" else 1
         _check(params, path, axis, old, "v_dim")
         plan[path] = (_free_pad(params, path, axis, new_size),)
-    for path in _attention_leaves(params, "out"):
+    for path in out:
         if path[-1] == "kernel":
             _check(params, path, 1, old, "v_dim")
             plan[path] = (Pad(1, new_size, Zero()),)
@@ -136,11 +143,12 @@ def grow_qk_dim(config: Any, params: Mapping, new_size: int, *, key: jax.Array, 
     check_grows("qk_dim", old, new_size)
     rescale = QK_RESCALE[traits_of(config).attention_scaling] and new_size != old
     plan: dict[tuple[str, ...], tuple[Op, ...]] = {}
-    for path in _attention_leaves(params, "query"):
+    queries, keys = _attention_leaves(params, "query", "key")
+    for path in queries:
         axis = 2 if path[-1] == "kernel" else 1
         _check(params, path, axis, old, "qk_dim")
         plan[path] = (_free_pad(params, path, axis, new_size),)
-    for path in _attention_leaves(params, "key"):
+    for path in keys:
         axis = 2 if path[-1] == "kernel" else 1
         _check(params, path, axis, old, "qk_dim")
         scale = (Scale(math.sqrt(new_size / old)),) if rescale else ()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,19 +29,17 @@ from growth.ops import (
     LeafKey,
     Path,
     Step,
-    aligned_zeros,
-    batch_key_data,
     draw_free,
     flatten,
-    generator,
+    leaf_keys,
     leaf_shape,
     path_seed,
     run_tasks,
-    to_device,
     unflatten,
     write_new,
 )
 from growth.rules import GrowthError, choose, traits_of
+from growth.transfer import aligned_zeros, to_device
 
 
 def _zero_paths(block: Mapping) -> set[tuple[str, ...]]:
@@ -59,8 +57,9 @@ def _zero_paths(block: Mapping) -> set[tuple[str, ...]]:
 def _new_block(template: Mapping, role: str, key: jax.Array, fill: Fill) -> dict:
     """A block shaped like ``template``: free entries drawn (PARAM), fixed ones zero.
 
-    Each free leaf draws from ``fold_in(key, crc32(path))``; large leaves are drawn on
-    the thread pool into aligned buffers, and all of them go to JAX in one transfer.
+    Each free leaf draws from ``LeafKey(key, path_seed(path)).leaf_rng()`` (a callable
+    ``fill`` gets its ``leaf_key()``); leaves are drawn on the thread pool when there is
+    enough work, into aligned buffers, and all of them go to JAX in one transfer.
     """
     zero = _zero_paths(template)
     out: dict[Path, Any] = {}
@@ -68,7 +67,6 @@ def _new_block(template: Mapping, role: str, key: jax.Array, fill: Fill) -> dict
     drawn: list[Path] = []  # free leaves drawn by the tasks
     tasks: list[functools.partial[np.ndarray]] = []
     sizes: list[int] = []
-    noisy: dict[int, int] = {}  # task -> seed, for the tasks that draw normal noise
     for path, leaf in flatten(template).items():
         boxed = hasattr(leaf, "replace_boxed")
         value = leaf.unbox() if boxed else leaf
@@ -81,21 +79,16 @@ def _new_block(template: Mapping, role: str, key: jax.Array, fill: Fill) -> dict
         if role != PARAM or path in zero:
             out[path] = aligned_zeros(shape, dtype)
             continue
-        leaf_key = LeafKey(key, path_seed(path))
         free = default_free(path, shape)
         if callable(fill) or isinstance(key, jax.core.Tracer):  # in order, as JAX values
-            new = draw_free(leaf_key.leaf_key(), shape, dtype, free, fill)
+            new = draw_free(LeafKey(key, path_seed(path)).leaf_key(), shape, dtype, free, fill)
             out[path] = jnp.asarray(new, dtype).reshape(shape)
             continue
         drawn.append(path)
-        tasks.append(functools.partial(_free_leaf, shape, dtype, free, fill, leaf_key))
+        tasks.append(functools.partial(_free_leaf, shape, dtype, free, fill))
         sizes.append(math.prod(shape))
-        if fill is None and free.stddev != 0:
-            noisy[len(tasks) - 1] = leaf_key.seed
-    if noisy:  # the generators' keys in one dispatch (what leaf_key.rng() gives one by one)
-        data = batch_key_data(key, list(noisy.values()))
-        for task, row in zip(noisy, data, strict=True):
-            tasks[task] = functools.partial(tasks[task], rng=functools.partial(generator, row))
+    keys = leaf_keys(key, [path_seed(path) for path in drawn], words=fill is None)
+    tasks = [functools.partial(task, leaf_key) for task, leaf_key in zip(tasks, keys, strict=True)]
     out.update(zip(drawn, run_tasks(tasks, sizes), strict=True))
     host = [path for path, leaf in out.items() if isinstance(leaf, np.ndarray)]
     out.update(zip(host, to_device([out[path] for path in host]), strict=True))
@@ -105,19 +98,14 @@ def _new_block(template: Mapping, role: str, key: jax.Array, fill: Fill) -> dict
 
 
 def _free_leaf(
-    shape: tuple[int, ...],
-    dtype: Any,
-    value: Free,
-    fill: Fill,
-    leaf_key: LeafKey,
-    rng: Callable[[], np.random.Generator] | None = None,
+    shape: tuple[int, ...], dtype: Any, value: Free, fill: Fill, leaf_key: LeafKey
 ) -> np.ndarray:
-    """``draw_free(leaf_key.leaf_key(), shape, dtype, value, fill)`` in an aligned buffer.
+    """A new free leaf in an aligned buffer: a constant ``fill`` or the default initializer.
 
-    ``rng``, if given, returns the generator of ``leaf_key.rng()`` (derived in a batch).
+    The default draws come from ``leaf_key.leaf_rng()``.
     """
     out = aligned_zeros(shape, dtype)
-    write_new(out, value, fill, leaf_key.leaf_key, rng or leaf_key.rng)
+    write_new(out, value, fill, leaf_key.leaf_key, leaf_key.leaf_rng)
     return out
 
 

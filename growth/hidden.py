@@ -51,9 +51,8 @@ from growth.ops import (
     Step,
     Tile,
     Zero,
-    batch_key_data,
     flatten,
-    generator,
+    leaf_keys,
     leaf_shape,
     path_seed,
     plan_step,
@@ -102,8 +101,8 @@ def _replicate_plan(
 ) -> dict[Path, tuple[Op, ...]]:
     """Tile ops for every leaf; input-side leaves get random split proportions.
 
-    The split of a leaf is ``random_split(fold_in(key, path_seed(path)), ...)``; the keys
-    of all leaves are derived in one dispatch (``batch_key_data``), bit for bit the same.
+    The split of a leaf is drawn from ``LeafKey(key, path_seed(path)).split_rng()``
+    (from ``random_split(fold_in(key, path_seed(path)), ...)`` for a traced key).
     """
     plan: dict[Path, tuple[Op, ...]] = {
         path: (Tile(where.axis, copies),)
@@ -111,17 +110,14 @@ def _replicate_plan(
         if where.side != INPUT
     }
     inputs = [path for path, (where, _) in leaves.items() if where.side == INPUT]
-    if isinstance(key, jax.core.Tracer):
-        rows = [None] * len(inputs)
-    else:
-        rows = list(batch_key_data(key, [path_seed(path) for path in inputs])) if inputs else []
-    for path, row in zip(inputs, rows, strict=True):
+    keys = leaf_keys(key, [path_seed(path) for path in inputs]) if inputs else []
+    for path, leaf_key in zip(inputs, keys, strict=True):
         where, shape = leaves[path]
         size = shape[where.axis]
-        if row is None:
-            split = random_split(jax.random.fold_in(key, path_seed(path)), copies, size)
+        if leaf_key.words is None:  # traced key
+            split = random_split(leaf_key.leaf_key(), copies, size)
         else:
-            split = split_from(generator(row), copies, size)
+            split = split_from(leaf_key.split_rng(), copies, size)
         plan[path] = (Tile(where.axis, copies, split),)
     return {path: plan[path] for path in leaves}
 
@@ -172,16 +168,17 @@ def grow_hidden(
         for path in tied:
             where, shape = leaves[path]
             leaves[path] = (EmbedAxis(INPUT, where.axis), shape)
-    split_key, free_key = jax.random.split(key)
+    # Split proportions and new entries draw from different streams of the same key
+    # (``LeafKey.split_rng`` and ``op_rng``), so one key serves both.
     if rule.method == PAD:
         plan = {
             path: _pad_ops(path, where, shape, old, new_size)
             for path, (where, shape) in leaves.items()
         }
     else:
-        plan = _replicate_plan(leaves, new_size // old, split_key)
+        plan = _replicate_plan(leaves, new_size // old, key)
     changes: dict[str, Any] = {"hidden": new_size}
     if rule.method == PAD:
         changes["norm_eps"] = config.norm_eps * old / new_size
     new_config = dataclasses.replace(config, **changes)
-    return plan_step(new_config, plan, free_key, fill)
+    return plan_step(new_config, plan, key, fill)

@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax
+
 from growth.ops import Free, Path
 from growth.rules import GrowthError
 
@@ -35,6 +37,8 @@ NORM_BIAS = "norm_bias"
 _BLOCK_RE = re.compile(r"^block_(\d+)$")
 _QKV = ("query", "key", "value")
 _WI = ("wi", "wi_0", "wi_1")
+# The nodes of a parameter tree (what ``growth.ops.flatten`` descends into).
+_NODES = (dict, flax.core.FrozenDict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,24 +128,29 @@ def _shape(leaf: Any) -> tuple[int, ...]:
     return tuple(getattr(leaf, "shape", ()))
 
 
-def modules(tree: Mapping, predicate, prefix: Path = ()) -> list[Path]:
+def modules(tree: Mapping, predicate) -> list[Path]:
     """Paths of every sub-tree satisfying ``predicate`` (not descending into matches).
 
     Args:
       tree: a nested dict.
       predicate: e.g. ``is_attention``.
-      prefix: path of ``tree`` itself.
 
     Returns:
       The matching paths, in sorted order.
     """
-    if predicate(tree):
-        return [prefix]
-    found = []
-    if isinstance(tree, Mapping):
-        for name in sorted(tree):
-            found.extend(modules(tree[name], predicate, prefix + (name,)))
+    found: list[Path] = []
+    _collect(tree, predicate, (), found)
     return found
+
+
+def _collect(tree: Any, predicate, prefix: Path, found: list[Path]) -> None:
+    if predicate(tree):
+        found.append(prefix)
+    elif isinstance(tree, _NODES):
+        for name in sorted(tree):
+            child = tree[name]
+            if isinstance(child, _NODES):  # leaves are never modules
+                _collect(child, predicate, prefix + (name,), found)
 
 
 def classify(path: Path, parent: Mapping) -> EmbedAxis | None:

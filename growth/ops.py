@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import queue
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+
+from growth.transfer import aligned_zeros, to_device, to_host
 
 PARAM = "param"
 FIRST_MOMENT = "first_moment"
@@ -196,7 +199,10 @@ def write_new(
     key: Callable[[], jax.Array],
     rng: Callable[[], np.random.Generator],
 ) -> None:
-    """Writes new free entries into a zero block: what ``draw_free`` gives, bit for bit.
+    """Writes new free entries into a zero block.
+
+    What ``draw_free`` gives for a constant or a callable ``fill`` (given ``key()``), and
+    for the default initializer ``_draw_normal(rng(), ...)``, bit for bit.
 
     Args:
       target: the block (zero on entry).
@@ -214,103 +220,116 @@ def write_new(
         target[...] = np.full((), fill, target.dtype)  # np.full's cast, once
 
 
-@jax.jit
-def _op_key_data(key: jax.Array, seed: jax.Array, index: jax.Array) -> jax.Array:
-    # One compiled dispatch instead of three eager ones (two fold_ins and key_data).
-    return jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, seed), index))
+# Host draws come from numpy generators seeded with the words of the step's key (its
+# ``key_data``), the leaf's path seed and integers naming the stream; deriving them costs
+# no JAX dispatch. The last integer tells the streams of a leaf apart (never 0, so that no
+# two entropy lists differ only by trailing zeros).
+_LEAF_STREAM, _OP_STREAM, _SPLIT_STREAM = 1, 2, 3
+# key id -> (key, words) of recent keys (``fold_in_range`` derives them with the keys).
+_known_words: dict[int, tuple[jax.Array, tuple[int, ...]]] = {}
+_KNOWN_LIMIT = 256
 
 
-@jax.jit
-def _leaf_key_data(key: jax.Array, seed: jax.Array) -> jax.Array:
-    return jax.random.key_data(jax.random.fold_in(key, seed))
+def _remember_words(key: jax.Array, words: tuple[int, ...]) -> None:
+    if len(_known_words) >= _KNOWN_LIMIT:
+        _known_words.pop(next(iter(_known_words)))
+    _known_words[id(key)] = (key, words)
 
 
-@jax.jit
-def _op_keys_data(key: jax.Array, seeds: jax.Array, indices: jax.Array) -> jax.Array:
-    return jax.vmap(lambda seed, index: _op_key_data(key, seed, index))(seeds, indices)
+def key_words(key: jax.Array) -> tuple[int, ...]:
+    """The words (``key_data``) of a concrete PRNG key, as Python ints.
 
-
-@jax.jit
-def _leaf_keys_data(key: jax.Array, seeds: jax.Array) -> jax.Array:
-    return jax.vmap(lambda seed: _leaf_key_data(key, seed))(seeds)
-
-
-def batch_key_data(
-    key: jax.Array, seeds: Sequence[int], indices: Sequence[int] | None = None
-) -> np.ndarray:
-    """``key_data`` of many leaf keys (or op keys) of one key, in one dispatch.
-
-    Row ``j`` is ``key_data(fold_in(key, seeds[j]))``, or with ``indices``
-    ``key_data(fold_in(fold_in(key, seeds[j]), indices[j]))``: the same integer
-    arithmetic as one key at a time, bit for bit. Batches are padded to powers of two so
-    that few sizes are compiled.
+    A dispatch, unless the key came from ``fold_in_range``, which derives the words of
+    its keys in the same dispatch as the keys.
     """
-    count = len(seeds)
-    size = max(8, 1 << max(count - 1, 0).bit_length())
-    padded_seeds = np.zeros(size, np.uint32)
-    padded_seeds[:count] = seeds
-    if indices is None:
-        data = _leaf_keys_data(key, padded_seeds)
-    else:
-        padded_indices = np.zeros(size, np.uint32)
-        padded_indices[:count] = indices
-        data = _op_keys_data(key, padded_seeds, padded_indices)
-    return np.asarray(data)[:count]
+    known = _known_words.get(id(key))
+    if known is not None and known[0] is key:
+        return known[1]
+    words = tuple(int(w) for w in np.asarray(jax.random.key_data(key)).ravel())
+    _remember_words(key, words)
+    return words
 
 
 _KEYS_PER_CALL = 8
 
 
 @jax.jit
-def _fold_in_block(key: jax.Array, start: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(jax.random.fold_in(key, start + i) for i in range(_KEYS_PER_CALL))
+def _fold_in_block(key: jax.Array, start: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    keys = tuple(jax.random.fold_in(key, start + i) for i in range(_KEYS_PER_CALL))
+    return keys, jnp.stack([jax.random.key_data(k) for k in keys])
 
 
 def fold_in_range(key: jax.Array, count: int) -> list[jax.Array]:
-    """``[jax.random.fold_in(key, i) for i in range(count)]``, bit for bit, in few dispatches."""
+    """``[jax.random.fold_in(key, i) for i in range(count)]``, bit for bit, in few dispatches.
+
+    The words of the keys (``key_words``) come with them.
+    """
     if isinstance(key, jax.core.Tracer):
         return [jax.random.fold_in(key, i) for i in range(count)]
     keys: list[jax.Array] = []
     for start in range(0, count, _KEYS_PER_CALL):
-        keys.extend(_fold_in_block(key, np.uint32(start)))
+        block, data = _fold_in_block(key, np.uint32(start))
+        for k, words in zip(block, np.asarray(data).reshape(len(block), -1), strict=True):
+            _remember_words(k, tuple(int(w) for w in words))
+        keys.extend(block)
     return keys[:count]
-
-
-def generator(data: np.ndarray | jax.Array) -> np.random.Generator:
-    """The numpy Generator that ``numpy_rng`` gives for a key with this ``key_data``."""
-    return np.random.default_rng(np.asarray(data).astype(np.uint64).ravel().tolist())
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafKey:
-    """A leaf's key ``fold_in(key, seed)``, derived only when a draw needs it.
+    """The randomness of one leaf in one step: JAX keys on demand, host generators cheaply.
 
-    Deriving keys is a JAX dispatch each, which would otherwise dominate the cost of
-    growing a small model; op ``i`` of the leaf draws from ``fold_in(leaf key, i)``.
+    A callable ``fill`` and traced draws get JAX keys (``leaf_key``, ``op_key``: one
+    dispatch each). The default initializer on the host draws from ``rng``: numpy's
+    ``default_rng([*key_words(key), seed, *stream])``, derived without JAX.
+
+    Attributes:
+      key: the step's PRNG key.
+      seed: the leaf's path seed (``path_seed``).
+      words: ``key_words(key)`` when the key is concrete (derived once per step).
     """
 
     key: jax.Array
     seed: int
+    words: tuple[int, ...] | None = None
 
     def leaf_key(self) -> jax.Array:
-        """The leaf's key ``fold_in(key, seed)``."""
+        """The leaf's JAX key ``fold_in(key, seed)``."""
         return jax.random.fold_in(self.key, self.seed)
 
-    def rng(self) -> np.random.Generator:
-        """``numpy_rng(self.leaf_key())``, in one dispatch."""
-        if isinstance(self.key, jax.core.Tracer):
-            return numpy_rng(self.leaf_key())
-        return generator(_leaf_key_data(self.key, np.uint32(self.seed)))
-
     def op_key(self, index: int) -> jax.Array:
-        """The key of op ``index`` of this leaf."""
+        """The JAX key of op ``index`` of this leaf."""
         return jax.random.fold_in(self.leaf_key(), index)
 
+    def rng(self, *stream: int) -> np.random.Generator:
+        """The host generator of one stream of this leaf (see the class docstring)."""
+        words = key_words(self.key) if self.words is None else self.words
+        return np.random.default_rng([*words, self.seed, *stream])
+
+    def leaf_rng(self) -> np.random.Generator:
+        """The generator of a whole new leaf's draws (depth growth)."""
+        return self.rng(_LEAF_STREAM)
+
     def op_rng(self, index: int) -> np.random.Generator:
-        """``numpy_rng(self.op_key(index))``, in one dispatch."""
-        if isinstance(self.key, jax.core.Tracer):
-            return numpy_rng(self.op_key(index))
-        return generator(_op_key_data(self.key, np.uint32(self.seed), np.uint32(index)))
+        """The generator of the new entries of op ``index`` of this leaf."""
+        return self.rng(index, _OP_STREAM)
+
+    def split_rng(self) -> np.random.Generator:
+        """The generator of the leaf's LEMON split proportions."""
+        return self.rng(_SPLIT_STREAM)
+
+
+def leaf_keys(key: jax.Array, seeds: Sequence[int], words: bool = True) -> list[LeafKey]:
+    """``LeafKey`` of many leaves of one step, the key's words derived once.
+
+    Args:
+      key: the step's PRNG key.
+      seeds: the leaves' path seeds.
+      words: whether host draws will need the key's words (not for optimizer moments).
+    """
+    concrete = words and not isinstance(key, jax.core.Tracer)
+    known = key_words(key) if concrete else None
+    return [LeafKey(key, seed, known) for seed in seeds]
 
 
 def _factor(factor: np.ndarray | float, role: str):
@@ -359,47 +378,14 @@ def apply_op(x: Any, op: Op, role: str, key: jax.Array, fill: Fill) -> Any:
     return xp.concatenate([x, new], axis=axis)
 
 
-def to_host(leaf: Any) -> tuple[Any, bool]:
-    """A concrete JAX array as numpy (and whether it was one); anything else unchanged."""
-    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-        return np.asarray(leaf), True
-    return leaf, False
-
-
-# JAX's CPU client adopts host buffers aligned to this many bytes without copying them
-# (numpy aligns large arrays to 16 bytes only, and those are copied element by element).
-_ALIGNMENT = 64
-
-
-def _aligned(shape: tuple[int, ...], dtype: Any, allocate: Callable) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = allocate(nbytes + _ALIGNMENT, np.uint8)
-    offset = -raw.ctypes.data % _ALIGNMENT
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised numpy array whose data is 64-byte aligned (see ``_ALIGNMENT``)."""
-    return _aligned(shape, dtype, np.empty)
-
-
-def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zero numpy array whose data is 64-byte aligned (see ``_ALIGNMENT``).
-
-    Large ones come from ``calloc``: fresh pages that the kernel zeroes when they are
-    first touched, so zero entries cost no write of their own.
-    """
-    return _aligned(shape, dtype, np.zeros)
-
-
 class Stage(NamedTuple):
     """One width step as data: its plan and what its new free entries are drawn from.
 
     Attributes:
       plan: ``{path: ops}``.
       key: the step's PRNG key; op ``i`` of leaf ``path`` draws from
-        ``fold_in(fold_in(key, crc32(path)), i)``.
+        ``LeafKey(key, path_seed(path)).op_rng(i)`` (or, with a callable fill, gets
+        its ``op_key(i)``).
       fill: see ``draw_free``.
     """
 
@@ -415,7 +401,6 @@ class _Staged(NamedTuple):
     key: LeafKey
     position: int  # of the op in its step's ops for the leaf
     fill: Fill
-    key_data: np.ndarray | None = None  # of the op's key, when derived in a batch
 
 
 def _final_shape(shape: tuple[int, ...], ops: Sequence[Op]) -> list[int]:
@@ -450,14 +435,14 @@ def _apply_ops_host(
     entries next to it, a Scale multiplies it in place, a Tile writes copies 1.. and then
     scales copy 0 in place. Everything outside the corner is still zero, so zero entries
     (fixed ones, and every new entry of a moment) are not written at all. Each element is
-    computed by the same float32 operations as ``apply_op`` with each op's own key
-    (bit-identical results, also for the ops of several steps) but written once, and the
-    aligned buffer is handed to JAX without a copy.
+    computed by the same float32 operations as ``apply_op`` (bit-identical results, also
+    for the ops of several steps, each op drawing from its own stream ``op_rng``) but
+    written once, and the aligned buffer is handed to JAX without a copy.
     """
     out = aligned_zeros(final, x.dtype)
     current = list(x.shape)
     out[_corner(current)] = x
-    for op, leaf_key, i, fill, key_data in ops:
+    for op, leaf_key, i, fill in ops:
         if isinstance(op, Scale):
             region = out[_corner(current)]
             np.multiply(region, np.asarray(_factor(op.factor, role), x.dtype), out=region)
@@ -482,63 +467,74 @@ def _apply_ops_host(
         if role == PARAM and isinstance(op.value, Free):
             target = out[_corner(current, axis, size, op.new_size)]
             key = functools.partial(leaf_key.op_key, i)
-            if key_data is None:
-                rng = functools.partial(leaf_key.op_rng, i)
-            else:
-                rng = functools.partial(generator, key_data)
-            write_new(target, op.value, fill, key, rng)
+            write_new(target, op.value, fill, key, functools.partial(leaf_key.op_rng, i))
         current[axis] = op.new_size
     return out
 
 
-# Leaves with at least this many entries (after growth) go to the thread pool.
-_PARALLEL_SIZE = 1 << 16
+# Below this much work (entries written, over all tasks) the tasks run on the calling
+# thread alone: handing tasks to a worker would cost more than it saves.
+_PARALLEL_WORK = 1 << 20
 _executors: dict[int, ThreadPoolExecutor] = {}
 
 
 def _executor() -> ThreadPoolExecutor | None:
-    """A thread pool with a worker per available core (one per process: fork-safe)."""
+    """A thread pool with a worker per available core but one (one per process: fork-safe).
+
+    The calling thread is the remaining worker (see ``run_tasks``).
+    """
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if not workers or workers < 2:
         return None
     pid = os.getpid()
     if pid not in _executors:
         _executors.clear()
-        _executors[pid] = ThreadPoolExecutor(min(workers, 32), thread_name_prefix="growth")
+        _executors[pid] = ThreadPoolExecutor(min(workers, 32) - 1, thread_name_prefix="growth")
     return _executors[pid]
 
 
 def run_tasks(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int]) -> list[Any]:
-    """Runs host tasks, large ones on a thread pool (largest first), small ones here.
+    """Runs host tasks on this thread and the pool's workers, largest first.
 
-    Numpy releases the GIL in copies, arithmetic and random draws, so the leaves of a
-    large model are grown in parallel. Every task writes only its own output and draws
-    from its own generator: results do not depend on the schedule.
+    Every thread takes the next task from one shared queue (largest first, so the last
+    ones to start are small), which balances uneven leaves and work of different cost per
+    entry. Numpy releases the GIL in copies, arithmetic and random draws, so the leaves
+    are grown in parallel. Every task writes only its own output and draws from its own
+    generator: results do not depend on the schedule.
 
     Args:
       tasks: thunks.
-      sizes: the work of each (e.g. output entries).
+      sizes: the work of each (e.g. output entries); all zero runs them here, in order
+        (for tasks that must not run concurrently).
 
     Returns:
       The results, in the order of ``tasks``.
     """
+    results: list[Any] = [None] * len(tasks)
     pool = _executor()
-    big = [i for i, size in enumerate(sizes) if size >= _PARALLEL_SIZE] if pool else []
-    if len(big) < 2:  # one large task: no gain from a worker
-        big = []
-    futures = {}
-    for i in sorted(big, key=lambda i: -sizes[i]):
-        assert pool is not None
-        futures[i] = pool.submit(tasks[i])
-    results = [None if i in futures else task() for i, task in enumerate(tasks)]
-    for i, future in futures.items():
-        results[i] = future.result()
+    if pool is None or len(tasks) < 2 or sum(sizes) < _PARALLEL_WORK:
+        for i, task in enumerate(tasks):
+            results[i] = task()
+        return results
+    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in sorted(range(len(tasks)), key=lambda i: -sizes[i]):
+        pending.put(i)
+
+    def drain() -> None:
+        while True:
+            try:
+                i = pending.get_nowait()
+            except queue.Empty:
+                return
+            results[i] = tasks[i]()
+
+    helpers = [pool.submit(drain) for _ in range(min(pool._max_workers, len(tasks) - 1))]
+    try:
+        drain()
+    finally:
+        for helper in helpers:
+            helper.result()
     return results
-
-
-def to_device(arrays: Sequence[np.ndarray]) -> list[jax.Array]:
-    """Host arrays as JAX arrays, in one transfer (aligned CPU buffers are not copied)."""
-    return list(jax.device_put(list(arrays))) if arrays else []
 
 
 def flatten(tree: Mapping) -> dict[Path, Any]:
@@ -573,11 +569,13 @@ def unflatten(flat: Mapping[Path, Any]) -> dict:
 
 @dataclasses.dataclass
 class _Job:
-    """A host leaf to grow: where it goes back (a box, a JAX array) and its ops."""
+    """A host leaf to grow: its tree, where it goes back (a box, a JAX array), its ops."""
 
+    tree: int
     path: Path
     host: np.ndarray
     ops: list[_Staged]
+    role: str
     final: tuple[int, ...]
     box: meta.AxisMetadata | None
     was_jax: bool
@@ -596,71 +594,82 @@ def apply_stages(tree: Mapping, stages: Sequence[Stage], role: str) -> dict:
       role: PARAM, FIRST_MOMENT or SECOND_MOMENT.
 
     Returns:
-      The transformed tree as plain nested dicts; grown JAX leaves are JAX arrays again,
-      numpy leaves stay numpy.
+      The transformed tree as plain nested dicts; grown JAX leaves are JAX arrays again
+      (or noted for a ``growth.transfer.deferred_transfer``), numpy leaves stay numpy.
 
     Raises:
       KeyError: if a plan names a path that is not in the tree.
     """
-    if role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; expected one of {ROLES}.")
-    flat = flatten(tree)
+    return apply_stages_to_trees([(tree, role)], stages)[0]
+
+
+def apply_stages_to_trees(
+    trees: Sequence[tuple[Mapping, str]], stages: Sequence[Stage]
+) -> list[dict]:
+    """``apply_stages`` on several trees at once (parameters and their moments).
+
+    The ops of each leaf are gathered once for all trees, the leaves of all trees are
+    grown by one ``run_tasks`` and handed to JAX in one transfer: the same results as
+    one ``apply_stages`` per tree.
+
+    Args:
+      trees: ``(tree, role)`` pairs; every tree mirrors the parameters.
+      stages: see ``apply_stages``.
+
+    Returns:
+      The transformed trees, in order.
+
+    Raises:
+      KeyError: if a plan names a path that is not in a tree.
+    """
+    for _, role in trees:
+        if role not in ROLES:
+            raise ValueError(f"Unknown role {role!r}; expected one of {ROLES}.")
+    flats = [flatten(tree) for tree, _ in trees]
+    draws = any(role == PARAM for _, role in trees)
     staged: dict[Path, list[_Staged]] = {}
     for plan, key, fill in stages:
-        missing = [p for p in plan if p not in flat]
-        if missing:
-            raise KeyError(f"Growth plan names parameters that do not exist: {missing[:5]}")
-        for path, ops in plan.items():
-            leaf_key = LeafKey(key, path_seed(path))
+        for flat in flats:
+            missing = [p for p in plan if p not in flat]
+            if missing:
+                raise KeyError(f"Growth plan names parameters that do not exist: {missing[:5]}")
+        keys = leaf_keys(key, [path_seed(path) for path in plan], words=draws)
+        for (path, ops), leaf_key in zip(plan.items(), keys, strict=True):
             staged.setdefault(path, []).extend(
                 _Staged(op, leaf_key, i, fill) for i, op in enumerate(ops)
             )
-    out = dict(flat)
+    outs = [dict(flat) for flat in flats]
     jobs: list[_Job] = []
-    for path, leaf_ops in staged.items():
-        leaf = flat[path]
-        box = leaf if isinstance(leaf, meta.AxisMetadata) else None
-        value = leaf.unbox() if box is not None else leaf
-        if not leaf_ops or not hasattr(value, "shape"):  # e.g. optax.MaskedNode
-            continue
-        host, was_jax = to_host(value)
-        if isinstance(host, np.ndarray):
-            final = tuple(_final_shape(host.shape, [s.op for s in leaf_ops]))
-            jobs.append(_Job(path, host, leaf_ops, final, box, was_jax))
-            continue
-        for op, leaf_key, i, fill, _ in leaf_ops:  # traced (inside jit): one op at a time
-            value = apply_op(value, op, role, leaf_key.op_key(i), fill)
-        out[path] = value if box is None else box.replace_boxed(value)
-    if role == PARAM:
-        _derive_keys(jobs)
+    for index, ((_, role), flat) in enumerate(zip(trees, flats, strict=True)):
+        for path, leaf_ops in staged.items():
+            leaf = flat[path]
+            box = leaf if isinstance(leaf, meta.AxisMetadata) else None
+            value = leaf.unbox() if box is not None else leaf
+            if not leaf_ops or not hasattr(value, "shape"):  # e.g. optax.MaskedNode
+                continue
+            host, was_jax = to_host(value)
+            if isinstance(host, np.ndarray):
+                final = tuple(_final_shape(host.shape, [s.op for s in leaf_ops]))
+                jobs.append(_Job(index, path, host, leaf_ops, role, final, box, was_jax))
+                continue
+            for op, leaf_key, i, fill in leaf_ops:  # traced (inside jit): one op at a time
+                value = apply_op(value, op, role, leaf_key.op_key(i), fill)
+            outs[index][path] = value if box is None else box.replace_boxed(value)
     # A callable fill runs here, in order (it may not be thread-safe).
-    serial = role == PARAM and any(callable(stage.fill) for stage in stages)
+    serial = draws and any(callable(stage.fill) for stage in stages)
     grown = run_tasks(
-        [functools.partial(_apply_ops_host, job.host, job.ops, role, job.final) for job in jobs],
+        [
+            functools.partial(_apply_ops_host, job.host, job.ops, job.role, job.final)
+            for job in jobs
+        ],
         [0 if serial else math.prod(job.final) for job in jobs],
     )
     to_place = [i for i, job in enumerate(jobs) if job.was_jax]
     placed = dict(zip(to_place, to_device([grown[i] for i in to_place]), strict=True))
     for i, job in enumerate(jobs):
         new = placed.get(i, grown[i])
-        out[job.path] = new if job.box is None else job.box.replace_boxed(new)
-    return unflatten(out)
-
-
-def _derive_keys(jobs: list[_Job]) -> None:
-    """Derives the keys of every default draw of the jobs, one dispatch per step's key."""
-    wanted: dict[int, list[tuple[_Job, int]]] = {}  # id(step key) -> (job, op) pairs
-    for job in jobs:
-        for j, (op, leaf_key, _, fill, _) in enumerate(job.ops):
-            concrete = not isinstance(leaf_key.key, jax.core.Tracer)
-            if concrete and fill is None and isinstance(op, Pad) and isinstance(op.value, Free):
-                if op.value.stddev != 0:
-                    wanted.setdefault(id(leaf_key.key), []).append((job, j))
-    for pairs in wanted.values():
-        ops = [job.ops[j] for job, j in pairs]
-        data = batch_key_data(ops[0].key.key, [s.key.seed for s in ops], [s.position for s in ops])
-        for (job, j), row in zip(pairs, data, strict=True):
-            job.ops[j] = job.ops[j]._replace(key_data=row)
+        outs[job.tree][job.path] = new if job.box is None else job.box.replace_boxed(new)
+    return [unflatten(out) for out in outs]
 
 
 def apply_plan(tree: Mapping, plan: Plan, role: str, key: jax.Array, fill: Fill = None) -> dict:
@@ -747,10 +756,10 @@ def random_split(key: jax.Array, copies: int, size: int) -> np.ndarray:
 
 
 def split_from(rng: np.random.Generator, copies: int, size: int) -> np.ndarray:
-    """``random_split`` drawn from a given generator (e.g. one of ``batch_key_data``'s rows).
+    """``random_split`` drawn from a given generator.
 
     Args:
-      rng: the generator of the leaf's key (``generator(key_data)``).
+      rng: the generator of the leaf's split (``LeafKey.split_rng()``).
       copies: number of copies (>= 1).
       size: number of slices along the replicated axis.
 
@@ -778,6 +787,19 @@ class Step:
     config: Any
     grow: Callable[[Mapping, str], dict]
     stages: tuple[Stage, ...] = ()
+
+    def grow_trees(self, trees: Sequence[tuple[Mapping, str]]) -> list[dict]:
+        """``[grow(tree, role) for tree, role in trees]``; width steps grow all at once.
+
+        Args:
+          trees: ``(tree, role)`` pairs (the parameters and their optimizer moments).
+
+        Returns:
+          The grown trees, in order.
+        """
+        if self.stages:
+            return apply_stages_to_trees(trees, self.stages)
+        return [self.grow(tree, role) for tree, role in trees]
 
 
 def plan_step(config: Any, plan: Plan, key: jax.Array, fill: Fill) -> Step:

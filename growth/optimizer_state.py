@@ -12,7 +12,7 @@ checkpoint restored without a target).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from growth.ops import FIRST_MOMENT, SECOND_MOMENT, Step, flatten, leaf_shape
@@ -67,31 +67,82 @@ def grow_opt_state(opt_state: Any, params: Mapping, step: Step) -> Any:
       NotImplementedError: for state that mirrors the parameters' paths with other
         shapes (e.g. Adafactor's factored moments).
     """
-    shapes = _mirror_paths(params)
+    moments = MomentTrees(opt_state, params)
+    return moments.rebuild(step.grow_trees(moments.trees))
 
-    def walk(node: Any, role: str) -> Any:
-        if _mirrors(node, shapes):
-            return step.grow(node, role)
-        if _is_namedtuple(node):
-            values = []
-            for name in node._fields:
-                if name in _FACTORED_FIELDS:
-                    raise NotImplementedError(
-                        f"Optimizer state field {name!r} holds factored statistics; growth "
-                        "has no rule for it (use an Adam- or momentum-style optimizer)."
-                    )
-                field_role = SECOND_MOMENT if name in SECOND_MOMENT_FIELDS else role
-                values.append(walk(getattr(node, name), field_role))
-            return type(node)(*values)
-        if isinstance(node, tuple | list):
-            return type(node)(walk(child, role) for child in node)
-        if isinstance(node, Mapping):
-            # A named tuple restored without its class (e.g. by orbax, with no target)
-            # is a dict keyed by field name: the same names pick the role.
-            return {
-                name: walk(child, SECOND_MOMENT if name in SECOND_MOMENT_FIELDS else role)
-                for name, child in node.items()
-            }
-        return node
 
-    return walk(opt_state, FIRST_MOMENT)
+class _Slot:
+    """Where the ``index``-th moment tree sits in an optimizer state's skeleton."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class MomentTrees:
+    """The sub-trees of an optimizer state that mirror the parameters, with their roles.
+
+    ``trees`` lists ``(tree, role)`` pairs (grow them with ``Step.grow_trees``, together
+    with the parameters); ``rebuild`` puts grown trees back into the state.
+
+    Raises:
+      NotImplementedError: for state that mirrors the parameters' paths with other
+        shapes (e.g. Adafactor's factored moments).
+    """
+
+    def __init__(self, opt_state: Any, params: Mapping):
+        shapes = _mirror_paths(params)
+        self.trees: list[tuple[Mapping, str]] = []
+
+        def walk(node: Any, role: str) -> Any:
+            if _mirrors(node, shapes):
+                self.trees.append((node, role))
+                return _Slot(len(self.trees) - 1)
+            if _is_namedtuple(node):
+                values = []
+                for name in node._fields:
+                    if name in _FACTORED_FIELDS:
+                        raise NotImplementedError(
+                            f"Optimizer state field {name!r} holds factored statistics; "
+                            "growth has no rule for it (use an Adam- or momentum-style "
+                            "optimizer)."
+                        )
+                    field_role = SECOND_MOMENT if name in SECOND_MOMENT_FIELDS else role
+                    values.append(walk(getattr(node, name), field_role))
+                return type(node)(*values)
+            if isinstance(node, tuple | list):
+                return type(node)(walk(child, role) for child in node)
+            if isinstance(node, Mapping):
+                # A named tuple restored without its class (e.g. by orbax, with no
+                # target) is a dict keyed by field name: the same names pick the role.
+                return {
+                    name: walk(child, SECOND_MOMENT if name in SECOND_MOMENT_FIELDS else role)
+                    for name, child in node.items()
+                }
+            return node
+
+        self._skeleton = walk(opt_state, FIRST_MOMENT)
+
+    def rebuild(self, grown: Sequence[Any]) -> Any:
+        """The optimizer state with ``grown[i]`` in place of ``trees[i]``.
+
+        Args:
+          grown: one tree per entry of ``trees``, in order.
+
+        Returns:
+          The state, every other node unchanged.
+        """
+        if len(grown) != len(self.trees):
+            raise ValueError(f"Expected {len(self.trees)} grown trees, got {len(grown)}.")
+
+        def fill(node: Any) -> Any:
+            if isinstance(node, _Slot):
+                return grown[node.index]
+            if _is_namedtuple(node):
+                return type(node)(*(fill(child) for child in node))
+            if isinstance(node, tuple | list):
+                return type(node)(fill(child) for child in node)
+            if isinstance(node, dict):
+                return {name: fill(child) for name, child in node.items()}
+            return node
+
+        return fill(self._skeleton)

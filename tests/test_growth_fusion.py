@@ -62,8 +62,9 @@ def test_thread_pool_does_not_change_the_draws(monkeypatch):
     config = make_config("decoder", hidden=16, mlp_dim=32, num_heads=4)
     params = random_params(config)
     requests = ["mlp_dim=80", "hidden=40:pad", "num_heads=6", "add_layer@1"]
+    monkeypatch.setattr(ops, "_PARALLEL_WORK", 1 << 60)  # every leaf on this thread
     serial = growth.expand(config, params, requests, rng=jax.random.key(0))
-    monkeypatch.setattr(ops, "_PARALLEL_SIZE", 1)  # every leaf on the pool
+    monkeypatch.setattr(ops, "_PARALLEL_WORK", 1)  # every pass on this thread and the pool
     monkeypatch.setattr(ops, "_DRAW_BLOCK", 7)  # draws in many small blocks
     parallel = growth.expand(config, params, requests, rng=jax.random.key(0))
     assert serial[0] == parallel[0]

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 import growth
-from growth.ops import aligned_empty
+from growth.transfer import aligned_empty
 from models import decoder, encoder, vit
 
 CASES = ("mlp_dim", "num_heads", "qk_dim", "v_dim", "hidden", "add_layer", "all")
