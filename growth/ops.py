@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import queue
+import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from numpy.random.bit_generator import ISeedSequence
 
 from growth.transfer import aligned_zeros, to_device, to_host
 
@@ -148,11 +151,9 @@ def _draw_normal(
         # == mean, also for mean 0): the same values without drawing the noise.
         return np.full(shape, np.float32(value.mean)).astype(dtype, copy=False)
     assert rng is not None
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    # In place: the float32 operations of mean + stddev * noise, without temporaries.
-    noise *= np.float32(value.stddev)
-    noise += np.float32(value.mean)
-    return noise.astype(dtype, copy=False)
+    out = np.zeros(shape, np.float32)
+    _fill_free(out, value, lambda: rng)
+    return out.astype(dtype, copy=False)
 
 
 # Normal draws are made in blocks of about this many entries, which stay in the cache
@@ -161,12 +162,13 @@ _DRAW_BLOCK = 1 << 15
 
 
 def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Generator]) -> None:
-    """Writes the default initializer's values into a zero block (see ``_draw_normal``).
+    """Writes the default initializer's values into a zero block.
 
-    The values are bit-identical to ``_draw_normal(rng(), target.shape, dtype, value)``:
-    the generator is consumed in C order whatever the blocks, and each entry is computed
-    by the same float32 operations. Entries equal to +0.0 are not written (the block is
-    zero already), and ``rng`` is called only when noise is needed.
+    ``mean + stddev * noise`` in float32, the noise drawn by numpy's float32 standard
+    normal in blocks of whole rows (so that a block stays in the cache); ``_draw_normal``
+    gives the same values for an array of the block's shape. With no noise (stddev 0),
+    entries equal to +0.0 are not written (the block is zero already); ``rng`` is called
+    only when noise is needed.
 
     Args:
       target: a block of a zero-initialised output (any strides).
@@ -178,7 +180,9 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
             target[...] = np.full((), np.float32(value.mean)).astype(target.dtype)
         return
     if target.dtype != np.float32 or target.ndim == 0:
-        target[...] = _draw_normal(rng(), target.shape, target.dtype, value)
+        noise = np.zeros(target.shape or (1,), np.float32)
+        _fill_free(noise, value, rng)
+        target[...] = noise.reshape(target.shape).astype(target.dtype)
         return
     generator = rng()
     stddev, mean = np.float32(value.stddev), np.float32(value.mean)
@@ -188,8 +192,11 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
     for start in range(0, rows, step):
         block = target[start : start + step]
         noise = generator.standard_normal(block.shape, dtype=np.float32)
-        noise *= stddev
-        np.add(noise, mean, out=block)
+        if mean == 0:
+            np.multiply(noise, stddev, out=block)
+        else:
+            noise *= stddev
+            np.add(noise, mean, out=block)
 
 
 def write_new(
@@ -250,6 +257,32 @@ def key_words(key: jax.Array) -> tuple[int, ...]:
     return words
 
 
+class HashedSeed(ISeedSequence):
+    """A numpy seed sequence whose state is the BLAKE2b hash of a tuple of integers.
+
+    Distinct tuples give independent streams, as with ``np.random.SeedSequence``, which
+    however costs several times the draws of a small leaf to create.
+
+    Args:
+      values: non-negative integers below 2**64.
+    """
+
+    def __init__(self, values: Sequence[int]):
+        self._data = struct.pack(f"<{len(values)}Q", *values)
+
+    def generate_state(self, n_words: int, dtype: Any = np.uint32) -> np.ndarray:
+        """``n_words`` words of ``dtype`` (uint32 or uint64) of the hash (counter mode)."""
+        dtype = np.dtype(dtype)
+        nbytes = n_words * dtype.itemsize
+        blocks = [
+            hashlib.blake2b(
+                self._data, digest_size=64, person=block.to_bytes(16, "little")
+            ).digest()
+            for block in range(-(-nbytes // 64))
+        ]
+        return np.frombuffer(b"".join(blocks)[:nbytes], dtype).copy()
+
+
 _KEYS_PER_CALL = 8
 
 
@@ -281,7 +314,8 @@ class LeafKey:
 
     A callable ``fill`` and traced draws get JAX keys (``leaf_key``, ``op_key``: one
     dispatch each). The default initializer on the host draws from ``rng``: numpy's
-    ``default_rng([*key_words(key), seed, *stream])``, derived without JAX.
+    PCG64 seeded with ``HashedSeed((*key_words(key), seed, *stream))``, derived without
+    JAX.
 
     Attributes:
       key: the step's PRNG key.
@@ -304,7 +338,10 @@ class LeafKey:
     def rng(self, *stream: int) -> np.random.Generator:
         """The host generator of one stream of this leaf (see the class docstring)."""
         words = key_words(self.key) if self.words is None else self.words
-        return np.random.default_rng([*words, self.seed, *stream])
+        seed = HashedSeed((*words, self.seed, *stream))
+        # Bit generators take any ISeedSequence (numpy.random.bit_generator); the stubs
+        # name SeedSequence only.
+        return np.random.Generator(np.random.PCG64(seed))  # type: ignore[arg-type]
 
     def leaf_rng(self) -> np.random.Generator:
         """The generator of a whole new leaf's draws (depth growth)."""
