@@ -15,9 +15,10 @@ import jax
 
 from growth.attention import grow_num_heads, grow_qk_dim, grow_v_dim
 from growth.depth import grow_depth
+from growth.draws import Fill, fold_in_range
 from growth.hidden import grow_hidden
 from growth.mlp import grow_mlp_dim
-from growth.ops import PARAM, Fill, Step, abstract, fold_in_range, fuse_steps, grow_abstract
+from growth.ops import PARAM, Step, abstract, fuse_steps, grow_abstract
 from growth.optimizer_state import MomentTrees
 from growth.requests import Request, parse_requests
 from growth.rules import traits_of

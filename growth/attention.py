@@ -22,8 +22,9 @@ from typing import Any
 
 import jax
 
+from growth.draws import Fill, Free
 from growth.layout import default_free, is_attention, leaf_shape_at, modules
-from growth.ops import Fill, Free, Op, Pad, Scale, Step, Zero, plan_step
+from growth.ops import Op, Pad, Scale, Step, Zero, plan_step
 from growth.rules import QK_RESCALE, GrowthError, check_grows, traits_of
 
 

@@ -19,24 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from growth.draws import Fill, Free, LeafKey, draw_free, leaf_keys, path_seed, write_new
 from growth.layout import block_index, block_names, default_free, is_attention, is_mlp, modules
 from growth.ops import (
     FIRST_MOMENT,
     PARAM,
     SECOND_MOMENT,
-    Fill,
-    Free,
-    LeafKey,
     Path,
     Step,
-    draw_free,
     flatten,
-    leaf_keys,
     leaf_shape,
-    path_seed,
     run_tasks,
     unflatten,
-    write_new,
 )
 from growth.rules import GrowthError, choose, traits_of
 from growth.transfer import aligned_zeros, to_device

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 
+from growth.draws import Fill, Free, leaf_keys, path_seed, random_split, split_from
 from growth.layout import (
     INPUT,
     NORM_BIAS,
@@ -42,8 +43,6 @@ from growth.layout import (
     classify,
 )
 from growth.ops import (
-    Fill,
-    Free,
     Op,
     Pad,
     Path,
@@ -52,12 +51,8 @@ from growth.ops import (
     Tile,
     Zero,
     flatten,
-    leaf_keys,
     leaf_shape,
-    path_seed,
     plan_step,
-    random_split,
-    split_from,
 )
 from growth.rules import PAD, REPLICATE, GrowthError, check_grows, choose, traits_of
 

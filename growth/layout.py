@@ -26,7 +26,8 @@ from typing import Any
 
 import flax
 
-from growth.ops import Free, Path
+from growth.draws import Free
+from growth.ops import Path
 from growth.rules import GrowthError
 
 INPUT = "input"

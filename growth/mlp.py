@@ -13,8 +13,9 @@ from typing import Any
 
 import jax
 
+from growth.draws import Fill, Free
 from growth.layout import default_free, is_mlp, leaf_shape_at, modules
-from growth.ops import Fill, Free, Pad, Step, Zero, plan_step
+from growth.ops import Pad, Step, Zero, plan_step
 from growth.rules import GrowthError, check_grows
 
 

@@ -13,18 +13,18 @@ Roles:
     entries are 0, an entry scaled by ``c`` is scaled by ``c``.
   * ``SECOND_MOMENT``: second-moment-like state (Adam ``nu``). New entries are 0, an
     entry scaled by ``c`` is scaled by ``c**2``.
+
+The values of new free entries come from ``growth.draws``; grown leaves are written on the
+host (a thread pool for large passes) and handed to JAX by ``growth.transfer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import queue
-import struct
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
-from numpy.random.bit_generator import ISeedSequence
 
+from growth.draws import Fill, Free, LeafKey, draw_free, leaf_keys, path_seed, write_new
 from growth.transfer import aligned_zeros, to_device, to_host
 
 PARAM = "param"
@@ -44,22 +44,6 @@ SECOND_MOMENT = "second_moment"
 ROLES = (PARAM, FIRST_MOMENT, SECOND_MOMENT)
 
 Path = tuple[str, ...]
-# A constant for every free entry, a callable ``(key, shape, dtype) -> array``, or None for
-# the default initializer of each leaf.
-Fill = float | Callable[[jax.Array, tuple[int, ...], Any], jax.Array] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Free:
-    """New entries whose value does not change the function.
-
-    Attributes:
-      mean: default value of the new entries (1 for norm gains, 0 otherwise).
-      stddev: standard deviation of the default normal initializer (0 for biases/gains).
-    """
-
-    mean: float = 0.0
-    stddev: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,271 +86,6 @@ class Tile:
 
 Op = Pad | Scale | Tile
 Plan = Mapping[Path, tuple[Op, ...]]
-
-
-def path_seed(path: Path) -> int:
-    """A stable 31-bit integer for a leaf path (used to fold keys per leaf)."""
-    return zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
-
-
-def numpy_rng(key: jax.Array) -> np.random.Generator:
-    """A numpy Generator seeded by a (concrete) JAX PRNG key.
-
-    Surgery runs on the host in numpy: drawing with ``jax.random`` would compile once per
-    new shape, which dominates the cost of growing a small model.
-    """
-    data = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
-    return np.random.default_rng(data.tolist())
-
-
-def draw_free(key: jax.Array, shape: tuple[int, ...], dtype: Any, value: Free, fill: Fill):
-    """Values for new free entries.
-
-    Args:
-      key: PRNG key for this leaf.
-      shape: shape of the block of new entries.
-      dtype: dtype of the leaf.
-      value: the leaf's default initializer.
-      fill: overrides the default: a constant or a callable ``(key, shape, dtype)``.
-
-    Returns:
-      An array of ``shape`` and ``dtype`` (numpy unless ``fill`` returns a JAX array or
-      the key is traced).
-    """
-    if callable(fill):
-        return fill(key, shape, dtype)
-    if fill is not None:
-        return np.full(shape, fill, dtype)
-    if isinstance(key, jax.core.Tracer):
-        traced = jax.random.normal(key, shape, jnp.float32)
-        return (value.mean + value.stddev * traced).astype(dtype)
-    return _draw_normal(None if value.stddev == 0 else numpy_rng(key), shape, dtype, value)
-
-
-def _draw_normal(
-    rng: np.random.Generator | None, shape: tuple[int, ...], dtype: Any, value: Free
-) -> np.ndarray:
-    if value.stddev == 0:
-        # mean + 0 * noise is exactly mean (a negative noise gives -0.0, and -0.0 + mean
-        # == mean, also for mean 0): the same values without drawing the noise.
-        return np.full(shape, np.float32(value.mean)).astype(dtype, copy=False)
-    assert rng is not None
-    out = np.zeros(shape, np.float32)
-    _fill_free(out, value, lambda: rng)
-    return out.astype(dtype, copy=False)
-
-
-# Normal draws are made in blocks of about this many entries, which stay in the cache
-# between the draw, the scaling and the store into the output.
-_DRAW_BLOCK = 1 << 15
-
-
-def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Generator]) -> None:
-    """Writes the default initializer's values into a zero block.
-
-    ``mean + stddev * noise`` in float32, the noise drawn by numpy's float32 standard
-    normal in blocks of whole rows (so that a block stays in the cache); ``_draw_normal``
-    gives the same values for an array of the block's shape. With no noise (stddev 0),
-    entries equal to +0.0 are not written (the block is zero already); ``rng`` is called
-    only when noise is needed.
-
-    Args:
-      target: a block of a zero-initialised output (any strides).
-      value: the leaf's default initializer.
-      rng: returns the generator of these entries.
-    """
-    if value.stddev == 0:
-        if value.mean != 0 or math.copysign(1.0, value.mean) < 0:
-            target[...] = np.full((), np.float32(value.mean)).astype(target.dtype)
-        return
-    if target.dtype != np.float32 or target.ndim == 0:
-        noise = np.zeros(target.shape or (1,), np.float32)
-        _fill_free(noise, value, rng)
-        target[...] = noise.reshape(target.shape).astype(target.dtype)
-        return
-    generator = rng()
-    stddev, mean = np.float32(value.stddev), np.float32(value.mean)
-    rows = target.shape[0]
-    per_row = target.size // rows if rows else 1
-    step = max(1, _DRAW_BLOCK // max(per_row, 1))
-    for start in range(0, rows, step):
-        block = target[start : start + step]
-        noise = generator.standard_normal(block.shape, dtype=np.float32)
-        if mean == 0:
-            np.multiply(noise, stddev, out=block)
-        else:
-            noise *= stddev
-            np.add(noise, mean, out=block)
-
-
-def write_new(
-    target: np.ndarray,
-    value: Free,
-    fill: Fill,
-    key: Callable[[], jax.Array],
-    rng: Callable[[], np.random.Generator],
-) -> None:
-    """Writes new free entries into a zero block.
-
-    What ``draw_free`` gives for a constant or a callable ``fill`` (given ``key()``), and
-    for the default initializer ``_draw_normal(rng(), ...)``, bit for bit.
-
-    Args:
-      target: the block (zero on entry).
-      value: the leaf's default initializer.
-      fill: see ``draw_free``.
-      key: returns the JAX key of these entries (for a callable ``fill``).
-      rng: returns their numpy generator (for the default initializer).
-    """
-    if fill is None:
-        _fill_free(target, value, rng)
-    elif callable(fill):
-        new = fill(key(), target.shape, target.dtype)
-        target[...] = np.asarray(new, target.dtype).reshape(target.shape)
-    else:
-        target[...] = np.full((), fill, target.dtype)  # np.full's cast, once
-
-
-# Host draws come from numpy generators seeded with the words of the step's key (its
-# ``key_data``), the leaf's path seed and integers naming the stream; deriving them costs
-# no JAX dispatch. The last integer tells the streams of a leaf apart (never 0, so that no
-# two entropy lists differ only by trailing zeros).
-_LEAF_STREAM, _OP_STREAM, _SPLIT_STREAM = 1, 2, 3
-# key id -> (key, words) of recent keys (``fold_in_range`` derives them with the keys).
-_known_words: dict[int, tuple[jax.Array, tuple[int, ...]]] = {}
-_KNOWN_LIMIT = 256
-
-
-def _remember_words(key: jax.Array, words: tuple[int, ...]) -> None:
-    if len(_known_words) >= _KNOWN_LIMIT:
-        _known_words.pop(next(iter(_known_words)))
-    _known_words[id(key)] = (key, words)
-
-
-def key_words(key: jax.Array) -> tuple[int, ...]:
-    """The words (``key_data``) of a concrete PRNG key, as Python ints.
-
-    A dispatch, unless the key came from ``fold_in_range``, which derives the words of
-    its keys in the same dispatch as the keys.
-    """
-    known = _known_words.get(id(key))
-    if known is not None and known[0] is key:
-        return known[1]
-    words = tuple(int(w) for w in np.asarray(jax.random.key_data(key)).ravel())
-    _remember_words(key, words)
-    return words
-
-
-class HashedSeed(ISeedSequence):
-    """A numpy seed sequence whose state is the BLAKE2b hash of a tuple of integers.
-
-    Distinct tuples give independent streams, as with ``np.random.SeedSequence``, which
-    however costs several times the draws of a small leaf to create.
-
-    Args:
-      values: non-negative integers below 2**64.
-    """
-
-    def __init__(self, values: Sequence[int]):
-        self._data = struct.pack(f"<{len(values)}Q", *values)
-
-    def generate_state(self, n_words: int, dtype: Any = np.uint32) -> np.ndarray:
-        """``n_words`` words of ``dtype`` (uint32 or uint64) of the hash (counter mode)."""
-        dtype = np.dtype(dtype)
-        nbytes = n_words * dtype.itemsize
-        blocks = [
-            hashlib.blake2b(
-                self._data, digest_size=64, person=block.to_bytes(16, "little")
-            ).digest()
-            for block in range(-(-nbytes // 64))
-        ]
-        return np.frombuffer(b"".join(blocks)[:nbytes], dtype).copy()
-
-
-_KEYS_PER_CALL = 8
-
-
-@jax.jit
-def _fold_in_block(key: jax.Array, start: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    keys = tuple(jax.random.fold_in(key, start + i) for i in range(_KEYS_PER_CALL))
-    return keys, jnp.stack([jax.random.key_data(k) for k in keys])
-
-
-def fold_in_range(key: jax.Array, count: int) -> list[jax.Array]:
-    """``[jax.random.fold_in(key, i) for i in range(count)]``, bit for bit, in few dispatches.
-
-    The words of the keys (``key_words``) come with them.
-    """
-    if isinstance(key, jax.core.Tracer):
-        return [jax.random.fold_in(key, i) for i in range(count)]
-    keys: list[jax.Array] = []
-    for start in range(0, count, _KEYS_PER_CALL):
-        block, data = _fold_in_block(key, np.uint32(start))
-        for k, words in zip(block, np.asarray(data).reshape(len(block), -1), strict=True):
-            _remember_words(k, tuple(int(w) for w in words))
-        keys.extend(block)
-    return keys[:count]
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafKey:
-    """The randomness of one leaf in one step: JAX keys on demand, host generators cheaply.
-
-    A callable ``fill`` and traced draws get JAX keys (``leaf_key``, ``op_key``: one
-    dispatch each). The default initializer on the host draws from ``rng``: numpy's
-    PCG64 seeded with ``HashedSeed((*key_words(key), seed, *stream))``, derived without
-    JAX.
-
-    Attributes:
-      key: the step's PRNG key.
-      seed: the leaf's path seed (``path_seed``).
-      words: ``key_words(key)`` when the key is concrete (derived once per step).
-    """
-
-    key: jax.Array
-    seed: int
-    words: tuple[int, ...] | None = None
-
-    def leaf_key(self) -> jax.Array:
-        """The leaf's JAX key ``fold_in(key, seed)``."""
-        return jax.random.fold_in(self.key, self.seed)
-
-    def op_key(self, index: int) -> jax.Array:
-        """The JAX key of op ``index`` of this leaf."""
-        return jax.random.fold_in(self.leaf_key(), index)
-
-    def rng(self, *stream: int) -> np.random.Generator:
-        """The host generator of one stream of this leaf (see the class docstring)."""
-        words = key_words(self.key) if self.words is None else self.words
-        seed = HashedSeed((*words, self.seed, *stream))
-        # Bit generators take any ISeedSequence (numpy.random.bit_generator); the stubs
-        # name SeedSequence only.
-        return np.random.Generator(np.random.PCG64(seed))  # type: ignore[arg-type]
-
-    def leaf_rng(self) -> np.random.Generator:
-        """The generator of a whole new leaf's draws (depth growth)."""
-        return self.rng(_LEAF_STREAM)
-
-    def op_rng(self, index: int) -> np.random.Generator:
-        """The generator of the new entries of op ``index`` of this leaf."""
-        return self.rng(index, _OP_STREAM)
-
-    def split_rng(self) -> np.random.Generator:
-        """The generator of the leaf's LEMON split proportions."""
-        return self.rng(_SPLIT_STREAM)
-
-
-def leaf_keys(key: jax.Array, seeds: Sequence[int], words: bool = True) -> list[LeafKey]:
-    """``LeafKey`` of many leaves of one step, the key's words derived once.
-
-    Args:
-      key: the step's PRNG key.
-      seeds: the leaves' path seeds.
-      words: whether host draws will need the key's words (not for optimizer moments).
-    """
-    concrete = words and not isinstance(key, jax.core.Tracer)
-    known = key_words(key) if concrete else None
-    return [LeafKey(key, seed, known) for seed in seeds]
 
 
 def _factor(factor: np.ndarray | float, role: str):
@@ -772,41 +491,6 @@ def grow_abstract(tree: Mapping, step: Step) -> dict:
             leaf = flat[path]
             flat[path] = Abstract(tuple(_final_shape(leaf.shape, ops)), leaf.dtype)
     return unflatten(flat)
-
-
-def random_split(key: jax.Array, copies: int, size: int) -> np.ndarray:
-    """Random positive proportions ``[copies, size]`` that sum to one over the copies.
-
-    Equal shares would give the copies identical gradients forever (they would never
-    separate); random shares break the symmetry (LEMON). The last share is one minus the
-    others so that the sum is as close to one as float32 allows.
-
-    Args:
-      key: PRNG key.
-      copies: number of copies (>= 1).
-      size: number of slices along the replicated axis.
-
-    Returns:
-      A float32 numpy array of shape ``[copies, size]``.
-    """
-    return split_from(numpy_rng(key), copies, size)
-
-
-def split_from(rng: np.random.Generator, copies: int, size: int) -> np.ndarray:
-    """``random_split`` drawn from a given generator.
-
-    Args:
-      rng: the generator of the leaf's split (``LeafKey.split_rng()``).
-      copies: number of copies (>= 1).
-      size: number of slices along the replicated axis.
-
-    Returns:
-      A float32 numpy array of shape ``[copies, size]``.
-    """
-    raw = rng.uniform(0.5, 1.5, (copies, size)).astype(np.float32)
-    split = (raw / raw.sum(axis=0, keepdims=True)).astype(np.float32)
-    split[-1] = np.float32(1.0) - split[:-1].sum(axis=0, dtype=np.float32)
-    return split
 
 
 @dataclasses.dataclass(frozen=True)

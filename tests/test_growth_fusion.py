@@ -7,7 +7,7 @@ import pytest
 from test_growth_preservation import make_config, random_params
 
 import growth
-from growth import api, ops
+from growth import api, draws, ops
 from growth.optimizer_state import grow_opt_state
 from growth.requests import parse_requests
 
@@ -65,7 +65,7 @@ def test_thread_pool_does_not_change_the_draws(monkeypatch):
     monkeypatch.setattr(ops, "_PARALLEL_WORK", 1 << 60)  # every leaf on this thread
     serial = growth.expand(config, params, requests, rng=jax.random.key(0))
     monkeypatch.setattr(ops, "_PARALLEL_WORK", 1)  # every pass on this thread and the pool
-    monkeypatch.setattr(ops, "_DRAW_BLOCK", 7)  # draws in many small blocks
+    monkeypatch.setattr(draws, "_DRAW_BLOCK", 7)  # draws in many small blocks
     parallel = growth.expand(config, params, requests, rng=jax.random.key(0))
     assert serial[0] == parallel[0]
     _assert_same_bits(serial[1], parallel[1])
