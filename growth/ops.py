@@ -228,9 +228,11 @@ def _apply_ops_host(
     return out
 
 
-# Below this much work (entries written, over all tasks) the tasks run on the calling
-# thread alone: handing tasks to a worker would cost more than it saves.
-_PARALLEL_WORK = 1 << 20
+# Tasks run on the calling thread alone unless those of at least _LARGE_TASK entries add
+# up to _PARALLEL_WORK: small tasks are mostly Python, which holds the lock that threads
+# share, and handing them to a worker costs more than it saves.
+_LARGE_TASK = 1 << 15
+_PARALLEL_WORK = 1 << 18
 _executors: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -268,7 +270,8 @@ def run_tasks(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int]) -> list[
     """
     results: list[Any] = [None] * len(tasks)
     pool = _executor()
-    if pool is None or len(tasks) < 2 or sum(sizes) < _PARALLEL_WORK:
+    large = sum(size for size in sizes if size >= _LARGE_TASK)
+    if pool is None or len(tasks) < 2 or large < _PARALLEL_WORK:
         for i, task in enumerate(tasks):
             results[i] = task()
         return results

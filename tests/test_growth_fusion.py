@@ -64,9 +64,17 @@ def test_thread_pool_does_not_change_the_draws(monkeypatch):
     requests = ["mlp_dim=80", "hidden=40:pad", "num_heads=6", "add_layer@1"]
     monkeypatch.setattr(ops, "_PARALLEL_WORK", 1 << 60)  # every leaf on this thread
     serial = growth.expand(config, params, requests, rng=jax.random.key(0))
-    monkeypatch.setattr(ops, "_PARALLEL_WORK", 1)  # every pass on this thread and the pool
+    monkeypatch.setattr(ops, "_LARGE_TASK", 1)  # every pass on this thread and the pool
+    monkeypatch.setattr(ops, "_PARALLEL_WORK", 1)
     monkeypatch.setattr(draws, "_DRAW_BLOCK", 7)  # draws in many small blocks
+    pool = ops._executor()
+    if pool is None:
+        pytest.skip("a single core: growth has no thread pool")
+    submitted = []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda *a: submitted.append(a) or submit(*a))
     parallel = growth.expand(config, params, requests, rng=jax.random.key(0))
+    assert submitted  # the pool took part
     assert serial[0] == parallel[0]
     _assert_same_bits(serial[1], parallel[1])
 
