@@ -47,13 +47,12 @@ def path_seed(path: tuple[str, ...]) -> int:
 
 
 def numpy_rng(key: jax.Array) -> np.random.Generator:
-    """A numpy Generator seeded by a (concrete) JAX PRNG key.
+    """A numpy Generator seeded by a (concrete) JAX PRNG key (``host_generator`` of its words).
 
     Surgery runs on the host in numpy: drawing with ``jax.random`` would compile once per
     new shape, which dominates the cost of growing a small model.
     """
-    data = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
-    return np.random.default_rng(data.tolist())
+    return host_generator(*key_words(key))
 
 
 def draw_free(key: jax.Array, shape: tuple[int, ...], dtype: Any, value: Free, fill: Fill):
@@ -166,8 +165,7 @@ def write_new(
 
 # Host draws come from numpy generators seeded with the words of the step's key (its
 # ``key_data``), the leaf's path seed and integers naming the stream; deriving them costs
-# no JAX dispatch. The last integer tells the streams of a leaf apart (never 0, so that no
-# two entropy lists differ only by trailing zeros).
+# no JAX dispatch. The last integer tells the streams of a leaf apart.
 _LEAF_STREAM, _OP_STREAM, _SPLIT_STREAM = 1, 2, 3
 # key id -> (key, words) of recent keys (``fold_in_range`` derives them with the keys).
 _known_words: dict[int, tuple[jax.Array, tuple[int, ...]]] = {}
@@ -220,6 +218,13 @@ class HashedSeed(ISeedSequence):
         return np.frombuffer(b"".join(blocks)[:nbytes], dtype).copy()
 
 
+def host_generator(*values: int) -> np.random.Generator:
+    """A PCG64 generator seeded with ``HashedSeed(values)``: every host draw comes from one."""
+    # Bit generators take any ISeedSequence (numpy.random.bit_generator); the stubs name
+    # SeedSequence only.
+    return np.random.Generator(np.random.PCG64(HashedSeed(values)))  # type: ignore[arg-type]
+
+
 _KEYS_PER_CALL = 8
 
 
@@ -250,9 +255,8 @@ class LeafKey:
     """The randomness of one leaf in one step: JAX keys on demand, host generators cheaply.
 
     A callable ``fill`` and traced draws get JAX keys (``leaf_key``, ``op_key``: one
-    dispatch each). The default initializer on the host draws from ``rng``: numpy's
-    PCG64 seeded with ``HashedSeed((*key_words(key), seed, *stream))``, derived without
-    JAX.
+    dispatch each). The default initializer on the host draws from ``rng``:
+    ``host_generator(*key_words(key), seed, *stream)``, derived without JAX.
 
     Attributes:
       key: the step's PRNG key.
@@ -275,10 +279,7 @@ class LeafKey:
     def rng(self, *stream: int) -> np.random.Generator:
         """The host generator of one stream of this leaf (see the class docstring)."""
         words = key_words(self.key) if self.words is None else self.words
-        seed = HashedSeed((*words, self.seed, *stream))
-        # Bit generators take any ISeedSequence (numpy.random.bit_generator); the stubs
-        # name SeedSequence only.
-        return np.random.Generator(np.random.PCG64(seed))  # type: ignore[arg-type]
+        return host_generator(*words, self.seed, *stream)
 
     def leaf_rng(self) -> np.random.Generator:
         """The generator of a whole new leaf's draws (depth growth)."""

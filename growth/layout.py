@@ -24,10 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import flax
-
 from growth.draws import Free
-from growth.ops import Path
+from growth.ops import TREE_NODES, Path
 from growth.rules import GrowthError
 
 INPUT = "input"
@@ -38,8 +36,6 @@ NORM_BIAS = "norm_bias"
 _BLOCK_RE = re.compile(r"^block_(\d+)$")
 _QKV = ("query", "key", "value")
 _WI = ("wi", "wi_0", "wi_1")
-# The nodes of a parameter tree (what ``growth.ops.flatten`` descends into).
-_NODES = (dict, flax.core.FrozenDict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +143,10 @@ def modules(tree: Mapping, predicate) -> list[Path]:
 def _collect(tree: Any, predicate, prefix: Path, found: list[Path]) -> None:
     if predicate(tree):
         found.append(prefix)
-    elif isinstance(tree, _NODES):
+    elif isinstance(tree, TREE_NODES):
         for name in sorted(tree):
             child = tree[name]
-            if isinstance(child, _NODES):  # leaves are never modules
+            if isinstance(child, TREE_NODES):  # leaves are never modules
                 _collect(child, predicate, prefix + (name,), found)
 
 

@@ -44,6 +44,8 @@ SECOND_MOMENT = "second_moment"
 ROLES = (PARAM, FIRST_MOMENT, SECOND_MOMENT)
 
 Path = tuple[str, ...]
+# The nodes of a parameter tree (``flatten`` descends into them; the rest are leaves).
+TREE_NODES = (dict, flax.core.FrozenDict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +308,7 @@ def flatten(tree: Mapping) -> dict[Path, Any]:
 
     def walk(node: Mapping, prefix: Path) -> None:
         for name, child in node.items():
-            if isinstance(child, dict | flax.core.FrozenDict):
+            if isinstance(child, TREE_NODES):
                 walk(child, (*prefix, name))
             else:
                 flat[(*prefix, name)] = child
