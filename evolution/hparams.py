@@ -205,6 +205,28 @@ class HParamSpace:
         """The per-candidate hyperparameters, in order."""
         return tuple(h.name for h in self.hparams if not h.data)
 
+    def with_default(self, name: str, value: Any) -> HParamSpace:
+        """The same space, with hyperparameter `name` starting at `value`.
+
+        Args:
+          name: a hyperparameter of the space.
+          value: one of its allowed values.
+
+        Returns:
+          The space; only that hyperparameter's default index differs.
+
+        Raises:
+          KeyError: no hyperparameter `name`.
+          ValueError: `value` is not one of its values.
+        """
+        hparam = self[name]
+        if value not in hparam.values:
+            raise ValueError(
+                f"{value!r} is not an allowed value of {name!r}; allowed: {list(hparam.values)}."
+            )
+        changed = dataclasses.replace(hparam, default=hparam.values.index(value))
+        return HParamSpace(tuple(changed if h.name == name else h for h in self.hparams))
+
     def defaults(self) -> HParams:
         """The starting hyperparameters of a new path (no inherited rates)."""
         return HParams({h.name: h.default for h in self.hparams})

@@ -191,6 +191,11 @@ class SearchConfig:
       mutation_options: which mutations run (`mutations.MutationOptions`); an empty
         `id_prefix` becomes the agent's name.
       space: the hyperparameter space; None uses `default_search_space`.
+      mu: the mutation rate a path without one starts from (the root's children, as
+        every new task's first candidates are), a value of `hparams.MU_GRID`; None keeps
+        the space's default (0.1, the notebooks'). Children inherit their parent's mu,
+        which mu2Net+ then tunes; with a few candidates per task it cannot climb far, so
+        a short search may start higher.
       inherit_opt_state: mu2Net+: a child clone starts from its parent's optimizer
         state when the parent was trained in this iteration.
       flops_scale: mu2Net+'s compute factor of the score, paid per root-model's worth
@@ -215,6 +220,7 @@ class SearchConfig:
         default_factory=mutations.MutationOptions
     )
     space: hparams.HParamSpace | None = None
+    mu: float | None = None
     inherit_opt_state: bool = True
     flops_scale: float = 1.0
     population_cap: int | None = None
@@ -235,6 +241,11 @@ class SearchConfig:
         for name in ("scale", "flops_scale"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be in (0, 1].")
+        if self.mu is not None and self.mu not in hparams.MU_GRID:
+            raise ValueError(
+                f"SearchConfig.mu={self.mu} is not on the grid of mutation rates "
+                f"{list(hparams.MU_GRID)}."
+            )
         if self.population_cap is not None and self.population_cap < 1:
             raise ValueError(f"SearchConfig.population_cap={self.population_cap} must be >= 1.")
         if self.executor not in EXECUTORS:
@@ -533,6 +544,8 @@ def evolve_task(
     root_path = state.paths[state.root_path_id]
     root_config = model_config_of(root_path)
     space = search_config.space or default_search_space(root_config)
+    if search_config.mu is not None:
+        space = space.with_default(hparams.MU, search_config.mu)
     _check_space(space, root_config)
     if task_name not in state.tasks:
         classes = num_classes or _infer_num_classes(validation_batches)

@@ -66,6 +66,19 @@ def test_space_validation():
         hp.HParam("lr", (0.1,), 1)
 
 
+def test_with_default_moves_only_that_start(space):
+    started = space.with_default("mu", 0.3)
+    assert started.defaults().indices["mu"] == hp.MU_GRID.index(0.3)
+    assert space.defaults().indices["mu"] == hp.MU_GRID.index(0.1)
+    others = {k: v for k, v in started.defaults().indices.items() if k != "mu"}
+    assert others == {k: v for k, v in space.defaults().indices.items() if k != "mu"}
+    assert started.with_default("mu", 0.1) == space
+    with pytest.raises(ValueError, match="allowed"):
+        space.with_default("mu", 0.25)
+    with pytest.raises(KeyError):
+        space.with_default("bogus", 1)
+
+
 def test_json_round_trip_through_a_path(space):
     hparams = space.defaults().replace(indices={"lr": 3}, rates={"hp:lr": 7, "clone:embed": 0})
     data = hparams.to_json()

@@ -142,3 +142,6 @@ def test_bad_search_settings_are_refused():
         search.SearchConfig(flops_scale=0.0)
     with pytest.raises(ValueError, match="population_cap"):
         search.SearchConfig(population_cap=0)
+    with pytest.raises(ValueError, match="grid of mutation rates"):
+        search.SearchConfig(mu=0.25)
+    assert search.SearchConfig(mu=0.3).mu == 0.3

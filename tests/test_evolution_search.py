@@ -18,6 +18,7 @@ from tiny_vit_testlib import TINY_VIT, random_params
 from evolution import architecture as arch_lib
 from evolution import batches, inference, search, sqlite_store, system
 from evolution import candidate as cand
+from evolution import hparams as hp
 from evolution import mutations as mut
 
 CONFIG = TINY_VIT
@@ -243,6 +244,25 @@ def test_determinism_fixed_seed(world, tmp_path, cache, caplog):
         )
         np.testing.assert_array_equal(_predict(store, task), world["preds"][(task, step)])
     store.close()
+
+
+def test_new_task_starts_from_the_configured_mu(tmp_path, cache):
+    config = dataclasses.replace(SEARCH, generations=1, candidates_per_generation=1, mu=0.3)
+    data = _task_data_of("tex_a")
+    with sqlite_store.SqliteStore(str(tmp_path / "mu")) as store:
+        search.seed_root(store, CONFIG, random_params(), agent="root")
+        result = search.evolve_task(
+            store,
+            "tex_a",
+            config,
+            train_batches_fn=data.train_batches_fn,
+            validation_batches=data.validation_batches,
+            agent=AGENT,
+            cache=cache,
+        )
+    # The child of the root starts at 0.3 (the grid's top) and moves at most one step.
+    mu_index = result.best_path.hparams["indices"]["mu"]
+    assert mu_index in (len(hp.MU_GRID) - 2, len(hp.MU_GRID) - 1)
 
 
 def test_seed_root_is_idempotent_and_required(tmp_path, cache):
