@@ -69,12 +69,12 @@ def _task_data_of(task):
     )
 
 
-def _evolve(store, task, cache):
+def _evolve(store, task, cache, config=SEARCH):
     data = _task_data_of(task)
     return search.evolve_task(
         store,
         task,
-        SEARCH,
+        config,
         train_batches_fn=data.train_batches_fn,
         validation_batches=data.validation_batches,
         agent=AGENT,
@@ -248,18 +248,9 @@ def test_determinism_fixed_seed(world, tmp_path, cache, caplog):
 
 def test_new_task_starts_from_the_configured_mu(tmp_path, cache):
     config = dataclasses.replace(SEARCH, generations=1, candidates_per_generation=1, mu=0.3)
-    data = _task_data_of("tex_a")
     with sqlite_store.SqliteStore(str(tmp_path / "mu")) as store:
         search.seed_root(store, CONFIG, random_params(), agent="root")
-        result = search.evolve_task(
-            store,
-            "tex_a",
-            config,
-            train_batches_fn=data.train_batches_fn,
-            validation_batches=data.validation_batches,
-            agent=AGENT,
-            cache=cache,
-        )
+        result = _evolve(store, "tex_a", cache, config)
     # The child of the root starts at 0.3 (the grid's top) and moves at most one step.
     mu_index = result.best_path.hparams["indices"]["mu"]
     assert mu_index in (len(hp.MU_GRID) - 2, len(hp.MU_GRID) - 1)
