@@ -1,11 +1,12 @@
-"""The muNet benchmarks' shared report: steps per task, the methods' table and summary."""
+"""The muNet benchmarks' shared report (steps per task, the methods' table and summary), and
+the benchmark's refusal of bad settings before any work."""
 
 import os
 import types
 
 import pytest
 
-from evogrow.bench import methods
+from evogrow.bench import methods, munet
 
 
 def _result(task, method, acc, params):
@@ -53,3 +54,10 @@ def test_compare_methods_table_plot_and_summary(tmp_path):
 def test_start_run_makes_the_folder(tmp_path):
     folder = methods.start_run(str(tmp_path / "run"), "bench_x")
     assert os.path.isdir(folder) and os.path.isabs(folder)
+
+
+def test_munet_refuses_a_mutation_rate_off_the_grid_before_any_work(tmp_path):
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError, match="grid of mutation rates"):
+        munet.main(["--mu", "0.25", "--out", str(out), "--root_dir", str(tmp_path / "root")])
+    assert not out.exists() and not (tmp_path / "root").exists()

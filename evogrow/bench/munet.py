@@ -73,10 +73,7 @@ def main(argv: list[str]) -> int:
       the exit status.
     """
     args = _parse(argv)
-    out = methods.start_run(args.out, "bench_munet")
-    names = offline_image.evolution_members()
-    start = time.perf_counter()
-    made = methods.image_root(args.root_dir)
+    # Settings first: a bad one is refused before any folder or root is made.
     config = search.SearchConfig(
         generations=args.generations,
         candidates_per_generation=args.candidates,
@@ -88,6 +85,10 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         mutation_options=mutations.MutationOptions(max_layers=8, adapters=args.adapters),
     )
+    out = methods.start_run(args.out, "bench_munet")
+    names = offline_image.evolution_members()
+    start = time.perf_counter()
+    made = methods.image_root(args.root_dir)
     store_dir = os.path.join(out, "store")
     evolve_start = time.perf_counter()
     outcome = evolve_lib.evolve(
