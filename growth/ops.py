@@ -235,13 +235,14 @@ def _apply_ops_host(
 # share, and handing them to a worker costs more than it saves.
 _LARGE_TASK = 1 << 15
 _PARALLEL_WORK = 1 << 18
-_executors: dict[int, ThreadPoolExecutor] = {}
+_executors: dict[int, tuple[ThreadPoolExecutor, int]] = {}
 
 
-def _executor() -> ThreadPoolExecutor | None:
-    """A thread pool with a worker per available core but one (one per process: fork-safe).
+def _executor() -> tuple[ThreadPoolExecutor, int] | None:
+    """A thread pool with a worker per available core but one, and its number of workers.
 
-    The calling thread is the remaining worker (see ``run_tasks``).
+    One per process (fork-safe). The calling thread is the remaining worker (see
+    ``run_tasks``).
     """
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if not workers or workers < 2:
@@ -249,7 +250,8 @@ def _executor() -> ThreadPoolExecutor | None:
     pid = os.getpid()
     if pid not in _executors:
         _executors.clear()
-        _executors[pid] = ThreadPoolExecutor(min(workers, 32) - 1, thread_name_prefix="growth")
+        helpers = min(workers, 32) - 1
+        _executors[pid] = (ThreadPoolExecutor(helpers, thread_name_prefix="growth"), helpers)
     return _executors[pid]
 
 
@@ -271,9 +273,9 @@ def run_tasks(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int]) -> list[
       The results, in the order of ``tasks``.
     """
     results: list[Any] = [None] * len(tasks)
-    pool = _executor()
+    executor = _executor()
     large = sum(size for size in sizes if size >= _LARGE_TASK)
-    if pool is None or len(tasks) < 2 or large < _PARALLEL_WORK:
+    if executor is None or len(tasks) < 2 or large < _PARALLEL_WORK:
         for i, task in enumerate(tasks):
             results[i] = task()
         return results
@@ -289,7 +291,8 @@ def run_tasks(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int]) -> list[
                 return
             results[i] = tasks[i]()
 
-    helpers = [pool.submit(drain) for _ in range(min(pool._max_workers, len(tasks) - 1))]
+    pool, workers = executor
+    helpers = [pool.submit(drain) for _ in range(min(workers, len(tasks) - 1))]
     try:
         drain()
     finally:

@@ -67,9 +67,10 @@ def test_thread_pool_does_not_change_the_draws(monkeypatch):
     monkeypatch.setattr(ops, "_LARGE_TASK", 1)  # every pass on this thread and the pool
     monkeypatch.setattr(ops, "_PARALLEL_WORK", 1)
     monkeypatch.setattr(draws, "_DRAW_BLOCK", 7)  # draws in many small blocks
-    pool = ops._executor()
-    if pool is None:
+    executor = ops._executor()
+    if executor is None:
         pytest.skip("a single core: growth has no thread pool")
+    pool, _ = executor
     submitted = []
     submit = pool.submit
     monkeypatch.setattr(pool, "submit", lambda *a: submitted.append(a) or submit(*a))
