@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from evolution import agent_view, baselines, candidate, multipath_agent, scoring, search, system
+from evolution import flops as flops_lib
 from evolution import store as store_lib
 from evolution.architecture import model_config_of
 
@@ -273,8 +274,8 @@ def _scored(
     flops = root_flops = None
     if settings.flops_scale < 1.0:
         root = state.paths[str(state.root_path_id)]
-        flops = search.path_flops(model_config_of(path), path.components, params_of)
-        root_flops = search.path_flops(model_config_of(root), root.components, params_of)
+        flops = flops_lib.path_flops(model_config_of(path), path.components, params_of)
+        root_flops = flops_lib.path_flops(model_config_of(root), root.components, params_of)
     score = scoring.score(
         float(path.quality or 0.0),
         state.accounted_params(path),

@@ -313,7 +313,7 @@ def run_baseline(
     """Trains one baseline on one task from the store's root (read only).
 
     Args:
-      store: the store holding the root (`search.seed_root`); nothing is written to it.
+      store: the store holding the root (`seeding.seed_root`); nothing is written to it.
       method: "finetune", "freeze" or "adapters".
       task: the task's name.
       train_batches: an endless iterator of {"image", "label"} batches, or a
@@ -350,7 +350,7 @@ def run_baseline(
         raise ValueError(f"Unknown baseline method {method!r}; expected one of {METHODS}.")
     state = store.load_state()
     if state.root_path_id is None:
-        raise ValueError("The store has no root path; call search.seed_root first.")
+        raise ValueError("The store has no root path; call seeding.seed_root first.")
     root = state.paths[state.root_path_id]
     root_config = model_config_of(root)
     space = search.default_search_space(root_config)

@@ -4,7 +4,7 @@ A path stores its architecture as JSON (`system.Path.architecture`, "model" name
 family) and its components by slot; a family says how to read that architecture back,
 which slots a model of a config has, how one component maps the running activation to
 the next, which batch feature feeds the path, and how a fresh head starts. The search
-(candidate.forward, mutations.materialize, search.seed_root, inference) runs any
+(candidate.forward, mutations.materialize, seeding.seed_root, inference) runs any
 family through this table; adapters (`models.adapters.ResidualAdapter`) are generic and
 applied by the caller.
 

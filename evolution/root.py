@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import tasks
-from evolution import batches, root_files, search, system
+from evolution import batches, root_files, seeding, system
 from evolution import store as store_lib
 from evolution.architecture import ROOT_TASK, architecture_of, config_of
 from evolution.task_data import load_task_arrays
@@ -502,11 +502,11 @@ def seed_store(store: store_lib.Store, root_dir: str, *, agent: str = "root") ->
       agent: the agent publishing the root.
 
     Returns:
-      The root path (`search.seed_root`).
+      The root path (`seeding.seed_root`).
 
     Raises:
       RootNotFoundError: `root_dir` holds no finished root.
       ValueError: the store has another root.
     """
     config, params = load_root(root_dir)
-    return search.seed_root(store, config, params, agent=agent)
+    return seeding.seed_root(store, config, params, agent=agent)

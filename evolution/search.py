@@ -22,14 +22,14 @@ One call of `evolve_task` is one *task iteration* of the muNet family
    on its components are locked by the task: every other task can only reference them
    frozen or clone them, so no later search changes this task's predictions.
 
-Candidates of a generation are trained one after another (on one device); the spec's
-D-way parallelism over devices is not implemented here. mu2Net+ optimizer-state
-inheritance applies to parents trained in the same iteration (their state is held in
-memory); a parent read from the store starts its child's optimizer afresh.
-With `SearchConfig.executor="ray"` each candidate is a Ray task instead
-(`evolution.ray_engine`), with the same results.
+A generation's candidates are planned first and then trained together
+(`evolution.placement`): one per local device at a time (`SearchConfig.devices`), or each
+as a Ray task (`SearchConfig.executor="ray"`, `evolution.ray_engine`), with the same
+results either way. mu2Net+ optimizer-state inheritance applies to parents trained in the
+same iteration (their state is held in memory); a parent read from the store starts its
+child's optimizer afresh. FLOPs for the score's compute term come from `evolution.flops`.
 
-`seed_root` stores the root model; `evolve_round_robin` iterates tasks in turn
+The root model is stored by `seeding.seed_root`; `evolve_round_robin` iterates tasks in turn
 (`selection.next_task`), a task joining the rotation when it first appears (dynamic task
 introduction). Inference from the store is in `evolution.inference`, data callbacks in
 `evolution.batches`, the stored architecture in `evolution.architecture`.
@@ -37,10 +37,7 @@ introduction). Inference from the store is in `evolution.inference`, data callba
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import functools
-import json
 import logging
 import math
 import time
@@ -48,13 +45,12 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 
-from evolution import candidate, families, hparams, mutations, scoring, selection, system
+from evolution import candidate, families, hparams, mutations, placement, scoring, selection, system
+from evolution import flops as flops_lib
 from evolution import store as store_lib
-from evolution.architecture import ROOT_TASK, architecture_of, model_config_of
+from evolution.architecture import model_config_of
 from evolution.batches import Batch, TrainBatchesFn
 from models import vit
 
@@ -93,86 +89,6 @@ def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
     return hparams.HParamSpace(tuple(kept))
 
 
-# -- the root ---------------------------------------------------------------------------
-
-
-def _host_tree(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), nn.unbox(tree))
-
-
-def seed_root(
-    store: store_lib.Store,
-    config: families.ModelConfig,
-    params: Mapping[str, Any],
-    *,
-    agent: str,
-    task: str = ROOT_TASK,
-) -> system.Path:
-    """Stores a root model as components and marks its path as the system's root.
-
-    Components `<task>:<slot>` (the family's slots, `Family.component_slots`: for a ViT
-    embed, cls, pos, block_i, final_norm, head; for the text encoder embed, block_i,
-    head) are put and published with the root path `<task>:path` in one transaction,
-    then `set_root`.
-    Calling it again on a store whose root is this same path returns it unchanged.
-
-    Args:
-      store: the store.
-      config: the root model's config (`vit.ViTConfig`, `encoder.EncoderConfig` with
-        `num_classes` set).
-      params: the root model's parameters keyed by slot (`vit.ViT(config)` or
-        `encoder.Encoder(config)` params, boxed or not).
-      agent: the root agent publishing it.
-      task: the root's task name (registered with `config.num_classes` classes).
-
-    Returns:
-      The root path.
-
-    Raises:
-      ValueError: the store has another root already, or `params` lacks a slot.
-    """
-    store.discard_staged(agent)  # Leftovers of an interrupted call are never published.
-    state = store.load_state()
-    path_id = f"{task}:path"
-    if state.root_path_id is not None:
-        existing = state.paths[state.root_path_id]
-        wanted = json.loads(json.dumps(architecture_of(config)))
-        if existing.id == path_id and existing.architecture == wanted:
-            return existing
-        raise ValueError(f"The store has another root already: {state.root_path_id!r}.")
-    if config.num_classes is None:
-        raise ValueError("The root model needs a head: set num_classes in its config.")
-    slots = families.family_of(config).component_slots(config)
-    missing = [slot for slot in slots if slot not in params]
-    if missing:
-        raise ValueError(f"Root parameters lack slots {missing}.")
-    store.add_task(task, num_classes=config.num_classes, metadata={"root": True})
-    components = []
-    for slot in slots:
-        component_id = f"{task}:{slot}"
-        tree = _host_tree(params[slot])
-        record = system.Component(
-            id=component_id,
-            kind=mutations.slot_kind(slot),
-            num_params=system.num_params_of(tree),
-            agent=agent,
-            task=task,
-        )
-        if component_id not in state.components:
-            store.put_component(record, tree)
-        components.append((slot, component_id))
-    root = system.Path(
-        id=path_id,
-        task=task,
-        components=tuple(components),
-        agent=agent,
-        architecture=architecture_of(config),
-    )
-    store.publish(agent, paths=[root], components=[cid for _, cid in components])
-    store.set_root(path_id)
-    return root
-
-
 # -- configuration and results ----------------------------------------------------------
 
 
@@ -199,10 +115,10 @@ class SearchConfig:
       inherit_opt_state: mu2Net+: a child clone starts from its parent's optimizer
         state when the parent was trained in this iteration.
       flops_scale: mu2Net+'s compute factor of the score, paid per root-model's worth
-        of FLOPs per example (XLA cost analysis, `path_flops`); 1.0 leaves it out.
+        of FLOPs per example (XLA cost analysis, `flops.path_flops`); 1.0 leaves it out.
       population_cap: mu2Net+'s per-task population cap (None: unbounded).
       devices: how many local devices a generation's candidates train on at once
-        (None: all; `search_devices`).
+        (None: all; `placement.search_devices`).
       executor: where a generation's candidates train: "threads" (this process's
         devices) or "ray" (one Ray task per candidate, `ray_engine.train_candidates`).
       ray_address: the Ray cluster of executor "ray" (None: $RAY_ADDRESS, or a local
@@ -385,114 +301,131 @@ class _Population:
             self.opt_states.pop(path.id, None)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Planned:
-    """A planned and materialised child, ready to train."""
-
-    parent: system.Path
-    plan: mutations.MutationPlan
-    config: families.ModelConfig
-    pool: dict[str, Any]
-    data_values: Mapping[str, Any]
-    data_seed: int
-    inherited: Any
-    parent_trainable: tuple[str, ...]
-
-
-def search_devices(count: int | None) -> list[Any]:
-    """The devices a generation's candidates train on (one candidate per device at once).
-
-    Args:
-      count: how many of the local devices to use; None: all of them.
-
-    Returns:
-      The devices.
-
-    Raises:
-      ValueError: `count` is below 1 or above the number of local devices.
-    """
-    local = jax.local_devices()
-    if count is None:
-        return list(local)
-    if not 1 <= count <= len(local):
-        raise ValueError(
-            f"SearchConfig.devices={count}, but this process has {len(local)} local devices "
-            "(set XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N on CPU)."
-        )
-    return list(local[:count])
-
-
-def _train_on_devices(
-    train: Callable[[_Planned, Any], candidate.CandidateResult],
-    planned: Sequence[_Planned],
-    devices: Sequence[Any],
-) -> list[candidate.CandidateResult]:
-    """Trains the planned candidates, up to one per device at a time, results in order.
-
-    With one device the candidates train one after another in this thread (no pool);
-    with more, in threads (JAX releases the GIL while a device computes). Each result
-    depends only on its own inputs, so the outcome does not depend on the device count.
-    """
-    if len(devices) <= 1 or len(planned) <= 1:
-        device = devices[0] if devices else None
-        return [train(item, device) for item in planned]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as pool:
-        futures = [
-            pool.submit(train, item, devices[i % len(devices)]) for i, item in enumerate(planned)
-        ]
-        return [future.result() for future in futures]
-
-
-def _shape_signature(tree: Any) -> tuple[Any, ...]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (treedef, tuple((np.shape(x), np.dtype(x).name) for x in leaves))
-
-
-_FLOPS_CACHE: dict[Any, float] = {}
-
-
-def path_flops(
-    config: families.ModelConfig,
-    components: Sequence[tuple[str, str]],
-    params_of: Callable[[str], Any],
-) -> float:
-    """FLOPs of one example through a path, from XLA's cost analysis of its forward pass.
-
-    Cached by architecture (config, slots and parameter shapes), so each distinct shape
-    is lowered once per process.
-
-    Args:
-      config: the path's config (any `evolution.families` model).
-      components: its (slot, component id) pairs.
-      params_of: component id -> parameters (shapes are all that is read).
-
-    Returns:
-      The forward pass's FLOPs for a batch of one.
-    """
-    slots = tuple(slot for slot, _ in components)
-    shapes = {
-        slot: jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-            nn.unbox(params_of(cid)),
-        )
-        for slot, cid in components
-    }
-    key = (config, slots, _shape_signature(shapes))
-    if key not in _FLOPS_CACHE:
-        inputs = families.family_of(config).input_spec(config)
-        lowered = jax.jit(functools.partial(candidate.forward, config, slots)).lower(shapes, inputs)
-        cost = lowered.cost_analysis()
-        if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-            cost = cost[0]
-        if not cost or "flops" not in cost:
-            raise RuntimeError(f"XLA's cost analysis gave no FLOPs for a path of {slots}.")
-        _FLOPS_CACHE[key] = float(cost["flops"])
-    return _FLOPS_CACHE[key]
-
-
 def _rng_for(config: SearchConfig, task: str, base_generation: int) -> np.random.Generator:
     entropy = [int(config.seed), zlib.crc32(task.encode()), int(base_generation)]
     return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def _judge(
+    item: placement.PlannedCandidate,
+    result: candidate.CandidateResult,
+    *,
+    work: system.SystemState,
+    task: str,
+    task_classes: int,
+    agent: str,
+    generation: int,
+    score_of_values: Callable[[float, float, float | None], float],
+) -> tuple[system.Path, list[system.Component], CandidateRecord]:
+    """Scores a trained child in the system it would join and decides its acceptance.
+
+    Args:
+      item: the planned child.
+      result: its training result.
+      work: the system as this iteration sees it (published paths and accepted ones).
+      task: the iterated task.
+      task_classes: the task's number of classes.
+      agent: the publishing agent.
+      generation: the child's generation.
+      score_of_values: (quality, accounted params, FLOPs or None) -> score.
+
+    Returns:
+      The scored child path, its new component records, and its `CandidateRecord`. A
+      child whose training diverged (a non-finite loss) has quality 0.
+    """
+    parent, plan = item.parent, item.plan
+    diverged = not all(math.isfinite(loss) for loss in result.train_losses)
+    quality = 0.0 if diverged else float(result.quality)
+    child_records = mutations.component_records(plan, result.params, agent=agent)
+    architecture = {**plan.path.architecture, "num_classes": task_classes}
+    child = dataclasses.replace(plan.path, architecture=architecture)
+    would_be = system.SystemState(
+        {**work.components, **{c.id: c for c in child_records}},
+        {**work.paths, child.id: child},
+        work.tasks,
+        work.root_path_id,
+    )
+    accounted = would_be.accounted_params(child)
+    flops = flops_lib.path_flops(item.config, child.components, item.pool.__getitem__)
+    child_score = score_of_values(quality, accounted, flops)
+    accepted = scoring.accept(child_score, parent.score, parent.task == task)
+    metrics = {
+        "accounted_params": accounted,
+        "flops": flops,
+        "best_step": result.best_step,
+        "validations": [list(v) for v in result.validations],
+        "train_losses": [x if math.isfinite(x) else None for x in result.train_losses],
+        "applied": list(plan.applied),
+        "parent_task": parent.task,
+        "diverged": diverged,
+    }
+    child = dataclasses.replace(child, score=child_score, quality=quality, metrics=metrics)
+    record = CandidateRecord(
+        path_id=child.id,
+        parent_id=parent.id,
+        parent_task=parent.task,
+        parent_score=parent.score,
+        generation=generation,
+        quality=quality,
+        score=child_score,
+        accounted_params=accounted,
+        accepted=accepted,
+        applied=plan.applied,
+        train_seconds=result.train_seconds,
+        eval_seconds=result.eval_seconds,
+        compile_seconds=result.compile_seconds,
+    )
+    return child, child_records, record
+
+
+def _publish_best(
+    store: store_lib.Store,
+    agent: str,
+    task: str,
+    population: _Population,
+    *,
+    state: system.SystemState,
+    published_ids: set[str],
+    new_records: Mapping[str, system.Component],
+    new_params: Mapping[str, Any],
+) -> tuple[system.Path, list[str], list[str]]:
+    """Puts the best path's new components, publishes it and retires the agent's others.
+
+    One store transaction (`Store.publish`): a crash leaves either the old or the new
+    published state, never half of it.
+
+    Args:
+      store: the store.
+      agent: the publishing agent.
+      task: the iterated task.
+      population: the iteration's population (published and accepted paths).
+      state: the system as loaded at the start of the iteration.
+      published_ids: the task's paths that were published at the start.
+      new_records: records of the components trained in this iteration.
+      new_params: their parameters.
+
+    Returns:
+      The published best path, the ids of its new components, and the retired path ids.
+
+    Raises:
+      RuntimeError: the population is empty.
+    """
+    ranked = population.ranked()
+    if not ranked:
+        raise RuntimeError(f"Task {task!r} has no path after its iteration.")
+    best = dataclasses.replace(ranked[0], offspring=population.offspring.get(ranked[0].id, 0))
+    fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
+    for component_id in fresh_ids:
+        store.put_component(new_records[component_id], new_params[component_id])
+    retire = sorted(
+        pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
+    )
+    foreign = sorted(pid for pid in published_ids if state.paths[pid].agent != agent)
+    if foreign:
+        logger.warning("evolve %s: cannot retire other agents' paths %s", task, foreign)
+    store.publish(agent, paths=[best], components=fresh_ids, retire=retire)
+    store.discard_staged(agent)
+    return best, fresh_ids, retire
 
 
 def evolve_task(
@@ -510,7 +443,7 @@ def evolve_task(
     """Runs one task iteration (G generations of D candidates) and publishes the best path.
 
     Args:
-      store: the store holding the system (with a root, `seed_root`).
+      store: the store holding the system (with a root, `seeding.seed_root`).
       task_name: the task; added to the store when new.
       search_config: the iteration's settings.
       train_batches_fn: makes each candidate's training stream.
@@ -540,7 +473,7 @@ def evolve_task(
     store.discard_staged(agent)
     state = store.load_state()
     if state.root_path_id is None:
-        raise ValueError("The store has no root path; call seed_root first.")
+        raise ValueError("The store has no root path; call seeding.seed_root first.")
     root_path = state.paths[state.root_path_id]
     root_config = model_config_of(root_path)
     space = search_config.space or default_search_space(root_config)
@@ -556,10 +489,10 @@ def evolve_task(
         raise ValueError(f"Task {task_name!r} has {task_classes} classes, not {num_classes}.")
     root_params = state.root_params()
 
-    root_flops = path_flops(root_config, root_path.components, store.load_params)
+    root_flops = flops_lib.path_flops(root_config, root_path.components, store.load_params)
 
     def flops_of(config: families.ModelConfig, path: system.Path) -> float:
-        return path_flops(config, path.components, params_of)
+        return flops_lib.path_flops(config, path.components, params_of)
 
     def score_of_values(quality: float, accounted: float, flops: float | None) -> float:
         return scoring.score(
@@ -609,7 +542,7 @@ def evolve_task(
             {**state.components, **new_records}, paths, state.tasks, state.root_path_id
         )
 
-    devices = search_devices(search_config.devices)
+    devices = placement.search_devices(search_config.devices)
     records: list[CandidateRecord] = []
     train_s = eval_s = compile_s = 0.0
     for g in range(search_config.generations):
@@ -621,7 +554,7 @@ def evolve_task(
         joining: list[tuple[system.Path, candidate.CandidateResult, list[system.Component]]] = []
         work = working_state()
         ranked = population.ranked()
-        planned: list[_Planned] = []
+        planned: list[placement.PlannedCandidate] = []
         for _ in range(search_config.candidates_per_generation):
             parent_id = selection.select_parent(
                 [p.id for p in ranked], population.offspring, seeds, rng
@@ -651,7 +584,7 @@ def evolve_task(
             if search_config.inherit_opt_state and parent_id in population.opt_states:
                 inherited, parent_trainable = population.opt_states[parent_id]
             planned.append(
-                _Planned(
+                placement.PlannedCandidate(
                     parent,
                     plan,
                     child_config,
@@ -663,105 +596,35 @@ def evolve_task(
                 )
             )
 
-        def train(item: _Planned, device: Any) -> candidate.CandidateResult:
-            return candidate.train_candidate(
-                config=item.config,
-                components=item.plan.path.components,
-                pool=item.pool,
-                trainable_ids=item.plan.trainable_ids,
-                hparam_values=space.values(item.plan.hparams),
-                train_batches=train_batches_fn(
-                    item.data_values, batch_size=search_config.batch_size, seed=item.data_seed
-                ),
-                validation_batches=validation_batches,
-                num_validations=search_config.num_validations,
-                steps_per_validation=search_config.steps_per_validation,
-                parent_opt_state=item.inherited,
-                parent_trainable_ids=item.parent_trainable,
-                clone_sources=item.plan.clones,
-                cache=cache,
-                device=device,
-            )
-
-        if search_config.executor == "ray":
-            from evolution import ray_engine  # noqa: PLC0415 - Ray is optional
-
-            results = ray_engine.train_candidates(
-                [
-                    ray_engine.CandidateJob(
-                        config=item.config,
-                        components=item.plan.path.components,
-                        pool=item.pool,
-                        trainable_ids=tuple(item.plan.trainable_ids),
-                        hparam_values=space.values(item.plan.hparams),
-                        data_values=item.data_values,
-                        data_seed=item.data_seed,
-                        parent_opt_state=item.inherited,
-                        parent_trainable_ids=item.parent_trainable,
-                        clone_sources=item.plan.clones,
-                    )
-                    for item in planned
-                ],
-                train_batches_fn=train_batches_fn,
-                validation_batches=validation_batches,
-                batch_size=search_config.batch_size,
-                num_validations=search_config.num_validations,
-                steps_per_validation=search_config.steps_per_validation,
-                ray_address=search_config.ray_address,
-            )
-        else:
-            results = _train_on_devices(train, planned, devices)
+        results = placement.train_generation(
+            planned,
+            space=space,
+            train_batches_fn=train_batches_fn,
+            validation_batches=validation_batches,
+            batch_size=search_config.batch_size,
+            num_validations=search_config.num_validations,
+            steps_per_validation=search_config.steps_per_validation,
+            executor=search_config.executor,
+            ray_address=search_config.ray_address,
+            cache=cache,
+            devices=devices,
+        )
         for item, result in zip(planned, results, strict=True):
-            parent, plan = item.parent, item.plan
             train_s += result.train_seconds
             eval_s += result.eval_seconds
             compile_s += result.compile_seconds
-            diverged = not all(math.isfinite(loss) for loss in result.train_losses)
-            quality = 0.0 if diverged else float(result.quality)
-
-            child_records = mutations.component_records(plan, result.params, agent=agent)
-            architecture = {**plan.path.architecture, "num_classes": task_classes}
-            child = dataclasses.replace(plan.path, architecture=architecture)
-            would_be = system.SystemState(
-                {**work.components, **{c.id: c for c in child_records}},
-                {**work.paths, child.id: child},
-                work.tasks,
-                work.root_path_id,
+            child, child_records, record = _judge(
+                item,
+                result,
+                work=work,
+                task=task_name,
+                task_classes=task_classes,
+                agent=agent,
+                generation=generation,
+                score_of_values=score_of_values,
             )
-            accounted = would_be.accounted_params(child)
-            flops = path_flops(item.config, child.components, item.pool.__getitem__)
-            child_score = score_of_values(quality, accounted, flops)
-            same_task = parent.task == task_name
-            accepted = scoring.accept(child_score, parent.score, same_task)
-            metrics = {
-                "accounted_params": accounted,
-                "flops": flops,
-                "best_step": result.best_step,
-                "validations": [list(v) for v in result.validations],
-                "train_losses": [x if math.isfinite(x) else None for x in result.train_losses],
-                "applied": list(plan.applied),
-                "parent_task": parent.task,
-                "diverged": diverged,
-            }
-            child = dataclasses.replace(child, score=child_score, quality=quality, metrics=metrics)
-            records.append(
-                CandidateRecord(
-                    path_id=child.id,
-                    parent_id=parent.id,
-                    parent_task=parent.task,
-                    parent_score=parent.score,
-                    generation=generation,
-                    quality=quality,
-                    score=child_score,
-                    accounted_params=accounted,
-                    accepted=accepted,
-                    applied=plan.applied,
-                    train_seconds=result.train_seconds,
-                    eval_seconds=result.eval_seconds,
-                    compile_seconds=result.compile_seconds,
-                )
-            )
-            if accepted:
+            records.append(record)
+            if record.accepted:
                 joining.append((child, result, child_records))
 
         # The generation's candidates are siblings (trained in parallel in the notebooks):
@@ -789,22 +652,16 @@ def evolve_task(
             3600.0 * len(records) / elapsed if elapsed else 0.0,
         )
 
-    ranked = population.ranked()
-    if not ranked:
-        raise RuntimeError(f"Task {task_name!r} has no path after its iteration.")
-    best = dataclasses.replace(ranked[0], offspring=population.offspring.get(ranked[0].id, 0))
-    fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
-    for component_id in fresh_ids:
-        store.put_component(new_records[component_id], new_params[component_id])
-    retire = sorted(
-        pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
+    best, fresh_ids, retire = _publish_best(
+        store,
+        agent,
+        task_name,
+        population,
+        state=state,
+        published_ids=published_ids,
+        new_records=new_records,
+        new_params=new_params,
     )
-    foreign = sorted(pid for pid in published_ids if state.paths[pid].agent != agent)
-    if foreign:
-        logger.warning("evolve %s: cannot retire other agents' paths %s", task_name, foreign)
-    store.publish(agent, paths=[best], components=fresh_ids, retire=retire)
-    store.discard_staged(agent)
-
     final_state = store.load_state()
     published_best = final_state.paths[best.id]
     wall = time.perf_counter() - start

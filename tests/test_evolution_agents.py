@@ -35,6 +35,7 @@ from evolution import (
     hparams,
     inference,
     search,
+    seeding,
     selection,
     sqlite_store,
 )
@@ -174,7 +175,7 @@ print("done", flush=True)
 def _seeded_store(tmp_path):
     directory = str(tmp_path / "store")
     with sqlite_store.SqliteStore(directory) as store:
-        search.seed_root(store, TINY_VIT, random_params(), agent="root")
+        seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
     return directory
 
 

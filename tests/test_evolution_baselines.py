@@ -20,7 +20,16 @@ import pytest
 from tiny_vit_testlib import TINY_VIT
 
 from evogrow import gin_utils
-from evolution import baseline_run, baselines, batches, candidate, mutations, search, sqlite_store
+from evolution import (
+    baseline_run,
+    baselines,
+    batches,
+    candidate,
+    mutations,
+    search,
+    seeding,
+    sqlite_store,
+)
 from evolution import task_data as task_data_lib
 from evolution.architecture import config_of
 from models import vit
@@ -94,7 +103,7 @@ def _trees_differ(left, right):
 def store(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("baselines") / "store")
     with sqlite_store.SqliteStore(directory) as opened:
-        search.seed_root(opened, CONFIG, _root_params(), agent="root")
+        seeding.seed_root(opened, CONFIG, _root_params(), agent="root")
         yield opened
 
 

@@ -13,7 +13,7 @@ import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import architecture as arch_lib
-from evolution import batches, candidate, multipath, search, sqlite_store, system
+from evolution import batches, candidate, multipath, seeding, sqlite_store, system
 from evolution import mutations as mut
 from models import vit
 
@@ -79,7 +79,7 @@ def _publish_path(store, task, seed, score):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     store = sqlite_store.SqliteStore(str(tmp_path_factory.mktemp("multipath") / "store"))
-    search.seed_root(store, TINY_VIT, random_params(99), agent="root")
+    seeding.seed_root(store, TINY_VIT, random_params(99), agent="root")
     for index, task in enumerate(TASKS):
         _publish_path(store, task, seed=index + 1, score=0.5 - 0.1 * index)
     yield store

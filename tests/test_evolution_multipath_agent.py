@@ -22,7 +22,7 @@ import pytest
 from test_evolution_agents import SEARCH, _task_data, _test_split
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import agent_run, agent_view, agents, multipath_agent, search, sqlite_store
+from evolution import agent_run, agent_view, agents, multipath_agent, seeding, sqlite_store
 from evolution import mutations as mut
 
 SETTINGS = multipath_agent.MultipathSettings(
@@ -60,7 +60,7 @@ def store_dir(tmp_path_factory):
     """A store with the tiny root and one muNet agent cycle on each of tex_a, tex_b."""
     directory = str(tmp_path_factory.mktemp("multipath_agent") / "store")
     with sqlite_store.SqliteStore(directory) as store:
-        search.seed_root(store, TINY_VIT, random_params(), agent="root")
+        seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
         for task in ("tex_a", "tex_b"):
             config = agents.AgentConfig(task, "munet", search=MUNET_SEARCH)
             agents.run_cycle(store, config, _task_data(task))

@@ -20,7 +20,8 @@ from test_evolution_search import SEARCH, _task_data_of
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import candidate as cand
-from evolution import scoring, search, sqlite_store, system
+from evolution import flops as flops_lib
+from evolution import placement, scoring, search, seeding, sqlite_store, system
 
 TESTS_DIR = pathlib.Path(__file__).parent
 REPO = TESTS_DIR.parent
@@ -33,13 +34,13 @@ _SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from test_evolution_search import SEARCH, _task_data_of
     from tiny_vit_testlib import TINY_VIT, random_params
-    from evolution import candidate, search, sqlite_store
+    from evolution import candidate, search, seeding, sqlite_store
 
     assert len(jax.local_devices()) == 2, jax.local_devices()
     out = {}
     for devices in (1, 2):
         store = sqlite_store.SqliteStore(f"{sys.argv[2]}/store{devices}")
-        search.seed_root(store, TINY_VIT, random_params(), agent="root")
+        seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
         cache = candidate.StepCache()
         data = _task_data_of("tex_a")
         config = dataclasses.replace(SEARCH, devices=devices)
@@ -88,12 +89,12 @@ def test_candidates_on_two_devices_match_one_device(tmp_path):
 
 def test_search_devices_rejects_more_than_local():
     with pytest.raises(ValueError, match="local devices"):
-        search.search_devices(64)
+        placement.search_devices(64)
 
 
 def test_flops_term_enters_the_score(tmp_path):
     store = sqlite_store.SqliteStore(str(tmp_path / "store"))
-    root = search.seed_root(store, TINY_VIT, random_params(), agent="root")
+    root = seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
     config = dataclasses.replace(SEARCH, generations=1, flops_scale=0.5, scale=1.0)
     data = _task_data_of("tex_a")
     result = search.evolve_task(
@@ -104,7 +105,7 @@ def test_flops_term_enters_the_score(tmp_path):
         validation_batches=data.validation_batches,
         cache=cand.StepCache(),
     )
-    root_flops = search.path_flops(TINY_VIT, root.components, store.load_params)
+    root_flops = flops_lib.path_flops(TINY_VIT, root.components, store.load_params)
     assert root_flops > 0
     best = result.best_path
     flops = best.metrics["flops"]

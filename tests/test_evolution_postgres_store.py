@@ -30,7 +30,7 @@ from store_testlib import (  # noqa: E402
     seed_root,
 )
 
-from evolution import param_files, postgres_store, store, system  # noqa: E402
+from evolution import param_files, postgres_store, seeding, store, system  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
@@ -353,7 +353,7 @@ def test_search_iteration_gives_identical_results_on_both_stores(server, tmp_pat
         Backend("postgres", tmp_path, _new_database(server)),
     ):
         with backend.open() as db:
-            search.seed_root(db, TINY_VIT, random_params(), agent="root")
+            seeding.seed_root(db, TINY_VIT, random_params(), agent="root")
             result = search.evolve_task(
                 db,
                 "tex",

@@ -29,7 +29,7 @@ import test_evolution_agents as agents_spec  # noqa: E402
 from test_evolution_search import SEARCH, _task_data_of  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
-from evolution import agent_run, agents, candidate, ray_engine, search, sqlite_store  # noqa: E402
+from evolution import agent_run, agents, candidate, ray_engine, search, seeding, sqlite_store  # noqa: E402
 from evolution import store as store_lib  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +92,7 @@ def _search_run(directory, executor):
     """Task A then task B (whose seeds include A's best path) with the given executor."""
     config = dataclasses.replace(SEARCH, executor=executor)
     store = sqlite_store.SqliteStore(directory)
-    search.seed_root(store, TINY_VIT, random_params(), agent="root")
+    seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
     results, cache = [], candidate.StepCache()
     for task in ("tex_a", "tex_b"):
         data = _task_data_of(task)
@@ -155,7 +155,7 @@ def agent_data(config):
 
 def _seed(location):
     with store_lib.open_store(location) as store:
-        search.seed_root(store, TINY_VIT, random_params(), agent="root")
+        seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
 
 
 @pytest.fixture(scope="module")

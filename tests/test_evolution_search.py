@@ -16,7 +16,7 @@ import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import architecture as arch_lib
-from evolution import batches, inference, search, sqlite_store, system
+from evolution import batches, inference, search, seeding, sqlite_store, system
 from evolution import candidate as cand
 from evolution import hparams as hp
 from evolution import mutations as mut
@@ -106,7 +106,7 @@ def world(tmp_path_factory, cache):
     """Root, then A, B, C, A on one store, with predictions and parameters recorded."""
     directory = str(tmp_path_factory.mktemp("search") / "store")
     store = sqlite_store.SqliteStore(directory)
-    search.seed_root(store, CONFIG, random_params(), agent="root")
+    seeding.seed_root(store, CONFIG, random_params(), agent="root")
     results, preds, params = {}, {}, {}
     task_data = {name: _task_data_of(name) for name in TASKS}
     previous = None
@@ -232,7 +232,7 @@ def _comparable(result):
 
 def test_determinism_fixed_seed(world, tmp_path, cache, caplog):
     store = sqlite_store.SqliteStore(str(tmp_path / "again"))
-    search.seed_root(store, CONFIG, random_params(), agent="root")
+    seeding.seed_root(store, CONFIG, random_params(), agent="root")
     for step, task in enumerate(TASKS[:2]):
         with caplog.at_level(logging.INFO, logger="evogrow"):
             result = _evolve(store, task, cache)
@@ -249,7 +249,7 @@ def test_determinism_fixed_seed(world, tmp_path, cache, caplog):
 def test_new_task_starts_from_the_configured_mu(tmp_path, cache):
     config = dataclasses.replace(SEARCH, generations=1, candidates_per_generation=1, mu=0.3)
     with sqlite_store.SqliteStore(str(tmp_path / "mu")) as store:
-        search.seed_root(store, CONFIG, random_params(), agent="root")
+        seeding.seed_root(store, CONFIG, random_params(), agent="root")
         result = _evolve(store, "tex_a", cache, config)
     # The child of the root starts at 0.3 (the grid's top) and moves at most one step.
     mu_index = result.best_path.hparams["indices"]["mu"]
@@ -260,10 +260,10 @@ def test_seed_root_is_idempotent_and_required(tmp_path, cache):
     with sqlite_store.SqliteStore(str(tmp_path / "empty")) as store:
         with pytest.raises(ValueError, match="seed_root"):
             _evolve(store, "tex_a", cache)
-        root = search.seed_root(store, CONFIG, random_params(), agent="root")
-        assert search.seed_root(store, CONFIG, random_params(), agent="root") == root
+        root = seeding.seed_root(store, CONFIG, random_params(), agent="root")
+        assert seeding.seed_root(store, CONFIG, random_params(), agent="root") == root
         with pytest.raises(ValueError, match="another root"):
-            search.seed_root(
+            seeding.seed_root(
                 store, dataclasses.replace(CONFIG, hidden=8), random_params(), agent="root"
             )
 

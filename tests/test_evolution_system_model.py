@@ -26,7 +26,15 @@ from tiny_vit_testlib import TINY_VIT, random_params
 
 from evogrow import checkpoints, gin_utils, main, reporting
 from evolution import architecture as arch_lib
-from evolution import export, inference, mutations, search, sqlite_store, system, system_model
+from evolution import (
+    export,
+    inference,
+    mutations,
+    seeding,
+    sqlite_store,
+    system,
+    system_model,
+)
 from models import adapters, routing, vit
 
 AGENT = "munet"
@@ -135,7 +143,7 @@ def world(tmp_path_factory):
     root_params = random_params(1)
     tokens = (1, TINY_VIT.num_tokens, TINY_VIT.hidden)
     with sqlite_store.SqliteStore(directory) as store:
-        search.seed_root(store, TINY_VIT, root_params, agent="root")
+        seeding.seed_root(store, TINY_VIT, root_params, agent="root")
         root = {slot: f"root:{slot}" for slot in ROOT_SLOTS}
         head_a = _new_params(vit.make_component(TINY_VIT, "head"), tokens, rng)
         worse_a = _publish(

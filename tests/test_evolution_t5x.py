@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
 from evolution import architecture as arch_lib  # noqa: E402
-from evolution import inference, mutations, search, sqlite_store, system, t5x_export  # noqa: E402
+from evolution import inference, mutations, seeding, sqlite_store, system, t5x_export  # noqa: E402
 from models import adapters, vit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def store_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     config_b = dataclasses.replace(TINY_VIT, num_layers=2, num_classes=3)
     with sqlite_store.SqliteStore(directory) as store:
-        root = search.seed_root(store, TINY_VIT, random_params(1), agent="root")
+        root = seeding.seed_root(store, TINY_VIT, random_params(1), agent="root")
         by_slot = dict(root.components)
         stem = [(s, by_slot[s]) for s in ("embed", "cls", "pos")]
         _publish(

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from evolution import architecture as arch_lib
-from evolution import batches, families, inference, search, sqlite_store, system, text_root
+from evolution import batches, families, inference, search, seeding, sqlite_store, system, text_root
 from evolution import candidate as cand
 from evolution import mutations as mut
 from models import adapters, encoder, minilm
@@ -152,7 +152,7 @@ def test_add_block_is_skipped_for_post_norm(tmp_path):
     assert families.add_block_refusal(pre_norm) is None
     assert families.add_block_refusal({}) is None
     with sqlite_store.SqliteStore(str(tmp_path / "store")) as store:
-        root = search.seed_root(store, CONFIG, random_params(), agent="root")
+        root = seeding.seed_root(store, CONFIG, random_params(), agent="root")
         state = store.load_state()
     for seed in range(4):
         plan = mut.plan_child(
@@ -188,7 +188,7 @@ def test_text_search_immunity(tmp_path):
     cache = cand.StepCache()
     directory = str(tmp_path / "store")
     with sqlite_store.SqliteStore(directory) as store:
-        search.seed_root(store, CONFIG, random_params(), agent="root")
+        seeding.seed_root(store, CONFIG, random_params(), agent="root")
         (first,) = search.evolve_round_robin(
             store, {"marks_a": _task_data("marks_a")}, SEARCH, iterations=1, cache=cache
         )
