@@ -13,12 +13,98 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from evolution import candidate, families, hparams, mutations, system
 from evolution.batches import Batch, TrainBatchesFn
+
+
+class StepSettings(NamedTuple):
+    """How every candidate of a generation trains.
+
+    Attributes:
+      batch_size: training batch size.
+      num_validations: validations per candidate (V).
+      steps_per_validation: training steps between validations (B).
+    """
+
+    batch_size: int
+    num_validations: int
+    steps_per_validation: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateJob:
+    """One candidate's own inputs to `candidate.train_candidate` (a Ray task's payload).
+
+    Attributes:
+      config: the child's config.
+      components: its (slot, component id) pairs.
+      pool: component id -> parameters for every id it references.
+      trainable_ids: the ids it trains.
+      hparam_values: its hyperparameter values (`HParamSpace.values`).
+      data_values: the generation's data hyperparameter values (for `train_batches_fn`).
+      data_seed: the seed of its training stream.
+      parent_opt_state: the inherited optimizer state (mu2Net+), or None.
+      parent_trainable_ids: the parent's trainable ids.
+      clone_sources: new id -> parent id of cloned components.
+    """
+
+    config: families.ModelConfig
+    components: tuple[tuple[str, str], ...]
+    pool: Mapping[str, Any]
+    trainable_ids: tuple[str, ...]
+    hparam_values: Mapping[str, Any]
+    data_values: Mapping[str, Any]
+    data_seed: int
+    parent_opt_state: Any = None
+    parent_trainable_ids: tuple[str, ...] = ()
+    clone_sources: Mapping[str, str] | None = None
+
+    def train(
+        self,
+        train_batches_fn: TrainBatchesFn,
+        validation_batches: Sequence[Batch],
+        settings: StepSettings,
+        *,
+        cache: candidate.StepCache,
+        device: Any,
+        shared_pool: Mapping[str, Any] | None = None,
+    ) -> candidate.CandidateResult:
+        """Trains the candidate (`candidate.train_candidate`).
+
+        Args:
+          train_batches_fn: makes its training stream from `data_values` and `data_seed`.
+          validation_batches: the task's validation batches.
+          settings: batch size, V and B.
+          cache: compiled steps shared across candidates of the same shapes.
+          device: where it trains (None: the default device).
+          shared_pool: parameters of ids that are not in `pool` (a Ray task's pool
+            entries shared by the generation).
+
+        Returns:
+          The result.
+        """
+        return candidate.train_candidate(
+            config=self.config,
+            components=self.components,
+            pool={**shared_pool, **self.pool} if shared_pool else self.pool,
+            trainable_ids=self.trainable_ids,
+            hparam_values=self.hparam_values,
+            train_batches=train_batches_fn(
+                self.data_values, batch_size=settings.batch_size, seed=self.data_seed
+            ),
+            validation_batches=validation_batches,
+            num_validations=settings.num_validations,
+            steps_per_validation=settings.steps_per_validation,
+            parent_opt_state=self.parent_opt_state,
+            parent_trainable_ids=self.parent_trainable_ids,
+            clone_sources=self.clone_sources,
+            cache=cache,
+            device=device,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +130,21 @@ class PlannedCandidate:
     data_seed: int
     inherited: Any
     parent_trainable: tuple[str, ...]
+
+    def job(self, space: hparams.HParamSpace) -> CandidateJob:
+        """What training the child needs (its hyperparameters resolved in `space`)."""
+        return CandidateJob(
+            config=self.config,
+            components=self.plan.path.components,
+            pool=self.pool,
+            trainable_ids=tuple(self.plan.trainable_ids),
+            hparam_values=space.values(self.plan.hparams),
+            data_values=self.data_values,
+            data_seed=self.data_seed,
+            parent_opt_state=self.inherited,
+            parent_trainable_ids=self.parent_trainable,
+            clone_sources=self.plan.clones,
+        )
 
 
 def search_devices(count: int | None) -> list[Any]:
@@ -75,97 +176,59 @@ def train_generation(
     space: hparams.HParamSpace,
     train_batches_fn: TrainBatchesFn,
     validation_batches: Sequence[Batch],
-    batch_size: int,
-    num_validations: int,
-    steps_per_validation: int,
+    settings: StepSettings,
     executor: str,
     ray_address: str | None,
     cache: candidate.StepCache,
     devices: Sequence[Any],
 ) -> list[candidate.CandidateResult]:
-    """Trains a generation's candidates (`candidate.train_candidate`), results in order.
+    """Trains a generation's candidates (`CandidateJob.train`), results in order.
 
     Args:
       planned: the candidates.
       space: the hyperparameter space their plans index into.
       train_batches_fn: makes each candidate's training stream.
       validation_batches: the fixed validation batches.
-      batch_size: training batch size.
-      num_validations: validations per candidate (V).
-      steps_per_validation: training steps between validations (B).
+      settings: batch size, V and B.
       executor: "threads" (the local `devices`) or "ray".
-      ray_address: the Ray cluster to join (None: a local one).
+      ray_address: the Ray cluster to join (None: $RAY_ADDRESS or a local one).
       cache: compiled steps shared across candidates of the same shapes.
       devices: the local devices (`search_devices`).
 
     Returns:
       One result per candidate, in order.
     """
+    jobs = [item.job(space) for item in planned]
     if executor == "ray":
         from evolution import ray_engine  # noqa: PLC0415 - Ray is optional
 
         return ray_engine.train_candidates(
-            [
-                ray_engine.CandidateJob(
-                    config=item.config,
-                    components=item.plan.path.components,
-                    pool=item.pool,
-                    trainable_ids=tuple(item.plan.trainable_ids),
-                    hparam_values=space.values(item.plan.hparams),
-                    data_values=item.data_values,
-                    data_seed=item.data_seed,
-                    parent_opt_state=item.inherited,
-                    parent_trainable_ids=item.parent_trainable,
-                    clone_sources=item.plan.clones,
-                )
-                for item in planned
-            ],
+            jobs,
             train_batches_fn=train_batches_fn,
             validation_batches=validation_batches,
-            batch_size=batch_size,
-            num_validations=num_validations,
-            steps_per_validation=steps_per_validation,
+            settings=settings,
             ray_address=ray_address,
         )
 
-    def train(item: PlannedCandidate, device: Any) -> candidate.CandidateResult:
-        return candidate.train_candidate(
-            config=item.config,
-            components=item.plan.path.components,
-            pool=item.pool,
-            trainable_ids=item.plan.trainable_ids,
-            hparam_values=space.values(item.plan.hparams),
-            train_batches=train_batches_fn(
-                item.data_values, batch_size=batch_size, seed=item.data_seed
-            ),
-            validation_batches=validation_batches,
-            num_validations=num_validations,
-            steps_per_validation=steps_per_validation,
-            parent_opt_state=item.inherited,
-            parent_trainable_ids=item.parent_trainable,
-            clone_sources=item.plan.clones,
-            cache=cache,
-            device=device,
-        )
+    def train(job: CandidateJob, device: Any) -> candidate.CandidateResult:
+        return job.train(train_batches_fn, validation_batches, settings, cache=cache, device=device)
 
-    return _train_on_devices(train, planned, devices)
+    return _train_on_devices(train, jobs, devices)
 
 
 def _train_on_devices(
-    train: Callable[[PlannedCandidate, Any], candidate.CandidateResult],
-    planned: Sequence[PlannedCandidate],
+    train: Callable[[CandidateJob, Any], candidate.CandidateResult],
+    jobs: Sequence[CandidateJob],
     devices: Sequence[Any],
 ) -> list[candidate.CandidateResult]:
-    """Trains the planned candidates, up to one per device at a time, results in order.
+    """Trains the candidates, up to one per device at a time, results in order.
 
     With one device the candidates train one after another in this thread (no pool);
     with more, in threads (JAX releases the GIL while a device computes).
     """
-    if len(devices) <= 1 or len(planned) <= 1:
+    if len(devices) <= 1 or len(jobs) <= 1:
         device = devices[0] if devices else None
-        return [train(item, device) for item in planned]
+        return [train(job, device) for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as pool:
-        futures = [
-            pool.submit(train, item, devices[i % len(devices)]) for i, item in enumerate(planned)
-        ]
+        futures = [pool.submit(train, job, devices[i % len(devices)]) for i, job in enumerate(jobs)]
         return [future.result() for future in futures]

@@ -5,7 +5,7 @@ Two things run on Ray (https://docs.ray.io), which schedules them on the cluster
 
 - A generation's candidates (`train_candidates`, used by `search.evolve_task` when
   `SearchConfig.executor == "ray"`): each candidate is one Ray task (one CPU) running
-  `candidate.train_candidate` on the inputs the in-process path uses; its training
+  `placement.CandidateJob.train`, as the in-process path does; its training
   stream is built inside the task from the search's `train_batches_fn`, data
   hyperparameters and seed, and the generation's shared inputs (validation batches,
   the parameter pool) go to the object store once. Results come back in order as host
@@ -49,7 +49,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from evolution import agent_run, agents, candidate, families, search
+from evolution import agent_run, agents, candidate, placement, search
 from evolution import store as store_lib
 from evolution.batches import Batch, TrainBatchesFn
 
@@ -108,72 +108,35 @@ def _remote(name: str, function: Callable[..., Any], **options: Any) -> Any:
 # -- candidates ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class CandidateJob:
-    """One planned candidate's inputs to `candidate.train_candidate` (but the shared ones).
-
-    Attributes:
-      config: the child's config.
-      components: its (slot, component id) pairs.
-      pool: component id -> parameters for every id it references.
-      trainable_ids: the ids it trains.
-      hparam_values: its hyperparameter values (`HParamSpace.values`).
-      data_values: the generation's data hyperparameter values (for `train_batches_fn`).
-      data_seed: the seed of its training stream.
-      parent_opt_state: the inherited optimizer state (mu2Net+), or None.
-      parent_trainable_ids: the parent's trainable ids.
-      clone_sources: new id -> parent id of cloned components.
-    """
-
-    config: families.ModelConfig
-    components: tuple[tuple[str, str], ...]
-    pool: Mapping[str, Any]
-    trainable_ids: tuple[str, ...]
-    hparam_values: Mapping[str, Any]
-    data_values: Mapping[str, Any]
-    data_seed: int
-    parent_opt_state: Any = None
-    parent_trainable_ids: tuple[str, ...] = ()
-    clone_sources: Mapping[str, str] | None = None
-
-
 def _host(tree: Any) -> Any:
     """The tree with its arrays as plain, writable numpy arrays (device or store memory freed)."""
     return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), jax.device_get(tree))
 
 
 def _train_one(
-    job: CandidateJob,
+    job: placement.CandidateJob,
     shared_pool: Mapping[str, Any],
     validation_batches: Sequence[Batch],
     train_batches_fn: TrainBatchesFn,
-    settings: tuple[int, int, int],
+    settings: placement.StepSettings,
 ) -> candidate.CandidateResult:
     """A Ray task: trains one candidate in the worker (its compiled steps kept per worker)."""
-    batch_size, num_validations, steps_per_validation = settings
-    pool = {**shared_pool, **job.pool}
-    result = candidate.train_candidate(
-        config=job.config,
-        components=job.components,
-        pool=pool,
-        trainable_ids=job.trainable_ids,
-        hparam_values=job.hparam_values,
-        train_batches=train_batches_fn(job.data_values, batch_size=batch_size, seed=job.data_seed),
-        validation_batches=validation_batches,
-        num_validations=num_validations,
-        steps_per_validation=steps_per_validation,
-        parent_opt_state=job.parent_opt_state,
-        parent_trainable_ids=job.parent_trainable_ids,
-        clone_sources=job.clone_sources,
+    result = job.train(
+        train_batches_fn,
+        validation_batches,
+        settings,
         cache=candidate.default_cache(),
         device=jax.local_devices()[0],  # as the in-process search's first device
+        shared_pool=shared_pool,
     )
     return dataclasses.replace(
         result, params=_host(result.params), opt_state=_host(result.opt_state)
     )
 
 
-def _split_pools(jobs: Sequence[CandidateJob]) -> tuple[dict[str, Any], list[CandidateJob]]:
+def _split_pools(
+    jobs: Sequence[placement.CandidateJob],
+) -> tuple[dict[str, Any], list[placement.CandidateJob]]:
     """The pool entries shared by the jobs (one object in the store), and each job's own.
 
     An id whose parameters are the same object in every job that references it goes to
@@ -202,29 +165,24 @@ def _split_pools(jobs: Sequence[CandidateJob]) -> tuple[dict[str, Any], list[Can
 
 
 def train_candidates(
-    jobs: Sequence[CandidateJob],
+    jobs: Sequence[placement.CandidateJob],
     *,
     train_batches_fn: TrainBatchesFn,
     validation_batches: Sequence[Batch],
-    batch_size: int,
-    num_validations: int,
-    steps_per_validation: int,
+    settings: placement.StepSettings,
     ray_address: str | None = None,
 ) -> list[candidate.CandidateResult]:
     """Trains a generation's candidates as Ray tasks (one CPU each); results in order.
 
-    Each result is what `candidate.train_candidate` returns for the same inputs in this
-    process: the training stream is `train_batches_fn(job.data_values,
-    batch_size=batch_size, seed=job.data_seed)`, made inside the task.
+    Each result is what `CandidateJob.train` returns for the same inputs in this
+    process: the training stream is made inside the task.
 
     Args:
       jobs: the planned candidates.
       train_batches_fn: makes a candidate's training stream (picklable: it is shipped
         to the workers, which must be able to import what it references).
       validation_batches: the task's validation batches (shared by all candidates).
-      batch_size: training batch size.
-      num_validations: V.
-      steps_per_validation: B.
+      settings: batch size, V and B.
       ray_address: the cluster (None: $RAY_ADDRESS or a local one; `connect`).
 
     Returns:
@@ -241,7 +199,6 @@ def train_candidates(
     shared_ref = ray.put(shared)
     validation_ref = ray.put([dict(batch) for batch in validation_batches])
     fn_ref = ray.put(train_batches_fn)
-    settings = (int(batch_size), int(num_validations), int(steps_per_validation))
     task = _remote("train_candidate", _train_one, num_cpus=1, max_retries=0)
     refs = [task.remote(job, shared_ref, validation_ref, fn_ref, settings) for job in own]
     return list(ray.get(refs))
