@@ -1,7 +1,7 @@
 """Where a generation's candidates train: one per local device at a time, or as Ray tasks.
 
-`search.evolve_task` plans and materialises a generation's children first
-(`PlannedCandidate`), then trains them together here (`train_generation`): on one device
+`search.evolve_task` plans and materialises a generation's children first (a
+`CandidateJob` each), then trains them together here (`train_generation`): on one device
 one after another in the calling thread; on several in threads, one candidate per device
 at a time (JAX releases the GIL while a device computes); or as Ray tasks
 (`SearchConfig.executor="ray"`, `evolution.ray_engine`). A result depends only on its own
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from evolution import candidate, families, hparams, mutations, system
+from evolution import candidate, families
 from evolution.batches import Batch, TrainBatchesFn
 
 
@@ -107,46 +107,6 @@ class CandidateJob:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class PlannedCandidate:
-    """A planned and materialised child, ready to train.
-
-    Attributes:
-      parent: the parent path.
-      plan: the child's mutations (`mutations.plan_child`).
-      config: the child's model config.
-      pool: component id -> parameters of every component the child uses.
-      data_values: the generation's data hyperparameters.
-      data_seed: the seed of the child's training stream.
-      inherited: the parent's optimizer state (mu2Net+), or None.
-      parent_trainable: the component ids that state covers.
-    """
-
-    parent: system.Path
-    plan: mutations.MutationPlan
-    config: families.ModelConfig
-    pool: dict[str, Any]
-    data_values: Mapping[str, Any]
-    data_seed: int
-    inherited: Any
-    parent_trainable: tuple[str, ...]
-
-    def job(self, space: hparams.HParamSpace) -> CandidateJob:
-        """What training the child needs (its hyperparameters resolved in `space`)."""
-        return CandidateJob(
-            config=self.config,
-            components=self.plan.path.components,
-            pool=self.pool,
-            trainable_ids=tuple(self.plan.trainable_ids),
-            hparam_values=space.values(self.plan.hparams),
-            data_values=self.data_values,
-            data_seed=self.data_seed,
-            parent_opt_state=self.inherited,
-            parent_trainable_ids=self.parent_trainable,
-            clone_sources=self.plan.clones,
-        )
-
-
 def search_devices(count: int | None) -> list[Any]:
     """The devices a generation's candidates train on (one candidate per device at once).
 
@@ -171,9 +131,8 @@ def search_devices(count: int | None) -> list[Any]:
 
 
 def train_generation(
-    planned: Sequence[PlannedCandidate],
+    jobs: Sequence[CandidateJob],
     *,
-    space: hparams.HParamSpace,
     train_batches_fn: TrainBatchesFn,
     validation_batches: Sequence[Batch],
     settings: StepSettings,
@@ -185,8 +144,7 @@ def train_generation(
     """Trains a generation's candidates (`CandidateJob.train`), results in order.
 
     Args:
-      planned: the candidates.
-      space: the hyperparameter space their plans index into.
+      jobs: the candidates.
       train_batches_fn: makes each candidate's training stream.
       validation_batches: the fixed validation batches.
       settings: batch size, V and B.
@@ -198,7 +156,6 @@ def train_generation(
     Returns:
       One result per candidate, in order.
     """
-    jobs = [item.job(space) for item in planned]
     if executor == "ray":
         from evolution import ray_engine  # noqa: PLC0415 - Ray is optional
 

@@ -301,13 +301,22 @@ class _Population:
             self.opt_states.pop(path.id, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A planned and materialised child: its parent, its mutations and its training job."""
+
+    parent: system.Path
+    plan: mutations.MutationPlan
+    job: placement.CandidateJob
+
+
 def _rng_for(config: SearchConfig, task: str, base_generation: int) -> np.random.Generator:
     entropy = [int(config.seed), zlib.crc32(task.encode()), int(base_generation)]
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def _judge(
-    item: placement.PlannedCandidate,
+    item: _Planned,
     result: candidate.CandidateResult,
     *,
     work: system.SystemState,
@@ -346,7 +355,7 @@ def _judge(
         work.root_path_id,
     )
     accounted = would_be.accounted_params(child)
-    flops = flops_lib.path_flops(item.config, child.components, item.pool.__getitem__)
+    flops = flops_lib.path_flops(item.job.config, child.components, item.job.pool.__getitem__)
     child_score = score_of_values(quality, accounted, flops)
     accepted = scoring.accept(child_score, parent.score, parent.task == task)
     metrics = {
@@ -554,7 +563,7 @@ def evolve_task(
         joining: list[tuple[system.Path, candidate.CandidateResult, list[system.Component]]] = []
         work = working_state()
         ranked = population.ranked()
-        planned: list[placement.PlannedCandidate] = []
+        planned: list[_Planned] = []
         for _ in range(search_config.candidates_per_generation):
             parent_id = selection.select_parent(
                 [p.id for p in ranked], population.offspring, seeds, rng
@@ -583,22 +592,22 @@ def evolve_task(
             parent_trainable: tuple[str, ...] = ()
             if search_config.inherit_opt_state and parent_id in population.opt_states:
                 inherited, parent_trainable = population.opt_states[parent_id]
-            planned.append(
-                placement.PlannedCandidate(
-                    parent,
-                    plan,
-                    child_config,
-                    pool,
-                    data_values,
-                    data_seed,
-                    inherited,
-                    parent_trainable,
-                )
+            job = placement.CandidateJob(
+                config=child_config,
+                components=plan.path.components,
+                pool=pool,
+                trainable_ids=tuple(plan.trainable_ids),
+                hparam_values=space.values(plan.hparams),
+                data_values=data_values,
+                data_seed=data_seed,
+                parent_opt_state=inherited,
+                parent_trainable_ids=parent_trainable,
+                clone_sources=plan.clones,
             )
+            planned.append(_Planned(parent, plan, job))
 
         results = placement.train_generation(
-            planned,
-            space=space,
+            [item.job for item in planned],
             train_batches_fn=train_batches_fn,
             validation_batches=validation_batches,
             settings=placement.StepSettings(
