@@ -219,10 +219,15 @@ class HashedSeed(ISeedSequence):
 
 
 def host_generator(*values: int) -> np.random.Generator:
-    """A PCG64 generator seeded with ``HashedSeed(values)``: every host draw comes from one."""
+    """An SFC64 generator seeded with ``HashedSeed(values)``: every host draw comes from one.
+
+    SFC64 passes the same statistical test batteries as numpy's default PCG64 and draws
+    normals about a quarter faster on this kind of CPU (the draws of new free entries
+    are a large part of growing a small model).
+    """
     # Bit generators take any ISeedSequence (numpy.random.bit_generator); the stubs name
     # SeedSequence only.
-    return np.random.Generator(np.random.PCG64(HashedSeed(values)))  # type: ignore[arg-type]
+    return np.random.Generator(np.random.SFC64(HashedSeed(values)))  # type: ignore[arg-type]
 
 
 _KEYS_PER_CALL = 8
