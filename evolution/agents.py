@@ -46,10 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from evolution import agent_view, baselines, candidate, multipath_agent, scoring, search, system
-from evolution import flops as flops_lib
+from evolution import agent_view, baselines, candidate, iteration, multipath_agent, search, system
 from evolution import store as store_lib
-from evolution.architecture import model_config_of
 
 logger = logging.getLogger("evogrow")
 
@@ -225,8 +223,7 @@ def _num_classes(data: search.TaskData, state: system.SystemState, task: str) ->
         return int(data.num_classes)
     if task in state.tasks:
         return state.tasks[task].num_classes
-    top = max(int(np.max(np.asarray(b["label"]))) for b in data.validation_batches)
-    return top + 1
+    return iteration.infer_num_classes(data.validation_batches)
 
 
 def _as_agent_path(
@@ -271,20 +268,10 @@ def _scored(
     settings: search.SearchConfig,
 ) -> system.Path:
     """The path with its score in `state`, as `search.evolve_task` scores its paths."""
-    flops = root_flops = None
-    if settings.flops_scale < 1.0:
-        root = state.paths[str(state.root_path_id)]
-        flops = flops_lib.path_flops(model_config_of(path), path.components, params_of)
-        root_flops = flops_lib.path_flops(model_config_of(root), root.components, params_of)
-    score = scoring.score(
-        float(path.quality or 0.0),
-        state.accounted_params(path),
-        state.root_params(),
-        scale=settings.scale,
-        flops=flops,
-        root_flops=root_flops,
-        flops_scale=settings.flops_scale,
+    scorer = iteration.Scorer.of_system(
+        state, params_of, scale=settings.scale, flops_scale=settings.flops_scale
     )
+    score = scorer.of_path(path, float(path.quality or 0.0), state, params_of)
     return dataclasses.replace(path, score=score)
 
 

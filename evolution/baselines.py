@@ -22,7 +22,7 @@ Fresh heads and adapters are made by `mutations.materialize`, as for evolved pat
 Training is `candidate.train_candidate` (frozen components have no gradients or
 optimizer memory), validating every B steps and keeping the best-validation parameters,
 whose test accuracy is reported. Hyperparameters default to the search space's
-(`search.default_search_space`: lr 0.01, cosine, warmup 0.05, momentum 0.9, flip).
+(`iteration.default_search_space`: lr 0.01, cosine, warmup 0.05, momentum 0.9, flip).
 
 Accounted parameters use the evolved system's rule (`SystemState.accounted_params`: a
 component's size is split among the tasks whose active paths use it):
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from evolution import batches, candidate, families, hparams, mutations, search, system
+from evolution import batches, candidate, families, hparams, iteration, mutations, search, system
 from evolution import store as store_lib
 from evolution.architecture import architecture_of, model_config_of
 from evolution.batches import Batch, TrainBatchesFn
@@ -353,7 +353,7 @@ def run_baseline(
         raise ValueError("The store has no root path; call seeding.seed_root first.")
     root = state.paths[state.root_path_id]
     root_config = model_config_of(root)
-    space = search.default_search_space(root_config)
+    space = iteration.default_search_space(root_config)
     values = _resolve_hparams(space, hparam_values)
     if freeze_layers is None:
         freeze_layers = root_config.num_layers // 2

@@ -6,7 +6,8 @@ One call of `evolve_task` is one *task iteration* of the muNet family
 1. Load the published system; add the task if it is new (its paths will start from the
    seeds: the root and other tasks' best paths, with a fresh head). Re-score the task's
    own active paths with the current sharing (accounted parameters change as other
-   tasks start sharing components).
+   tasks start sharing components). What the iteration reads and changes lives in an
+   `iteration.TaskIteration`: the steps below are its methods.
 2. For each of G generations: mutate the data hyperparameters once from the task's best
    path (`hparams.generation_data_indices`), then for each of D candidates select a
    parent (`selection.select_parent`: the task's population by descending score, with
@@ -39,54 +40,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from evolution import candidate, families, hparams, mutations, placement, scoring, selection, system
-from evolution import flops as flops_lib
+from evolution import candidate, hparams, iteration, mutations, placement, selection, system
 from evolution import store as store_lib
-from evolution.architecture import model_config_of
 from evolution.batches import Batch, TrainBatchesFn
-from models import vit
+from evolution.iteration import CandidateRecord
 
 logger = logging.getLogger("evogrow")
 
-# Data hyperparameters that `array_train_batches` implements; the default search space
-# pins the others (random crop, mixup) to their no-op value.
-_FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
 # Where a generation's candidates train (`SearchConfig.executor`).
 EXECUTORS = ("threads", "ray")
-
-
-def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
-    """The notebooks' space (`hparams.default_space`) restricted to what this search runs.
-
-    The image size is dropped (a path's position table fixes its input shape) and random
-    crop and mixup are pinned to their no-op values (`array_train_batches` implements
-    flip and brightness only); learning rate, schedule, warmup, momentum, Nesterov,
-    adapter size, mu, flip and brightness are searched as in the notebooks.
-
-    Args:
-      config: the root model's config.
-
-    Returns:
-      The space.
-    """
-    del config  # The space does not depend on the model beyond the dropped image size.
-    base = hparams.default_space(patch_size=1, image_size=1, image_size_steps=0)
-    kept = []
-    for hparam in base.hparams:
-        if hparam.name == "image_size":
-            continue
-        if hparam.name in _FIXED_DATA_VALUES:
-            hparam = hparams.HParam(hparam.name, (_FIXED_DATA_VALUES[hparam.name],), 0, True)
-        kept.append(hparam)
-    return hparams.HParamSpace(tuple(kept))
 
 
 # -- configuration and results ----------------------------------------------------------
@@ -171,41 +137,6 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CandidateRecord:
-    """What became of one trained candidate.
-
-    Attributes:
-      path_id: the candidate's path id.
-      parent_id: its parent path.
-      parent_task: the parent's task (another task's or the root's for a seed parent).
-      parent_score: the parent's score when the candidate was judged (None: unscored).
-      generation: its generation number.
-      quality: its best validation accuracy.
-      score: its scale-controlled score.
-      accounted_params: the parameters it pays for.
-      accepted: whether it joined the population.
-      applied: the mutations applied.
-      train_seconds: wall time of its training steps.
-      eval_seconds: wall time of its validations.
-      compile_seconds: wall time spent compiling steps for it.
-    """
-
-    path_id: str
-    parent_id: str
-    parent_task: str
-    parent_score: float | None
-    generation: int
-    quality: float
-    score: float
-    accounted_params: float
-    accepted: bool
-    applied: tuple[str, ...]
-    train_seconds: float
-    eval_seconds: float
-    compile_seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
 class TaskResult:
     """The outcome of one task iteration (`evolve_task`).
 
@@ -251,192 +182,6 @@ class TaskResult:
 # -- the search ---------------------------------------------------------------------------
 
 
-def _infer_num_classes(batches: Sequence[Batch]) -> int:
-    top = -1
-    for batch in batches:
-        labels = np.asarray(batch["label"])
-        mask = batch.get("_mask")
-        if mask is not None:
-            labels = labels[np.asarray(mask).astype(bool)]
-        if labels.size:
-            top = max(top, int(labels.max()))
-    if top < 0:
-        raise ValueError("Cannot infer num_classes: the validation batches hold no labels.")
-    return top + 1
-
-
-def _check_space(space: hparams.HParamSpace, config: families.ModelConfig) -> None:
-    if "image_size" in space.names:
-        if not isinstance(config, vit.ViTConfig):
-            raise ValueError("The space's image_size is for image models only.")
-        sizes = set(space["image_size"].values)
-        if sizes != {config.image_shape[0]} or config.image_shape[0] != config.image_shape[1]:
-            raise ValueError(
-                f"The space's image sizes {sorted(sizes)} must be exactly the root's side "
-                f"{config.image_shape[:2]}: a path's position table fixes its input shape."
-            )
-    for name in ("lr", "schedule", "warmup", "momentum", "nesterov"):
-        if name not in space.names:
-            raise ValueError(f"The space lacks the optimizer hyperparameter {name!r}.")
-
-
-class _Population:
-    """The task's paths during one iteration: published ones plus accepted candidates."""
-
-    def __init__(self, published: Sequence[system.Path]):
-        self.paths: dict[str, system.Path] = {p.id: p for p in published}
-        self.offspring: dict[str, int] = {p.id: p.offspring for p in published}
-        self.opt_states: dict[str, tuple[Any, tuple[str, ...]]] = {}
-
-    def ranked(self) -> list[system.Path]:
-        return system.rank_by_score(self.paths.values())
-
-    def cap(self, size: int | None) -> None:
-        """mu2Net+'s per-task population cap: keeps the `size` best-scored paths."""
-        if size is None:
-            return
-        for path in self.ranked()[size:]:
-            del self.paths[path.id]
-            self.offspring.pop(path.id, None)
-            self.opt_states.pop(path.id, None)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Planned:
-    """A planned and materialised child: its parent, its mutations and its training job."""
-
-    parent: system.Path
-    plan: mutations.MutationPlan
-    job: placement.CandidateJob
-
-
-def _rng_for(config: SearchConfig, task: str, base_generation: int) -> np.random.Generator:
-    entropy = [int(config.seed), zlib.crc32(task.encode()), int(base_generation)]
-    return np.random.default_rng(np.random.SeedSequence(entropy))
-
-
-def _judge(
-    item: _Planned,
-    result: candidate.CandidateResult,
-    *,
-    work: system.SystemState,
-    task: str,
-    task_classes: int,
-    agent: str,
-    generation: int,
-    score_of_values: Callable[[float, float, float | None], float],
-) -> tuple[system.Path, list[system.Component], CandidateRecord]:
-    """Scores a trained child in the system it would join and decides its acceptance.
-
-    Args:
-      item: the planned child.
-      result: its training result.
-      work: the system as this iteration sees it (published paths and accepted ones).
-      task: the iterated task.
-      task_classes: the task's number of classes.
-      agent: the publishing agent.
-      generation: the child's generation.
-      score_of_values: (quality, accounted params, FLOPs or None) -> score.
-
-    Returns:
-      The scored child path, its new component records, and its `CandidateRecord`. A
-      child whose training diverged (a non-finite loss) has quality 0.
-    """
-    parent, plan = item.parent, item.plan
-    diverged = not all(math.isfinite(loss) for loss in result.train_losses)
-    quality = 0.0 if diverged else float(result.quality)
-    child_records = mutations.component_records(plan, result.params, agent=agent)
-    architecture = {**plan.path.architecture, "num_classes": task_classes}
-    child = dataclasses.replace(plan.path, architecture=architecture)
-    would_be = system.SystemState(
-        {**work.components, **{c.id: c for c in child_records}},
-        {**work.paths, child.id: child},
-        work.tasks,
-        work.root_path_id,
-    )
-    accounted = would_be.accounted_params(child)
-    flops = flops_lib.path_flops(item.job.config, child.components, item.job.pool.__getitem__)
-    child_score = score_of_values(quality, accounted, flops)
-    accepted = scoring.accept(child_score, parent.score, parent.task == task)
-    metrics = {
-        "accounted_params": accounted,
-        "flops": flops,
-        "best_step": result.best_step,
-        "validations": [list(v) for v in result.validations],
-        "train_losses": [x if math.isfinite(x) else None for x in result.train_losses],
-        "applied": list(plan.applied),
-        "parent_task": parent.task,
-        "diverged": diverged,
-    }
-    child = dataclasses.replace(child, score=child_score, quality=quality, metrics=metrics)
-    record = CandidateRecord(
-        path_id=child.id,
-        parent_id=parent.id,
-        parent_task=parent.task,
-        parent_score=parent.score,
-        generation=generation,
-        quality=quality,
-        score=child_score,
-        accounted_params=accounted,
-        accepted=accepted,
-        applied=plan.applied,
-        train_seconds=result.train_seconds,
-        eval_seconds=result.eval_seconds,
-        compile_seconds=result.compile_seconds,
-    )
-    return child, child_records, record
-
-
-def _publish_best(
-    store: store_lib.Store,
-    agent: str,
-    task: str,
-    population: _Population,
-    *,
-    state: system.SystemState,
-    published_ids: set[str],
-    new_records: Mapping[str, system.Component],
-    new_params: Mapping[str, Any],
-) -> tuple[system.Path, list[str], list[str]]:
-    """Puts the best path's new components, publishes it and retires the agent's others.
-
-    One store transaction (`Store.publish`): a crash leaves either the old or the new
-    published state, never half of it.
-
-    Args:
-      store: the store.
-      agent: the publishing agent.
-      task: the iterated task.
-      population: the iteration's population (published and accepted paths).
-      state: the system as loaded at the start of the iteration.
-      published_ids: the task's paths that were published at the start.
-      new_records: records of the components trained in this iteration.
-      new_params: their parameters.
-
-    Returns:
-      The published best path, the ids of its new components, and the retired path ids.
-
-    Raises:
-      RuntimeError: the population is empty.
-    """
-    ranked = population.ranked()
-    if not ranked:
-        raise RuntimeError(f"Task {task!r} has no path after its iteration.")
-    best = dataclasses.replace(ranked[0], offspring=population.offspring.get(ranked[0].id, 0))
-    fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
-    for component_id in fresh_ids:
-        store.put_component(new_records[component_id], new_params[component_id])
-    retire = sorted(
-        pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
-    )
-    foreign = sorted(pid for pid in published_ids if state.paths[pid].agent != agent)
-    if foreign:
-        logger.warning("evolve %s: cannot retire other agents' paths %s", task, foreign)
-    store.publish(agent, paths=[best], components=fresh_ids, retire=retire)
-    store.discard_staged(agent)
-    return best, fresh_ids, retire
-
-
 def evolve_task(
     store: store_lib.Store,
     task_name: str,
@@ -474,181 +219,46 @@ def evolve_task(
     """
     start = time.perf_counter()
     cache = cache or candidate.default_cache()
-    options = search_config.mutation_options
-    if not options.id_prefix:
-        options = dataclasses.replace(options, id_prefix=agent)
-
-    # Work staged by an earlier, interrupted iteration of this agent is never published.
-    store.discard_staged(agent)
-    state = store.load_state()
-    if state.root_path_id is None:
-        raise ValueError("The store has no root path; call seeding.seed_root first.")
-    root_path = state.paths[state.root_path_id]
-    root_config = model_config_of(root_path)
-    space = search_config.space or default_search_space(root_config)
-    if search_config.mu is not None:
-        space = space.with_default(hparams.MU, search_config.mu)
-    _check_space(space, root_config)
-    if task_name not in state.tasks:
-        classes = num_classes or _infer_num_classes(validation_batches)
-        store.add_task(task_name, num_classes=classes, metadata=metadata)
-        state = store.load_state()
-    task_classes = state.tasks[task_name].num_classes
-    if num_classes is not None and num_classes != task_classes:
-        raise ValueError(f"Task {task_name!r} has {task_classes} classes, not {num_classes}.")
-    root_params = state.root_params()
-
-    root_flops = flops_lib.path_flops(root_config, root_path.components, store.load_params)
-
-    def flops_of(config: families.ModelConfig, path: system.Path) -> float:
-        return flops_lib.path_flops(config, path.components, params_of)
-
-    def score_of_values(quality: float, accounted: float, flops: float | None) -> float:
-        return scoring.score(
-            quality,
-            accounted,
-            root_params,
-            scale=search_config.scale,
-            flops=flops if search_config.flops_scale < 1.0 else None,
-            root_flops=root_flops,
-            flops_scale=search_config.flops_scale,
-        )
-
-    def score_of(path: system.Path, quality: float, in_state: system.SystemState) -> float:
-        flops = path.metrics.get("flops") if path.metrics else None
-        if flops is None and search_config.flops_scale < 1.0:
-            flops = flops_of(model_config_of(path), path)
-        return score_of_values(quality, in_state.accounted_params(path), flops)
-
-    # The task's own paths, re-scored with today's sharing.
-    published = []
-    for path in state.active_paths(task_name):
-        if path.quality is not None:
-            path = dataclasses.replace(path, score=score_of(path, path.quality, state))
-        published.append(path)
-    population = _Population(published)
-    published_ids = {p.id for p in published}
-    base_generation = 1 + max(
-        (p.generation for p in state.paths.values() if p.task == task_name), default=0
+    it = iteration.TaskIteration.open(
+        store,
+        task_name,
+        search_config,
+        agent=agent,
+        validation_batches=validation_batches,
+        num_classes=num_classes,
+        metadata=metadata,
     )
-    rng = _rng_for(search_config, task_name, base_generation)
-    seeds = [p.id for p in state.seed_paths(task_name)]
-
-    loaded: dict[str, Any] = {}
-    new_params: dict[str, Any] = {}
-    new_records: dict[str, system.Component] = {}
-
-    def params_of(component_id: str) -> Any:
-        if component_id in new_params:
-            return new_params[component_id]
-        if component_id not in loaded:
-            loaded[component_id] = store.load_params(component_id)
-        return loaded[component_id]
-
-    def working_state() -> system.SystemState:
-        paths = {**state.paths, **population.paths}
-        return system.SystemState(
-            {**state.components, **new_records}, paths, state.tasks, state.root_path_id
-        )
-
     devices = placement.search_devices(search_config.devices)
+    settings = placement.StepSettings(
+        search_config.batch_size, search_config.num_validations, search_config.steps_per_validation
+    )
     records: list[CandidateRecord] = []
     train_s = eval_s = compile_s = 0.0
     for g in range(search_config.generations):
-        generation = base_generation + g
-        ranked = population.ranked()
-        best_hparams = hparams.HParams.from_json(ranked[0].hparams) if ranked else space.defaults()
-        data_indices, _ = hparams.generation_data_indices(best_hparams, rng, space=space)
-        data_values = {name: space[name].values[i] for name, i in data_indices.items()}
-        joining: list[tuple[system.Path, candidate.CandidateResult, list[system.Component]]] = []
-        work = working_state()
-        ranked = population.ranked()
-        planned: list[_Planned] = []
-        for _ in range(search_config.candidates_per_generation):
-            parent_id = selection.select_parent(
-                [p.id for p in ranked], population.offspring, seeds, rng
-            )
-            parent = population.paths.get(parent_id) or state.paths[parent_id]
-            if parent_id in population.paths:
-                population.offspring[parent_id] = population.offspring.get(parent_id, 0) + 1
-            plan = mutations.plan_child(
-                work,
-                parent,
-                task=task_name,
-                agent=agent,
-                rng=rng,
-                space=space,
-                options=options,
-                data_indices=data_indices,
-                generation=generation,
-            )
-            data_seed = int(rng.integers(0, 2**31 - 1))
-            pool = {cid: params_of(cid) for cid in parent.component_ids}
-            child_config, created = mutations.materialize(
-                plan, pool, model_config_of(parent), num_classes=task_classes
-            )
-            pool.update(created)
-            inherited: Any = None
-            parent_trainable: tuple[str, ...] = ()
-            if search_config.inherit_opt_state and parent_id in population.opt_states:
-                inherited, parent_trainable = population.opt_states[parent_id]
-            job = placement.CandidateJob(
-                config=child_config,
-                components=plan.path.components,
-                pool=pool,
-                trainable_ids=tuple(plan.trainable_ids),
-                hparam_values=space.values(plan.hparams),
-                data_values=data_values,
-                data_seed=data_seed,
-                parent_opt_state=inherited,
-                parent_trainable_ids=parent_trainable,
-                clone_sources=plan.clones,
-            )
-            planned.append(_Planned(parent, plan, job))
-
+        generation = it.base_generation + g
+        planned = it.plan_generation(generation)
         results = placement.train_generation(
             [item.job for item in planned],
             train_batches_fn=train_batches_fn,
             validation_batches=validation_batches,
-            settings=placement.StepSettings(
-                search_config.batch_size,
-                search_config.num_validations,
-                search_config.steps_per_validation,
-            ),
+            settings=settings,
             executor=search_config.executor,
             ray_address=search_config.ray_address,
             cache=cache,
             devices=devices,
         )
+        judged = []
         for item, result in zip(planned, results, strict=True):
             train_s += result.train_seconds
             eval_s += result.eval_seconds
             compile_s += result.compile_seconds
-            child, child_records, record = _judge(
-                item,
-                result,
-                work=work,
-                task=task_name,
-                task_classes=task_classes,
-                agent=agent,
-                generation=generation,
-                score_of_values=score_of_values,
-            )
-            records.append(record)
-            if record.accepted:
-                joining.append((child, result, child_records))
+            judged.append(it.judge(item, result, generation=generation))
+        records.extend(j.record for j in judged)
+        accepted = [j for j in judged if j.record.accepted]
+        it.join(accepted)
 
-        # The generation's candidates are siblings (trained in parallel in the notebooks):
-        # the accepted ones join the population, as parents, from the next generation on.
-        for child, result, child_records in joining:
-            population.paths[child.id] = child
-            population.offspring[child.id] = 0
-            population.opt_states[child.id] = (result.opt_state, tuple(result.params))
-            new_params.update(result.params)
-            new_records.update({c.id: c for c in child_records})
-        population.cap(search_config.population_cap)
-
-        best = population.ranked()[0] if population.paths else None
+        ranked = it.population.ranked()
+        best = ranked[0] if ranked else None
         elapsed = time.perf_counter() - start
         logger.info(
             "evolve %s: generation %d/%d: best score %s (quality %s), %d/%d accepted, "
@@ -658,21 +268,12 @@ def evolve_task(
             search_config.generations,
             f"{best.score:.4f}" if best and best.score is not None else "-",
             f"{best.quality:.4f}" if best and best.quality is not None else "-",
-            len(joining),
+            len(accepted),
             search_config.candidates_per_generation,
             3600.0 * len(records) / elapsed if elapsed else 0.0,
         )
 
-    best, fresh_ids, retire = _publish_best(
-        store,
-        agent,
-        task_name,
-        population,
-        state=state,
-        published_ids=published_ids,
-        new_records=new_records,
-        new_params=new_params,
-    )
+    best, fresh_ids, retire = it.publish()
     final_state = store.load_state()
     published_best = final_state.paths[best.id]
     wall = time.perf_counter() - start
@@ -682,7 +283,7 @@ def evolve_task(
         quality=float(published_best.quality or 0.0),
         score=float(published_best.score or 0.0),
         accounted_params=final_state.accounted_params(published_best),
-        root_params=root_params,
+        root_params=it.scorer.root_params,
         candidates=tuple(records),
         published_components=tuple(fresh_ids),
         retired=tuple(retire),
@@ -701,7 +302,7 @@ def evolve_task(
         outcome.quality,
         outcome.score,
         outcome.accounted_params,
-        outcome.accounted_params / root_params,
+        outcome.accounted_params / outcome.root_params,
         len(records),
         wall,
         train_s,

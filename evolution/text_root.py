@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from evolution import families, hparams, search, seeding, system
+from evolution import families, hparams, iteration, seeding, system
 from evolution import store as store_lib
 from evolution.architecture import ROOT_TASK
 from models import encoder, minilm
@@ -142,13 +142,13 @@ def seed_text_root(
 
 
 def text_search_space() -> hparams.HParamSpace:
-    """`search.default_search_space` with the image augmentations pinned to no-ops.
+    """`iteration.default_search_space` with the image augmentations pinned to no-ops.
 
     Returns:
       The space (learning rate, schedule, warmup, momentum, Nesterov, adapter size and
       mu are searched; flip and brightness stay off: they do not apply to token ids).
     """
-    base = search.default_search_space(encoder.minilm_l6())
+    base = iteration.default_search_space(encoder.minilm_l6())
     kept = []
     for hparam in base.hparams:
         if hparam.name in NO_AUGMENTATION:

@@ -34,6 +34,7 @@ from evolution import (
     candidate,
     hparams,
     inference,
+    iteration,
     search,
     seeding,
     selection,
@@ -54,7 +55,7 @@ def _space():
     return hparams.HParamSpace(
         tuple(
             hparams.HParam(h.name, (h.values[h.default],), 0, h.data) if h.name in pinned else h
-            for h in search.default_search_space(TINY_VIT).hparams
+            for h in iteration.default_search_space(TINY_VIT).hparams
         )
     )
 

@@ -21,7 +21,7 @@ from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import candidate as cand
 from evolution import flops as flops_lib
-from evolution import placement, scoring, search, seeding, sqlite_store, system
+from evolution import iteration, placement, scoring, search, seeding, sqlite_store, system
 
 TESTS_DIR = pathlib.Path(__file__).parent
 REPO = TESTS_DIR.parent
@@ -128,7 +128,7 @@ def test_population_cap_keeps_the_best():
         system.Path(f"p{i}", "t", (("embed", "c"),), "a", score=score)
         for i, score in enumerate((0.3, 0.9, 0.5, 0.7))
     ]
-    population = search._Population(paths)
+    population = iteration.Population(paths)
     population.opt_states = {p.id: (None, ()) for p in paths}
     population.cap(2)
     assert sorted(population.paths) == ["p1", "p3"]
