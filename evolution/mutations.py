@@ -23,9 +23,10 @@ function. `materialize` does that for the parameters of any `evolution.families`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -302,26 +303,8 @@ def plan_child(
         hparams = with_data_indices(hparams, data_indices, space=space)
 
     prefix, layers, suffix = _split_layers(parent)
-    num_layers = len(layers)
-    grown = False
-    skipped: dict[str, str] = {}
-    add_blocks = options.add_blocks
-    if add_blocks:
-        refusal = families.add_block_refusal(parent.architecture)
-        if refusal is not None:  # e.g. a post-norm encoder: no exact identity block
-            skipped[ADD_BLOCK] = refusal
-            add_blocks = False
-    if options.remove_layers and num_layers > options.min_layers and decider.draw(REMOVE_LAYERS):
-        layers = layers[:-1]
-    elif (
-        add_blocks
-        and num_layers > 0
-        and (options.max_layers is None or num_layers < options.max_layers)
-        and decider.draw(ADD_BLOCK)
-    ):
-        grown = True
+    layers, grown, skipped = _change_depth(parent, layers, options, decider)
     child_layers = len(layers) + int(grown)
-
     adapter_size = int(space.values(hparams)["adapter_size"]) if options.adapters else 0
     new_adapters = set()
     if options.adapters:
@@ -330,57 +313,24 @@ def plan_child(
             if not has_adapter and decider.draw(f"{ADD_PREFIX}adapter_{index}"):
                 new_adapters.add(index)
 
-    # (slot, action, source, config) in child order; ids come after all decisions.
-    drafts: list[tuple[str, str, str | None, dict[str, Any]]] = []
-
-    def inherit(slot: str, cid: str) -> None:
-        if cid not in state.components:
-            raise KeyError(f"Parent {parent.id!r} references unknown component {cid!r}.")
-        if slot == "head" and parent.task != task:
-            drafts.append((slot, INIT, None, {}))
-        elif slot == "final_norm" or state.is_trainable(cid, task):
-            drafts.append((slot, CLONE, cid, {}))
-        elif decider.draw(CLONE_PREFIX + slot):
-            drafts.append((slot, CLONE, cid, {}))
-        else:
-            drafts.append((slot, REFERENCE, cid, {}))
-
-    for slot, cid in prefix:
-        inherit(slot, cid)
+    # Every decision is drawn (in slot order) before any id.
+    inherit = functools.partial(_inherit, state, parent, task, decider)
+    drafts: list[_Draft] = [inherit(slot, cid) for slot, cid in prefix]
     for index in range(child_layers):
         if index in new_adapters:
-            drafts.append((f"adapter_{index}", INIT, None, {"size": adapter_size}))
+            drafts.append(_Draft(f"adapter_{index}", INIT, None, {"size": adapter_size}))
         if index < len(layers):
             adapter_pair, block_pair = layers[index]
             if adapter_pair is not None:
-                inherit(*adapter_pair)
-            inherit(*block_pair)
+                drafts.append(inherit(*adapter_pair))
+            drafts.append(inherit(*block_pair))
         else:
-            drafts.append((f"block_{index}", GROW, None, {}))
-    for slot, cid in suffix:
-        inherit(slot, cid)
+            drafts.append(_Draft(f"block_{index}", GROW, None, {}))
+    drafts.extend(inherit(slot, cid) for slot, cid in suffix)
 
     path_id = system.new_id(rng, options.id_prefix)
-    slots = []
-    for slot, action, source, config in drafts:
-        if action == REFERENCE:
-            assert source is not None
-            component_id = source
-        else:
-            component_id = system.new_id(rng, options.id_prefix)
-        if action in (REFERENCE, CLONE) and slot_kind(slot) == "adapter":
-            assert source is not None
-            config = dict(state.components[source].config)
-        slots.append(SlotPlan(slot, component_id, action, source, config))
+    slots = [_slot_plan(draft, state, rng, options.id_prefix) for draft in drafts]
     init_seed = int(rng.integers(0, 2**31 - 1))
-
-    architecture = dict(parent.architecture)
-    architecture["num_layers"] = child_layers
-    adapter_sizes = {s.slot: int(s.config["size"]) for s in slots if s.kind == "adapter"}
-    if adapter_sizes:
-        architecture["adapters"] = adapter_sizes
-    else:
-        architecture.pop("adapters", None)
 
     if options.self_tuning:
         hparams = hparams.replace(rates=rates.child_rates())
@@ -392,7 +342,7 @@ def plan_child(
         hparams=hparams.to_json(),
         parent=parent.id,
         generation=generation,
-        architecture=architecture,
+        architecture=_child_architecture(parent.architecture, child_layers, slots),
     )
     return MutationPlan(
         path=child,
@@ -403,6 +353,97 @@ def plan_child(
         init_seed=init_seed,
         skipped=skipped,
     )
+
+
+class _Draft(NamedTuple):
+    """A slot of the child before ids are drawn: its action, source and config."""
+
+    slot: str
+    action: str
+    source: str | None
+    config: dict[str, Any]
+
+
+def _change_depth(
+    parent: system.Path, layers: list, options: MutationOptions, decider: _Decider
+) -> tuple[list, bool, dict[str, str]]:
+    """Draws the layer removal, else the block addition (mutations 3 and 2).
+
+    Returns:
+      The parent's layers the child keeps, whether a block is added on top, and the
+      mutations skipped because the model family cannot take them.
+    """
+    skipped: dict[str, str] = {}
+    add_blocks = options.add_blocks
+    if add_blocks:
+        refusal = families.add_block_refusal(parent.architecture)
+        if refusal is not None:  # e.g. a post-norm encoder: no exact identity block
+            skipped[ADD_BLOCK] = refusal
+            add_blocks = False
+    num_layers = len(layers)
+    if options.remove_layers and num_layers > options.min_layers and decider.draw(REMOVE_LAYERS):
+        return layers[:-1], False, skipped
+    grown = (
+        add_blocks
+        and num_layers > 0
+        and (options.max_layers is None or num_layers < options.max_layers)
+        and decider.draw(ADD_BLOCK)
+    )
+    return layers, bool(grown), skipped
+
+
+def _inherit(
+    state: system.SystemState,
+    parent: system.Path,
+    task: str,
+    decider: _Decider,
+    slot: str,
+    cid: str,
+) -> _Draft:
+    """What the child does with a parent's component: reference, clone or re-initialise.
+
+    Raises:
+      KeyError: the component is unknown to `state`.
+    """
+    if cid not in state.components:
+        raise KeyError(f"Parent {parent.id!r} references unknown component {cid!r}.")
+    if slot == "head" and parent.task != task:
+        return _Draft(slot, INIT, None, {})
+    if slot == "final_norm" or state.is_trainable(cid, task):
+        return _Draft(slot, CLONE, cid, {})
+    if decider.draw(CLONE_PREFIX + slot):
+        return _Draft(slot, CLONE, cid, {})
+    return _Draft(slot, REFERENCE, cid, {})
+
+
+def _slot_plan(
+    draft: _Draft, state: system.SystemState, rng: np.random.Generator, id_prefix: str
+) -> SlotPlan:
+    """The slot's plan: a referenced component keeps its id, a new one draws an id."""
+    slot, action, source, config = draft
+    if action == REFERENCE:
+        assert source is not None
+        component_id = source
+    else:
+        component_id = system.new_id(rng, id_prefix)
+    if action in (REFERENCE, CLONE) and slot_kind(slot) == "adapter":
+        assert source is not None
+        config = dict(state.components[source].config)
+    return SlotPlan(slot, component_id, action, source, config)
+
+
+def _child_architecture(
+    parent_architecture: Mapping[str, Any], num_layers: int, slots: Sequence[SlotPlan]
+) -> dict[str, Any]:
+    """The parent's architecture with the child's depth and adapter sizes."""
+    architecture = dict(parent_architecture)
+    architecture["num_layers"] = num_layers
+    adapter_sizes = {s.slot: int(s.config["size"]) for s in slots if s.kind == "adapter"}
+    if adapter_sizes:
+        architecture["adapters"] = adapter_sizes
+    else:
+        architecture.pop("adapters", None)
+    return architecture
 
 
 def grow_top_block(
