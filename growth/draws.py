@@ -101,8 +101,10 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
     """Writes the default initializer's values into a zero block.
 
     ``mean + stddev * noise`` in float32, the noise drawn by numpy's float32 standard
-    normal in blocks of whole rows (so that a block stays in the cache); ``_draw_normal``
-    gives the same values for an array of the block's shape. With no noise (stddev 0),
+    normal in C order, in blocks that stay in the cache: straight into a contiguous
+    target, through a scratch block of whole rows into a strided one. A generator's
+    stream does not depend on how its draws are split, so ``_draw_normal`` gives the same
+    values for an array of the block's shape. With no noise (stddev 0),
     entries equal to +0.0 are not written (the block is zero already); ``rng`` is called
     only when noise is needed.
 
@@ -122,12 +124,24 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
         return
     generator = rng()
     stddev, mean = np.float32(value.stddev), np.float32(value.mean)
+    if target.flags.c_contiguous:  # drawn in place, block by block of the flat view
+        flat = target.reshape(-1)
+        for start in range(0, flat.size, _DRAW_BLOCK):
+            block = flat[start : start + _DRAW_BLOCK]
+            generator.standard_normal(dtype=np.float32, out=block)
+            block *= stddev
+            if mean != 0:
+                block += mean
+        return
+    # Strided (new columns of a wider leaf): drawn into a scratch block of whole rows.
     rows = target.shape[0]
     per_row = target.size // rows if rows else 1
     step = max(1, _DRAW_BLOCK // max(per_row, 1))
+    scratch = np.empty((min(step, rows), *target.shape[1:]), np.float32)
     for start in range(0, rows, step):
         block = target[start : start + step]
-        noise = generator.standard_normal(block.shape, dtype=np.float32)
+        noise = scratch[: block.shape[0]]
+        generator.standard_normal(dtype=np.float32, out=noise)
         if mean == 0:
             np.multiply(noise, stddev, out=block)
         else:

@@ -94,3 +94,22 @@ def test_abstract_planning_matches_the_grown_shapes():
     )
     with pytest.raises(ValueError, match="width steps"):
         ops.fuse_steps([ops.Step(config, lambda tree, role: dict(tree))])  # like depth steps
+
+
+@pytest.mark.parametrize("mean", [0.0, 1.5])
+@pytest.mark.parametrize("block", [7, 1 << 15])
+def test_draws_do_not_depend_on_the_target_layout(monkeypatch, mean, block):
+    """New free entries drawn into a strided block (new columns of a wider leaf) and into
+    a contiguous one, in blocks of any size, are the generator's stream in C order."""
+    monkeypatch.setattr(draws, "_DRAW_BLOCK", block)
+    value = draws.Free(mean, 0.5)
+    noise = draws.host_generator(1, 2).standard_normal((6, 5), dtype=np.float32)
+    expected = noise * np.float32(0.5)
+    if mean:
+        expected += np.float32(mean)
+    wide = np.zeros((6, 9), np.float32)
+    draws._fill_free(wide[:, 2:7], value, lambda: draws.host_generator(1, 2))
+    contiguous = np.zeros((6, 5), np.float32)
+    draws._fill_free(contiguous, value, lambda: draws.host_generator(1, 2))
+    assert wide[:, 2:7].tobytes() == expected.tobytes() == contiguous.tobytes()
+    assert not wide[:, :2].any() and not wide[:, 7:].any()
