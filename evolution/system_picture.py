@@ -258,9 +258,6 @@ def render_system(
         raise ValueError("The system has no root path and no active task path to draw.")
     root = root_task(state)
     colors = task_colors([t for t in state.task_order() if t != root])
-    lane_colors = [ROOT_COLOR if p.task == root else colors[p.task] for p in plan.paths]
-    level_y = {level: float(i) for i, level in enumerate(plan.levels)}
-
     labels = []
     for path in plan.paths:
         metrics = None if task_metrics is None else task_metrics.get(path.task, {})
@@ -277,39 +274,91 @@ def render_system(
         fig, ax = plt.subplots(figsize=(width, height))
         ax.set_xlim(x_lo, x_hi)
         ax.set_ylim(y_lo, y_hi)
-        box_w = 0.78
+        figure = _Figure(ax, plan, root, colors)
+        figure.draw_paths()
+        figure.draw_components(state)
+        figure.draw_labels(labels)
+        ax.set_yticks(range(len(plan.levels)), plan.levels, fontsize=8)
+        ax.set_xticks([])
+        for side in ("top", "right", "bottom"):
+            ax.spines[side].set_visible(False)
+        ax.tick_params(axis="y", length=0)
+        figure.draw_legend()
+        ax.set_title(title if title is not None else _default_title(state, plan.paths))
+        out_dir = os.path.dirname(out_path)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+        fig.savefig(out_path, dpi=150, bbox_inches="tight")
+        plt.close(fig)
+    return out_path
 
-        def box_height(slot: str) -> float:
-            return 0.42 if slot.startswith("adapter_") else 0.6
 
+_BOX_WIDTH = 0.78
+
+
+def _box_height(slot: str) -> float:
+    return 0.42 if slot.startswith("adapter_") else 0.6
+
+
+class _Figure:
+    """The parts of the system picture, drawn on one matplotlib axes.
+
+    Args:
+      ax: the axes (limits set).
+      plan: the layout.
+      root: the root's task (None: no root path).
+      colors: task -> color of the tasks other than the root's.
+    """
+
+    def __init__(self, ax: Any, plan: Layout, root: str | None, colors: Mapping[str, Any]):
+        self.ax = ax
+        self.plan = plan
+        self.root = root
+        self.colors = colors
+        self.level_y = {level: float(i) for i, level in enumerate(plan.levels)}
+
+    def _lane_color(self, path: system.Path) -> Any:
+        return ROOT_COLOR if path.task == self.root else self.colors[path.task]
+
+    def draw_paths(self) -> None:
+        """One line per path through its components (the root's dashed).
+
+        Paths that share a component pass through it side by side.
+        """
+        plan = self.plan
         for lane, path in enumerate(plan.paths):
             points = []
             for pair in sorted(path.components, key=lambda p: slot_level_key(p[0])):
                 lanes = plan.users[pair]
-                step = min(0.12, 0.7 * box_w / len(lanes))
+                step = min(0.12, 0.7 * _BOX_WIDTH / len(lanes))
                 offset = (lanes.index(lane) - (len(lanes) - 1) / 2) * step
-                points.append((plan.x[pair] + offset, level_y[pair[0]]))
+                points.append((plan.x[pair] + offset, self.level_y[pair[0]]))
             line_x, line_y = zip(*points, strict=True)
-            ax.plot(
+            self.ax.plot(
                 line_x,
                 line_y,
-                color=lane_colors[lane],
+                color=self._lane_color(path),
                 linewidth=2.0,
-                linestyle="--" if path.task == root else "-",
+                linestyle="--" if path.task == self.root else "-",
                 solid_capstyle="round",
                 zorder=1,
             )
 
-        for pair, x in plan.x.items():
+    def draw_components(self, state: system.SystemState) -> None:
+        """A box per component in its creator's color (bold edge: shared), with its size."""
+        for pair, x in self.plan.x.items():
             slot, component_id = pair
             component = state.components[component_id]
-            shared = len(plan.users[pair]) > 1
-            face = ROOT_COLOR if component.task == root else colors.get(component.task, "white")
-            h = box_height(slot)
-            w = box_w * (0.8 if slot.startswith("adapter_") else 1.0)
-            ax.add_patch(
+            shared = len(self.plan.users[pair]) > 1
+            if component.task == self.root:
+                face = ROOT_COLOR
+            else:
+                face = self.colors.get(component.task, "white")
+            h = _box_height(slot)
+            w = _BOX_WIDTH * (0.8 if slot.startswith("adapter_") else 1.0)
+            self.ax.add_patch(
                 mpatches.FancyBboxPatch(
-                    (x - w / 2, level_y[slot] - h / 2),
+                    (x - w / 2, self.level_y[slot] - h / 2),
                     w,
                     h,
                     boxstyle="round,pad=0,rounding_size=0.08",
@@ -320,9 +369,9 @@ def render_system(
                     zorder=2,
                 )
             )
-            ax.text(
+            self.ax.text(
                 x,
-                level_y[slot],
+                self.level_y[slot],
                 compact_number(component.num_params),
                 ha="center",
                 va="center",
@@ -330,32 +379,29 @@ def render_system(
                 zorder=3,
             )
 
-        top = {}
-        for lane, path in enumerate(plan.paths):
+    def draw_labels(self, labels: Sequence[Sequence[str]]) -> None:
+        """Each path's label lines above its head (or its top component)."""
+        plan = self.plan
+        for lane, (path, lines) in enumerate(zip(plan.paths, labels, strict=True)):
             head = [p for p in path.components if p[0] == "head"]
             pair = head[0] if head else max(path.components, key=lambda p: slot_level_key(p[0]))
-            top[lane] = (plan.x[pair], level_y[pair[0]] + box_height(pair[0]) / 2 + 0.1)
-        for lane, lines in enumerate(labels):
-            x, y = top[lane]
-            ax.text(
-                x,
+            y = self.level_y[pair[0]] + _box_height(pair[0]) / 2 + 0.1
+            self.ax.text(
+                plan.x[pair],
                 y,
                 "\n".join(lines),
                 ha="center",
                 va="bottom",
                 fontsize=_LABEL_FONT,
                 color="black",
-                fontweight="bold" if plan.paths[lane].task != root else "normal",
+                fontweight="bold" if plan.paths[lane].task != self.root else "normal",
                 linespacing=1.1,
                 zorder=3,
             )
 
-        ax.set_yticks(range(len(plan.levels)), plan.levels, fontsize=8)
-        ax.set_xticks([])
-        for side in ("top", "right", "bottom"):
-            ax.spines[side].set_visible(False)
-        ax.tick_params(axis="y", length=0)
-
+    def draw_legend(self) -> None:
+        """Who created each color, what a bold edge and the two line styles mean."""
+        root = self.root
         handles: list[Any] = (
             [mpatches.Patch(facecolor=ROOT_COLOR, edgecolor="black", label=f"{root} (root)")]
             if root is not None
@@ -363,7 +409,7 @@ def render_system(
         )
         handles += [
             mpatches.Patch(facecolor=color, edgecolor="black", label=task)
-            for task, color in colors.items()
+            for task, color in self.colors.items()
         ]
         handles.append(
             mpatches.Patch(facecolor="white", edgecolor="black", linewidth=1.8, label="shared")
@@ -373,7 +419,7 @@ def render_system(
             handles.append(
                 Line2D([], [], color=ROOT_COLOR, linewidth=2.0, linestyle="--", label="root path")
             )
-        ax.legend(
+        self.ax.legend(
             handles=handles,
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
@@ -382,13 +428,6 @@ def render_system(
             title_fontsize=8,
             frameon=False,
         )
-        ax.set_title(title if title is not None else _default_title(state, plan.paths))
-        out_dir = os.path.dirname(out_path)
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(out_path, dpi=150, bbox_inches="tight")
-        plt.close(fig)
-    return out_path
 
 
 def render_system_files(
