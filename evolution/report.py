@@ -10,7 +10,6 @@ picture of the system itself is `render_system` / `render_system_files`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from evolution.system_picture import (  # noqa: E402
     render_system,
     render_system_files,
     root_task,
+    save_figure,
     task_colors,
 )
 
@@ -254,11 +254,7 @@ def plot_accuracy_vs_params(
         fontsize=8,
         frameon=False,
     )
-    out_dir = os.path.dirname(out_png)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(out_png, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out_png)
     return out_png
 
 

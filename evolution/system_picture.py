@@ -285,12 +285,22 @@ def render_system(
         ax.tick_params(axis="y", length=0)
         figure.draw_legend()
         ax.set_title(title if title is not None else _default_title(state, plan.paths))
-        out_dir = os.path.dirname(out_path)
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(out_path, dpi=150, bbox_inches="tight")
-        plt.close(fig)
+        save_figure(fig, out_path)
     return out_path
+
+
+def save_figure(fig: Any, out_path: str) -> None:
+    """Writes a report figure (150 dpi, cropped to its content) and closes it.
+
+    Args:
+      fig: the matplotlib figure.
+      out_path: the file; its folder is created when missing.
+    """
+    out_dir = os.path.dirname(out_path)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(out_path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 _BOX_WIDTH = 0.78
