@@ -72,7 +72,7 @@ class SearchConfig:
       seed: seeds everything random (parents, mutations, ids, initialisation, data).
       mutation_options: which mutations run (`mutations.MutationOptions`); an empty
         `id_prefix` becomes the agent's name.
-      space: the hyperparameter space; None uses `default_search_space`.
+      space: the hyperparameter space; None uses `iteration.default_search_space`.
       mu: the mutation rate a path without one starts from (the root's children, as
         every new task's first candidates are), a value of `hparams.MU_GRID`; None keeps
         the space's default (0.1, the notebooks'). Children inherit their parent's mu,
