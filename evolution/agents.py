@@ -265,14 +265,12 @@ def _scored(
     path: system.Path,
     state: system.SystemState,
     params_of: Callable[[str], Any],
-    settings: search.SearchConfig,
+    scorer: iteration.Scorer,
 ) -> system.Path:
     """The path with its score in `state`, as `search.evolve_task` scores its paths."""
-    scorer = iteration.Scorer.of_system(
-        state, params_of, scale=settings.scale, flops_scale=settings.flops_scale
+    return dataclasses.replace(
+        path, score=scorer.of_path(path, float(path.quality or 0.0), state, params_of)
     )
-    score = scorer.of_path(path, float(path.quality or 0.0), state, params_of)
-    return dataclasses.replace(path, score=score)
 
 
 def _baseline_cycle(
@@ -330,10 +328,14 @@ def _baseline_cycle(
     components = {**state.components, **{c.id: c for c in records}}
     paths = {**state.paths, **retired, new.id: new}
     would_be = system.SystemState(components, paths, state.tasks, state.root_path_id)
-    new = _scored(
-        new, would_be, lambda c: params[c] if c in params else store.load_params(c), settings
+    # One scorer serves both systems: they share the root.
+    scorer = iteration.Scorer.of_system(
+        state, store.load_params, scale=settings.scale, flops_scale=settings.flops_scale
     )
-    ranked = system.rank_by_score(_scored(p, state, store.load_params, settings) for p in live)
+    new = _scored(
+        new, would_be, lambda c: params[c] if c in params else store.load_params(c), scorer
+    )
+    ranked = system.rank_by_score(_scored(p, state, store.load_params, scorer) for p in live)
     if not ranked or (new.score or 0.0) > (ranked[0].score or 0.0):
         for record in records:
             store.put_component(record, params[record.id])
