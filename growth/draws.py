@@ -15,7 +15,7 @@ import hashlib
 import math
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -124,29 +124,33 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
         return
     generator = rng()
     stddev, mean = np.float32(value.stddev), np.float32(value.mean)
-    if target.flags.c_contiguous:  # drawn in place, block by block of the flat view
+    for block, noise in _draw_blocks(target):
+        generator.standard_normal(dtype=np.float32, out=noise)
+        np.multiply(noise, stddev, out=block)
+        if mean != 0:
+            block += mean
+
+
+def _draw_blocks(target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(block of ``target``, buffer its noise is drawn into), in C order, cache-sized.
+
+    A contiguous target is cut into flat blocks that take their noise in place; a
+    strided one (new columns of a wider leaf) into blocks of whole rows, drawn into one
+    scratch buffer.
+    """
+    if target.flags.c_contiguous:
         flat = target.reshape(-1)
         for start in range(0, flat.size, _DRAW_BLOCK):
             block = flat[start : start + _DRAW_BLOCK]
-            generator.standard_normal(dtype=np.float32, out=block)
-            block *= stddev
-            if mean != 0:
-                block += mean
+            yield block, block
         return
-    # Strided (new columns of a wider leaf): drawn into a scratch block of whole rows.
     rows = target.shape[0]
     per_row = target.size // rows if rows else 1
     step = max(1, _DRAW_BLOCK // max(per_row, 1))
     scratch = np.empty((min(step, rows), *target.shape[1:]), np.float32)
     for start in range(0, rows, step):
         block = target[start : start + step]
-        noise = scratch[: block.shape[0]]
-        generator.standard_normal(dtype=np.float32, out=noise)
-        if mean == 0:
-            np.multiply(noise, stddev, out=block)
-        else:
-            noise *= stddev
-            np.add(noise, mean, out=block)
+        yield block, scratch[: block.shape[0]]
 
 
 def write_new(
