@@ -13,6 +13,7 @@ import difflib
 import importlib
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -44,6 +45,11 @@ class DatasetConfig:
       input_threads: tf.data threads of the train stream; None takes a quarter of the
         host's cores (at least 1), leaving the rest to XLA: on small hosts, TF's
         default of one thread per core competes with the training step itself.
+      input_nice: how much lower the scheduling priority (Linux niceness) of the thread
+        that reads the train stream and puts its batches on device is than the
+        trainer's; it then runs when the step leaves a core idle instead of preempting
+        it (which matters where the step runs on the host's cores: CPU devices). 0 keeps
+        the trainer's priority.
     """
 
     mixture_or_task_name: str
@@ -56,6 +62,14 @@ class DatasetConfig:
     pack: bool = False
     module: str | None = "tasks"
     input_threads: int | None = None
+    input_nice: int = 10
+
+    def __post_init__(self):
+        if not 0 <= self.input_nice <= 19:
+            raise ValueError(
+                f"DatasetConfig.input_nice={self.input_nice}: use 0..19 (how much to lower the "
+                "input thread's priority; raising it above the trainer's needs privileges)."
+            )
 
 
 def get_mixture_or_task(name: str, module: str | None = "tasks") -> Any:
@@ -262,6 +276,8 @@ class DevicePrefetcher:
       host_batches: yields feature -> numpy array (this process's rows).
       to_device: turns a host batch into global device arrays.
       depth: how many device batches to keep ready.
+      nice: lower the thread's scheduling priority by this much (Linux, where a thread
+        has its own niceness; ignored elsewhere).
     """
 
     _DONE = object()
@@ -271,16 +287,22 @@ class DevicePrefetcher:
         host_batches: Iterator[Mapping[str, np.ndarray]],
         to_device: Callable[[Mapping[str, np.ndarray]], Any],
         depth: int = 2,
+        nice: int = 0,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._fill, args=(host_batches, to_device), daemon=True
+            target=self._fill, args=(host_batches, to_device, nice), daemon=True
         )
         self._thread.start()
 
-    def _fill(self, host_batches: Iterator, to_device: Callable) -> None:
+    def _fill(self, host_batches: Iterator, to_device: Callable, nice: int) -> None:
         try:
+            if nice and sys.platform == "linux":  # elsewhere the id would name a process
+                thread = threading.get_native_id()
+                os.setpriority(
+                    os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice
+                )
             for batch in host_batches:
                 item = to_device(batch)
                 while not self._stop.is_set():

@@ -1,5 +1,9 @@
 """Trainer invariants in-process: resume exactness, checkpoint metadata and shape errors,
-metric merging, partitioning of the optimizer state."""
+metric merging, partitioning of the optimizer state, the input prefetch thread."""
+
+import os
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +112,26 @@ def test_partitioned_train_step_matches_plain_update():
     expected = jax.tree.map(lambda p_, u: p_ + u, params0, updates)
     assert tl.params_close(state.params, expected, atol=1e-6)
     assert trainer.compute_metrics(acc)["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_device_prefetcher_lowers_its_thread_priority():
+    """The prefetch thread runs `nice` steps below its creator (Linux) and keeps order."""
+    seen = []
+
+    def to_device(batch):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return batch["x"]
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    batches = [{"x": np.full(2, i)} for i in range(5)]
+    prefetcher = data.DevicePrefetcher(iter(batches), to_device, nice=3)
+    got = list(prefetcher)
+    prefetcher.close()
+    np.testing.assert_array_equal(np.stack(got), np.stack([b["x"] for b in batches]))
+    if sys.platform == "linux":
+        assert seen == [min(base + 3, 19)] * 5
+
+
+def test_dataset_config_refuses_a_negative_input_nice():
+    with pytest.raises(ValueError, match="input_nice"):
+        data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True, input_nice=-1)
