@@ -47,9 +47,10 @@ class DatasetConfig:
         default of one thread per core competes with the training step itself.
       input_nice: how much lower the scheduling priority (Linux niceness) of the thread
         that reads the train stream and puts its batches on device is than the
-        trainer's; it then runs when the step leaves a core idle instead of preempting
-        it (which matters where the step runs on the host's cores: CPU devices). 0 keeps
-        the trainer's priority.
+        trainer's; the tf.data threads it starts inherit it. The input pipeline then
+        runs when the step leaves a core idle instead of preempting it (which matters
+        where the step runs on the host's cores: CPU devices). 0 keeps the trainer's
+        priority.
     """
 
     mixture_or_task_name: str
@@ -277,7 +278,8 @@ class DevicePrefetcher:
       to_device: turns a host batch into global device arrays.
       depth: how many device batches to keep ready.
       nice: lower the thread's scheduling priority by this much (Linux, where a thread
-        has its own niceness; ignored elsewhere).
+        has its own niceness, which the threads it starts inherit, e.g. tf.data's;
+        ignored elsewhere).
     """
 
     _DONE = object()
