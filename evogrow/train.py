@@ -193,7 +193,9 @@ def train(
         batches = data_lib.DevicePrefetcher(
             data_lib.numpy_batches(train_stream(step)),
             lambda b: partitioner.shard_batch(b, layout.batch_size),
-            nice=train_dataset_cfg.input_nice,
+            nice=data_lib.prefetch_nice(
+                train_dataset_cfg, [device.platform for device in jax.local_devices()]
+            ),
         )
         cleanup.callback(batches.close)
         stats_period = stats_period or eval_period or total_steps

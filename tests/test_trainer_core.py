@@ -132,6 +132,12 @@ def test_device_prefetcher_lowers_its_thread_priority():
         assert seen == [min(base + 3, 19)] * 5
 
 
-def test_dataset_config_refuses_a_negative_input_nice():
+def test_input_nice_is_chosen_for_several_cpu_devices_and_refused_when_negative():
+    cfg = data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True)
+    assert data.prefetch_nice(cfg, ["cpu"] * 8) == data.SEVERAL_CPU_DEVICES_NICE > 0
+    assert data.prefetch_nice(cfg, ["cpu"]) == 0
+    assert data.prefetch_nice(cfg, ["gpu"] * 8) == 0
+    explicit = data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True, input_nice=3)
+    assert data.prefetch_nice(explicit, ["cpu"]) == 3
     with pytest.raises(ValueError, match="input_nice"):
         data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True, input_nice=-1)
