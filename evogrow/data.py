@@ -135,8 +135,8 @@ def _dataset(
 
 
 # Measured with `bench trainer`'s tiny model on a 2-core host (median 100-step windows
-# over six rounds, against the same baseline): 8 CPU devices 1.006 at niceness 10 vs
-# 0.951 at 0; one CPU device 0.909 vs 0.933.
+# against the same baseline): 8 CPU devices (six rounds) 1.006 at niceness 10 vs 0.951
+# at 0; one CPU device (eight rounds) 0.909 vs 0.933.
 SEVERAL_CPU_DEVICES_NICE = 10
 
 

@@ -194,7 +194,7 @@ def train(
             data_lib.numpy_batches(train_stream(step)),
             lambda b: partitioner.shard_batch(b, layout.batch_size),
             nice=data_lib.prefetch_nice(
-                train_dataset_cfg, [device.platform for device in jax.local_devices()]
+                train_dataset_cfg, [device.platform for device in partitioner.mesh.local_devices]
             ),
         )
         cleanup.callback(batches.close)
