@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from growth.draws import Fill, Free, LeafKey, draw_free, leaf_keys, path_seed, write_new
+from growth.draws import (
+    Fill,
+    Free,
+    LeafKey,
+    draw_free,
+    leaf_keys,
+    path_seed,
+    write_new,
+    writes_every_entry,
+)
 from growth.layout import block_index, block_names, default_free, is_attention, is_mlp, modules
 from growth.ops import (
     FIRST_MOMENT,
@@ -33,7 +42,7 @@ from growth.ops import (
     unflatten,
 )
 from growth.rules import GrowthError, choose, traits_of
-from growth.transfer import aligned_zeros, to_device
+from growth.transfer import aligned_empty, aligned_zeros, to_device
 
 
 def _zero_paths(block: Mapping) -> set[tuple[str, ...]]:
@@ -98,7 +107,8 @@ def _free_leaf(
 
     The default draws come from ``leaf_key.leaf_rng()``.
     """
-    out = aligned_zeros(shape, dtype)
+    allocate = aligned_empty if writes_every_entry(value, fill) else aligned_zeros
+    out = allocate(shape, dtype)
     write_new(out, value, fill, leaf_key.leaf_key, leaf_key.leaf_rng)
     return out
 

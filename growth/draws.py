@@ -98,18 +98,18 @@ _DRAW_BLOCK = 1 << 15
 
 
 def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Generator]) -> None:
-    """Writes the default initializer's values into a zero block.
+    """Writes the default initializer's values into a block.
 
-    ``mean + stddev * noise`` in float32, the noise drawn by numpy's float32 standard
-    normal in C order, in blocks that stay in the cache: straight into a contiguous
-    target, through a scratch block of whole rows into a strided one. A generator's
-    stream does not depend on how its draws are split, so ``_draw_normal`` gives the same
-    values for an array of the block's shape. With no noise (stddev 0),
-    entries equal to +0.0 are not written (the block is zero already); ``rng`` is called
-    only when noise is needed.
+    ``mean + stddev * noise`` in float32, the noise the generator's ``NormalStream`` in C
+    order, in blocks that stay in the cache: straight into a contiguous target, through
+    a scratch block of whole rows into a strided one. The stream does not depend on how
+    its draws are split, so ``_draw_normal`` gives the same values for an array of the
+    block's shape. With no noise (stddev 0), entries equal to +0.0 are not written (the
+    block must be zero already: see ``writes_every_entry``); ``rng`` is called only when
+    noise is needed.
 
     Args:
-      target: a block of a zero-initialised output (any strides).
+      target: a block of the output (any strides; zero unless ``writes_every_entry``).
       value: the leaf's default initializer.
       rng: returns the generator of these entries.
     """
@@ -122,13 +122,71 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
         _fill_free(noise, value, rng)
         target[...] = noise.reshape(target.shape).astype(target.dtype)
         return
-    generator = rng()
+    stream = NormalStream(rng())
     stddev, mean = np.float32(value.stddev), np.float32(value.mean)
     for block, noise in _draw_blocks(target):
-        generator.standard_normal(dtype=np.float32, out=noise)
+        stream.fill(noise.reshape(-1))
         np.multiply(noise, stddev, out=block)
         if mean != 0:
             block += mean
+
+
+class NormalStream:
+    """Standard normal float32 values from a generator, in C order (Box-Muller).
+
+    Each pair of the generator's float32 uniforms (u1, u2) gives the pair
+    ``r cos(t), r sin(t)`` with ``r = sqrt(-2 ln(1 - u1))`` and ``t = 2 pi u2`` (1 - u1 is
+    in [2**-24, 1], so ``r`` is finite: at most 5.77). On this kind of CPU it draws about
+    twice as fast as numpy's float32 ziggurat (3.9 against 7.3 ns a value), and the
+    draws of new free entries are a large part of growing a small model. A fill of odd
+    size keeps the second value of its last pair for the next fill, so the values do not
+    depend on how the stream is split into fills (numpy's SIMD logarithm, sine and cosine
+    give the same bits for an element wherever it sits in the array: checked by a test).
+
+    Args:
+      generator: the numpy generator the uniforms come from.
+    """
+
+    def __init__(self, generator: np.random.Generator):
+        self._generator = generator
+        self._spare: np.float32 | None = None
+
+    def fill(self, out: np.ndarray) -> None:
+        """Writes the stream's next ``out.size`` values into a contiguous 1-d float32 ``out``."""
+        start = 0
+        if out.size and self._spare is not None:
+            out[0], self._spare, start = self._spare, None, 1
+        pairs = (out.size - start) // 2
+        if pairs:
+            _box_muller(self._generator, out[start : start + 2 * pairs])
+        if (out.size - start) % 2:
+            last = np.empty(2, np.float32)
+            _box_muller(self._generator, last)
+            out[-1], self._spare = last[0], last[1]
+
+
+def standard_normal(generator: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """``shape`` float32 values of a new ``NormalStream(generator)``, in C order."""
+    out = np.empty(math.prod(shape), np.float32)
+    NormalStream(generator).fill(out)
+    return out.reshape(shape)
+
+
+_TWO_PI = np.float32(2 * np.pi)
+
+
+def _box_muller(generator: np.random.Generator, out: np.ndarray) -> None:
+    """Fills a contiguous float32 ``out`` of even size with normal pairs (``NormalStream``)."""
+    generator.random(dtype=np.float32, out=out)  # u1, u2, u1, u2, ...
+    radius = np.subtract(np.float32(1), out[0::2])
+    np.log(radius, out=radius)
+    np.multiply(radius, np.float32(-2), out=radius)
+    np.sqrt(radius, out=radius)
+    angle = np.multiply(out[1::2], _TWO_PI)
+    wave = np.cos(angle)
+    np.multiply(wave, radius, out=out[0::2])
+    np.sin(angle, out=wave)
+    np.multiply(wave, radius, out=out[1::2])
 
 
 def _draw_blocks(target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -153,6 +211,17 @@ def _draw_blocks(target: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield block, scratch[: block.shape[0]]
 
 
+def writes_every_entry(value: Free, fill: Fill) -> bool:
+    """Whether ``write_new`` writes every entry of its block (it leaves +0.0 entries alone).
+
+    Only the default initializer of a leaf without noise whose value is +0.0 (a new bias)
+    writes nothing: its block must be zero already.
+    """
+    if fill is not None or value.stddev != 0:
+        return True
+    return value.mean != 0 or math.copysign(1.0, value.mean) < 0
+
+
 def write_new(
     target: np.ndarray,
     value: Free,
@@ -160,13 +229,13 @@ def write_new(
     key: Callable[[], jax.Array],
     rng: Callable[[], np.random.Generator],
 ) -> None:
-    """Writes new free entries into a zero block.
+    """Writes new free entries into a block (zero on entry unless ``writes_every_entry``).
 
     What ``draw_free`` gives for a constant or a callable ``fill`` (given ``key()``), and
     for the default initializer ``_draw_normal(rng(), ...)``, bit for bit.
 
     Args:
-      target: the block (zero on entry).
+      target: the block (zero on entry unless ``writes_every_entry(value, fill)``).
       value: the leaf's default initializer.
       fill: see ``draw_free``.
       key: returns the JAX key of these entries (for a callable ``fill``).
@@ -240,8 +309,8 @@ def host_generator(*values: int) -> np.random.Generator:
     """An SFC64 generator seeded with ``HashedSeed(values)``: every host draw comes from one.
 
     SFC64 passes the same statistical test batteries as numpy's default PCG64 and draws
-    normals about a quarter faster on this kind of CPU (the draws of new free entries
-    are a large part of growing a small model).
+    float32 uniforms (what ``NormalStream`` consumes) about a tenth faster on this kind
+    of CPU (the draws of new free entries are a large part of growing a small model).
     """
     # Bit generators take any ISeedSequence (numpy.random.bit_generator); the stubs name
     # SeedSequence only.

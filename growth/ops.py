@@ -35,8 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from growth.draws import Fill, Free, LeafKey, draw_free, leaf_keys, path_seed, write_new
-from growth.transfer import aligned_zeros, to_device, to_host
+from growth.draws import (
+    Fill,
+    Free,
+    LeafKey,
+    draw_free,
+    leaf_keys,
+    path_seed,
+    write_new,
+    writes_every_entry,
+)
+from growth.transfer import aligned_empty, to_device, to_host
 
 PARAM = "param"
 FIRST_MOMENT = "first_moment"
@@ -187,17 +196,18 @@ def _corner(shape: Sequence[int], axis: int = 0, start: int = 0, stop: int | Non
 def _apply_ops_host(
     x: np.ndarray, ops: Sequence[_Staged], role: str, final: tuple[int, ...]
 ) -> np.ndarray:
-    """``apply_op`` for every op, in one aligned zero output buffer of the final shape.
+    """``apply_op`` for every op, in one aligned output buffer of the final shape.
 
     The leaf always lives in the leading corner of the buffer: a Pad writes its new
-    entries next to it, a Scale multiplies it in place, a Tile writes copies 1.. and then
-    scales copy 0 in place. Everything outside the corner is still zero, so zero entries
-    (fixed ones, and every new entry of a moment) are not written at all. Each element is
-    computed by the same float32 operations as ``apply_op`` (bit-identical results, also
-    for the ops of several steps, each op drawing from its own stream ``op_rng``) but
-    written once, and the aligned buffer is handed to JAX without a copy.
+    entries next to it (drawn free entries, or zeros: fixed ones and every new entry of a
+    moment), a Scale multiplies it in place, a Tile writes copies 1.. and then scales copy
+    0 in place. Every entry of the buffer is in the leaf's first corner or in the block of
+    one Pad or Tile copy, so each is written once (the buffer is not zeroed first). Each
+    element is computed by the same float32 operations as ``apply_op`` (bit-identical
+    results, also for the ops of several steps, each op drawing from its own stream
+    ``op_rng``), and the aligned buffer is handed to JAX without a copy.
     """
-    out = aligned_zeros(final, x.dtype)
+    out = aligned_empty(final, x.dtype)
     current = list(x.shape)
     out[_corner(current)] = x
     for op, leaf_key, i, fill in ops:
@@ -222,10 +232,13 @@ def _apply_ops_host(
             continue
         if op.new_size == size:
             continue
-        if role == PARAM and isinstance(op.value, Free):
-            target = out[_corner(current, axis, size, op.new_size)]
+        target = out[_corner(current, axis, size, op.new_size)]
+        value = op.value if role == PARAM and isinstance(op.value, Free) else None
+        if value is None or not writes_every_entry(value, fill):
+            target[...] = 0
+        if value is not None:
             key = functools.partial(leaf_key.op_key, i)
-            write_new(target, op.value, fill, key, functools.partial(leaf_key.op_rng, i))
+            write_new(target, value, fill, key, functools.partial(leaf_key.op_rng, i))
         current[axis] = op.new_size
     return out
 

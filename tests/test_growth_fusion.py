@@ -7,7 +7,7 @@ import pytest
 from test_growth_preservation import make_config, random_params
 
 import growth
-from growth import api, draws, ops
+from growth import api, depth, draws, ops, transfer
 from growth.optimizer_state import grow_opt_state
 from growth.requests import parse_requests
 
@@ -100,10 +100,10 @@ def test_abstract_planning_matches_the_grown_shapes():
 @pytest.mark.parametrize("block", [7, 1 << 15])
 def test_draws_do_not_depend_on_the_target_layout(monkeypatch, mean, block):
     """New free entries drawn into a strided block (new columns of a wider leaf) and into
-    a contiguous one, in blocks of any size, are the generator's stream in C order."""
+    a contiguous one, in blocks of any size, are the generator's normal stream in C order."""
     monkeypatch.setattr(draws, "_DRAW_BLOCK", block)
     value = draws.Free(mean, 0.5)
-    noise = draws.host_generator(1, 2).standard_normal((6, 5), dtype=np.float32)
+    noise = draws.standard_normal(draws.host_generator(1, 2), (6, 5))
     expected = noise * np.float32(0.5)
     if mean:
         expected += np.float32(mean)
@@ -113,3 +113,54 @@ def test_draws_do_not_depend_on_the_target_layout(monkeypatch, mean, block):
     draws._fill_free(contiguous, value, lambda: draws.host_generator(1, 2))
     assert wide[:, 2:7].tobytes() == expected.tobytes() == contiguous.tobytes()
     assert not wide[:, :2].any() and not wide[:, 7:].any()
+
+
+def test_normal_stream_does_not_depend_on_how_it_is_split():
+    """Fills of any sizes (odd ones keep a value for the next) give one stream's values."""
+    whole = draws.standard_normal(draws.host_generator(3), (1001,))
+    stream = draws.NormalStream(draws.host_generator(3))
+    parts = []
+    for size in (1, 1, 0, 7, 2, 64, 3, 500, 423):  # 1001 in all
+        part = np.empty(size, np.float32)
+        stream.fill(part)
+        parts.append(part)
+    assert np.concatenate(parts).tobytes() == whole.tobytes()
+
+
+def test_normal_stream_is_standard_normal():
+    """Mean, variance, tails and the pairs' independence of 2**20 draws (Box-Muller)."""
+    x = draws.standard_normal(draws.host_generator(5), (1 << 20,)).astype(np.float64)
+    assert np.all(np.isfinite(x))
+    assert abs(x.mean()) < 5e-3 and abs(x.std() - 1.0) < 5e-3
+    for k, p in ((1.0, 0.3173), (2.0, 0.0455), (3.0, 0.0027)):  # P(|x| > k)
+        assert abs(np.mean(np.abs(x) > k) - p) < 6 * np.sqrt(p / x.size) + 1e-4
+    pairs = x.reshape(-1, 2)
+    assert abs(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]) < 5e-3
+    assert abs(np.corrcoef(pairs[:, 0] ** 2, pairs[:, 1] ** 2)[0, 1]) < 5e-3
+    # A uniform u1 of 0 (1 - u1 = 1) and the largest one (1 - u1 = 2**-24) stay finite.
+    assert np.abs(x).max() <= np.sqrt(-2 * np.log(2.0**-24)) + 1e-5
+
+
+@pytest.mark.parametrize("fill", [None, 42.0])
+@pytest.mark.parametrize("family", sorted(_REQUESTS))
+def test_every_entry_of_a_grown_leaf_is_written(monkeypatch, family, fill):
+    """Grown leaves are written once into uninitialised buffers: none of their entries may
+    keep what the buffer held (here NaN), for parameters (biases too) and moments."""
+    config = make_config(family, attention_scaling="runtime", qkv_bias=True)
+    params = random_params(config)
+    state = optax.adam(1e-3).init(params)
+    state = jax.tree.map(lambda x: x + 0.5 if x.ndim else x, state)
+    rng = jax.random.key(4)
+    clean = growth.expand(config, params, _REQUESTS[family], rng=rng, opt_state=state, fill=fill)
+    empty = transfer.aligned_empty
+
+    def dirty(shape, dtype):
+        out = empty(shape, dtype)
+        out[...] = np.nan
+        return out
+
+    monkeypatch.setattr(ops, "aligned_empty", dirty)
+    monkeypatch.setattr(depth, "aligned_empty", dirty)
+    grown = growth.expand(config, params, _REQUESTS[family], rng=rng, opt_state=state, fill=fill)
+    assert not any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(grown[1:]))
+    _assert_same_bits(grown[1:], clean[1:])
