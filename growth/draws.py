@@ -142,6 +142,8 @@ class NormalStream:
     size keeps the second value of its last pair for the next fill, so the values do not
     depend on how the stream is split into fills (numpy's SIMD logarithm, sine and cosine
     give the same bits for an element wherever it sits in the array: checked by a test).
+    Those functions may round differently on another CPU family, where a value can then
+    differ in its last bit: same seed, same machine, same bits.
 
     Args:
       generator: the numpy generator the uniforms come from.
