@@ -141,3 +141,26 @@ def test_input_nice_is_chosen_for_several_cpu_devices_and_refused_when_negative(
     assert data.prefetch_nice(explicit, ["cpu"]) == 3
     with pytest.raises(ValueError, match="input_nice"):
         data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True, input_nice=-1)
+
+
+def test_train_stream_autotunes_only_when_asked_and_reads_the_same_batches():
+    def stream(**kwargs):
+        cfg = data.DatasetConfig(tl.TOY_TASK, None, "train", 32, True, module=None, **kwargs)
+        return data.get_train_dataset(
+            cfg,
+            shard_id=0,
+            num_shards=1,
+            per_host_batch_size=32,
+            feature_converter_cls=tl.ToyClassifier.FEATURE_CONVERTER_CLS,
+            default_seed=0,
+        )
+
+    plain, tuned = stream(input_threads=2), stream(input_threads=2, input_autotune=True)
+    assert plain.options().autotune.enabled is False
+    assert tuned.options().autotune.enabled is True
+    assert plain.options().threading.private_threadpool_size == 2
+    first, again = list(plain.take(3).as_numpy_iterator()), list(tuned.take(3).as_numpy_iterator())
+    for a, b in zip(first, again, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
