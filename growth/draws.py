@@ -100,8 +100,8 @@ _DRAW_BLOCK = 1 << 15
 def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Generator]) -> None:
     """Writes the default initializer's values into a block.
 
-    ``mean + stddev * noise`` in float32, the noise the generator's ``NormalStream`` in C
-    order, in blocks that stay in the cache: straight into a contiguous target, through
+    ``mean + stddev * noise`` in float32, the noise from the generator's ``NormalStream`` in
+    C order, in blocks that stay in the cache: straight into a contiguous target, through
     a scratch block of whole rows into a strided one. The stream does not depend on how
     its draws are split, so ``_draw_normal`` gives the same values for an array of the
     block's shape. With no noise (stddev 0), entries equal to +0.0 are not written (the
@@ -114,7 +114,7 @@ def _fill_free(target: np.ndarray, value: Free, rng: Callable[[], np.random.Gene
       rng: returns the generator of these entries.
     """
     if value.stddev == 0:
-        if value.mean != 0 or math.copysign(1.0, value.mean) < 0:
+        if writes_every_entry(value, None):  # a mean other than +0.0
             target[...] = np.full((), np.float32(value.mean)).astype(target.dtype)
         return
     if target.dtype != np.float32 or target.ndim == 0:
