@@ -248,24 +248,28 @@ def _apply_ops_host(
 # share, and handing them to a worker costs more than it saves.
 _LARGE_TASK = 1 << 15
 _PARALLEL_WORK = 1 << 18
-_executors: dict[int, tuple[ThreadPoolExecutor, int]] = {}
+_executors: dict[int, tuple[ThreadPoolExecutor | None, int]] = {}
 
 
 def _executor() -> tuple[ThreadPoolExecutor, int] | None:
     """A thread pool with a worker per available core but one, and its number of workers.
 
-    One per process (fork-safe). The calling thread is the remaining worker (see
+    One per process (fork-safe), sized by the cores the process could use when it was
+    made; None on a single core. The calling thread is the remaining worker (see
     ``run_tasks``).
     """
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if not workers or workers < 2:
-        return None
     pid = os.getpid()
     if pid not in _executors:
         _executors.clear()
+        if hasattr(os, "sched_getaffinity"):
+            workers = len(os.sched_getaffinity(0))
+        else:
+            workers = os.cpu_count() or 1
         helpers = min(workers, 32) - 1
-        _executors[pid] = (ThreadPoolExecutor(helpers, thread_name_prefix="growth"), helpers)
-    return _executors[pid]
+        pool = ThreadPoolExecutor(helpers, thread_name_prefix="growth") if helpers else None
+        _executors[pid] = (pool, helpers)
+    pool, helpers = _executors[pid]
+    return None if pool is None else (pool, helpers)
 
 
 def run_tasks(tasks: Sequence[Callable[[], Any]], sizes: Sequence[int]) -> list[Any]:

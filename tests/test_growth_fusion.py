@@ -98,10 +98,13 @@ def test_abstract_planning_matches_the_grown_shapes():
 
 @pytest.mark.parametrize("mean", [0.0, 1.5])
 @pytest.mark.parametrize("block", [7, 1 << 15])
-def test_draws_do_not_depend_on_the_target_layout(monkeypatch, mean, block):
+@pytest.mark.parametrize("chunk_pairs", [4, 1 << 14])
+def test_draws_do_not_depend_on_the_target_layout(monkeypatch, mean, block, chunk_pairs):
     """New free entries drawn into a strided block (new columns of a wider leaf) and into
-    a contiguous one, in blocks of any size, are the generator's normal stream in C order."""
+    a contiguous one, in blocks of any size, are the generator's normal stream in C order
+    (one chunk of the stream or several)."""
     monkeypatch.setattr(draws, "_DRAW_BLOCK", block)
+    monkeypatch.setattr(draws, "_CHUNK_PAIRS", chunk_pairs)
     value = draws.Free(mean, 0.5)
     noise = draws.standard_normal(draws.host_generator(1, 2), (6, 5))
     expected = noise * np.float32(0.5)
@@ -115,16 +118,32 @@ def test_draws_do_not_depend_on_the_target_layout(monkeypatch, mean, block):
     assert not wide[:, :2].any() and not wide[:, 7:].any()
 
 
-def test_normal_stream_does_not_depend_on_how_it_is_split():
-    """Fills of any sizes (odd ones keep a value for the next) give one stream's values."""
+@pytest.mark.parametrize("chunk_pairs", [3, 1 << 14])
+def test_normal_stream_does_not_depend_on_how_it_is_split(monkeypatch, chunk_pairs):
+    """Fills of any sizes (ending inside a chunk, or past several) give one stream's values."""
+    monkeypatch.setattr(draws, "_CHUNK_PAIRS", chunk_pairs)
     whole = draws.standard_normal(draws.host_generator(3), (1001,))
-    stream = draws.NormalStream(draws.host_generator(3))
+    stream = draws.NormalStream(draws.host_generator(3), 1001)
     parts = []
     for size in (1, 1, 0, 7, 2, 64, 3, 500, 423):  # 1001 in all
         part = np.empty(size, np.float32)
         stream.fill(part)
         parts.append(part)
     assert np.concatenate(parts).tobytes() == whole.tobytes()
+    with pytest.raises(ValueError, match="0 values left"):
+        stream.fill(np.empty(1, np.float32))
+
+
+def test_normal_stream_is_box_muller_of_the_generators_uniforms(monkeypatch):
+    """A chunk of c pairs: r cos t of its pairs, then r sin t, from 2c float32 uniforms."""
+    monkeypatch.setattr(draws, "_CHUNK_PAIRS", 4)
+    x = draws.standard_normal(draws.host_generator(9), (11,))  # chunks of 4, 2 pairs
+    u = draws.host_generator(9).random(12, dtype=np.float32).astype(np.float64)
+    expected = []
+    for u1, u2 in ((u[0:4], u[4:8]), (u[8:10], u[10:12])):
+        r, t = np.sqrt(-2 * np.log(1 - u1)), 2 * np.pi * u2
+        expected += [r * np.cos(t), r * np.sin(t)]
+    np.testing.assert_allclose(x, np.concatenate(expected)[:11], rtol=2e-6, atol=2e-6)
 
 
 def test_normal_stream_is_standard_normal():
@@ -134,9 +153,12 @@ def test_normal_stream_is_standard_normal():
     assert abs(x.mean()) < 5e-3 and abs(x.std() - 1.0) < 5e-3
     for k, p in ((1.0, 0.3173), (2.0, 0.0455), (3.0, 0.0027)):  # P(|x| > k)
         assert abs(np.mean(np.abs(x) > k) - p) < 6 * np.sqrt(p / x.size) + 1e-4
-    pairs = x.reshape(-1, 2)
-    assert abs(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]) < 5e-3
-    assert abs(np.corrcoef(pairs[:, 0] ** 2, pairs[:, 1] ** 2)[0, 1]) < 5e-3
+    # Each chunk holds r cos t of its pairs, then r sin t of the same pairs.
+    chunks = x.reshape(-1, 2, draws._CHUNK_PAIRS)
+    cosines, sines = chunks[:, 0].ravel(), chunks[:, 1].ravel()
+    assert abs(np.corrcoef(cosines, sines)[0, 1]) < 5e-3
+    assert abs(np.corrcoef(cosines**2, sines**2)[0, 1]) < 5e-3
+    assert abs(np.corrcoef(x[:-1], x[1:])[0, 1]) < 5e-3  # neighbours
     # A uniform u1 of 0 (1 - u1 = 1) and the largest one (1 - u1 = 2**-24) stay finite.
     assert np.abs(x).max() <= np.sqrt(-2 * np.log(2.0**-24)) + 1e-5
 
