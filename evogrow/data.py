@@ -45,9 +45,18 @@ class DatasetConfig:
       input_threads: tf.data threads of the train stream; None takes a quarter of the
         host's cores (at least 1), leaving the rest to XLA: on small hosts, TF's
         default of one thread per core competes with the training step itself.
+      device_prefetch: read the train stream and put its batches on device in a
+        background thread (`DevicePrefetcher`). None (default) chooses
+        (`uses_device_prefetch`): yes on accelerators and in several processes; no when
+        every device of a single process is the host's CPU, where the trainer's thread
+        reads the stream (tf.data reads ahead in its own threads) and hands numpy
+        batches to the step, which XLA's CPU client takes at dispatch: a transfer
+        thread would only add Python work per step that competes with the step for the
+        host's cores (tiny ViT on 2 cores: 3-5% more steps a second).
       input_nice: how much lower the scheduling priority (Linux niceness) of the thread
-        that reads the train stream and puts its batches on device is than the
-        trainer's; the tf.data threads it starts inherit it. None (default) chooses
+        that reads the train stream and puts its batches on device (with
+        `device_prefetch`) is than the trainer's; the tf.data threads it starts inherit
+        it. None (default) chooses
         (`prefetch_nice`): `SEVERAL_CPU_DEVICES_NICE` when the step runs on several CPU
         devices of this process, whose threads meet in every collective, so that the
         input pipeline fills idle cores instead of preempting one of them and stalling
@@ -59,7 +68,7 @@ class DatasetConfig:
         off), which the step pays for on a small host. Off, parallel stages still run
         on the `input_threads` threads and prefetch buffers still grow when the
         consumer waits (tf.data's legacy prefetch tuning), and the train stream is
-        read ahead in chunks by the device prefetcher; turn it on for heavy per-example
+        read in chunks of batches (`numpy_batches`); turn it on for heavy per-example
         work (e.g. image decoding) whose best parallelism is unknown.
     """
 
@@ -73,6 +82,7 @@ class DatasetConfig:
     pack: bool = False
     module: str | None = "tasks"
     input_threads: int | None = None
+    device_prefetch: bool | None = None
     input_nice: int | None = None
     input_autotune: bool = False
 
@@ -164,6 +174,24 @@ def prefetch_nice(cfg: DatasetConfig, platforms: Sequence[str]) -> int:
         return cfg.input_nice
     several_cpu = len(platforms) > 1 and all(platform == "cpu" for platform in platforms)
     return SEVERAL_CPU_DEVICES_NICE if several_cpu else 0
+
+
+def uses_device_prefetch(cfg: DatasetConfig, platforms: Sequence[str], process_count: int) -> bool:
+    """Whether the train stream is put on device by a background thread (`DevicePrefetcher`).
+
+    Args:
+      cfg: the train dataset config (`device_prefetch`; None chooses).
+      platforms: the platform of each device of this process ("cpu", "gpu", "tpu").
+      process_count: the number of processes of the run.
+
+    Returns:
+      `cfg.device_prefetch`, or for None: False when every device is the host's CPU and
+      the run has one process (the step takes numpy batches: `HostBatches`), else True.
+    """
+    if cfg.device_prefetch is not None:
+        return cfg.device_prefetch
+    host_only = process_count == 1 and all(platform == "cpu" for platform in platforms)
+    return not host_only
 
 
 def get_train_dataset(
@@ -300,6 +328,33 @@ def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
 def empty_batch_like(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Returns an all-padding batch (mask 0) shaped like `batch`."""
     return {key: np.zeros_like(value) for key, value in batch.items()}
+
+
+class HostBatches:
+    """Iterates host batches on the trainer's own thread, as the step's inputs.
+
+    For a single process whose devices are the host's CPU (`uses_device_prefetch`): the
+    jitted step takes the numpy batches and XLA's CPU client places them at dispatch,
+    sharded like the step's inputs. Reading ahead happens in tf.data's own threads.
+
+    Args:
+      host_batches: yields feature -> numpy array (the global batch).
+    """
+
+    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]]):
+        self._batches = iter(host_batches)
+
+    def __iter__(self) -> HostBatches:
+        return self
+
+    def __next__(self) -> Mapping[str, np.ndarray]:
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stops reading (closes the source when it is a generator)."""
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
 
 
 class DevicePrefetcher:

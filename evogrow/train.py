@@ -190,13 +190,17 @@ def train(
         if run_eval_before_training:
             evaluator.run(state, step, write_predictions)
 
-        batches = data_lib.DevicePrefetcher(
-            data_lib.numpy_batches(train_stream(step)),
-            lambda b: partitioner.shard_batch(b, layout.batch_size),
-            nice=data_lib.prefetch_nice(
-                train_dataset_cfg, [device.platform for device in partitioner.mesh.local_devices]
-            ),
-        )
+        platforms = [device.platform for device in partitioner.mesh.local_devices]
+        host_batches = data_lib.numpy_batches(train_stream(step))
+        batches: data_lib.HostBatches | data_lib.DevicePrefetcher
+        if data_lib.uses_device_prefetch(train_dataset_cfg, platforms, jax.process_count()):
+            batches = data_lib.DevicePrefetcher(
+                host_batches,
+                lambda b: partitioner.shard_batch(b, layout.batch_size),
+                nice=data_lib.prefetch_nice(train_dataset_cfg, platforms),
+            )
+        else:
+            batches = data_lib.HostBatches(host_batches)
         cleanup.callback(batches.close)
         stats_period = stats_period or eval_period or total_steps
         logger.info("training steps %d..%d of %s", step, total_steps, model_dir)

@@ -244,7 +244,8 @@ class Trainer:
         Args:
           state: the train state.
           acc: the metrics accumulator.
-          batch: feature -> global array sharded along 'data'.
+          batch: feature -> global array sharded along 'data' (or a numpy array of the
+            global batch, which the step places at dispatch: `evogrow.data.HostBatches`).
 
         Returns:
           (new state, accumulator with this step's metrics merged in).

@@ -1,6 +1,7 @@
 """Trainer invariants in-process: resume exactness, checkpoint metadata and shape errors,
 metric merging, partitioning of the optimizer state, the input prefetch thread."""
 
+import dataclasses
 import os
 import sys
 import threading
@@ -164,3 +165,38 @@ def test_train_stream_autotunes_only_when_asked_and_reads_the_same_batches():
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_device_prefetch_is_chosen_for_accelerators_and_several_processes():
+    cfg = data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True)
+    assert not data.uses_device_prefetch(cfg, ["cpu"] * 8, process_count=1)
+    assert data.uses_device_prefetch(cfg, ["cpu"] * 8, process_count=2)
+    assert data.uses_device_prefetch(cfg, ["gpu"], process_count=1)
+    forced = data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True, device_prefetch=True)
+    assert data.uses_device_prefetch(forced, ["cpu"], process_count=1)
+
+
+def test_host_batches_and_device_prefetch_train_the_same_parameters(tmp_path, monkeypatch):
+    """Numpy batches handed to the step (CPU) and batches put on device by the prefetch
+    thread give bit-identical training."""
+    made = []
+    for cls in (data.HostBatches, data.DevicePrefetcher):
+
+        def init(self, *args, _init=cls.__init__, **kwargs):
+            made.append(type(self))
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    _, inline = _train(tmp_path / "inline", 12)
+    original = _cfg
+    monkeypatch.setattr(
+        sys.modules[__name__],
+        "_cfg",
+        lambda split, shuffle=False: dataclasses.replace(
+            original(split, shuffle), device_prefetch=True
+        ),
+    )
+    _, prefetched = _train(tmp_path / "prefetched", 12)
+    assert made == [data.HostBatches, data.DevicePrefetcher]
+    for a, b in zip(jax.tree.leaves(inline), jax.tree.leaves(prefetched), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

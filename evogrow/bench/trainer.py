@@ -5,8 +5,9 @@
 For a tiny and a small ViT on digits, on 1 device and on 8 simulated CPU devices (each
 device count in its own subprocess), it measures steady-state steps/s of
 
-- ours: `evogrow.train.train` as configured by default (tf.data input pipeline with
-  device prefetch, on-device metric merging, asynchronous summaries every 100 steps,
+- ours: `evogrow.train.train` as configured by default (tf.data input pipeline, read on
+  the trainer's thread on a CPU host (`evogrow.data.uses_device_prefetch`), on-device
+  metric merging, asynchronous summaries every 100 steps,
   asynchronous checkpoints every 1000 steps and at the end), timed by its own reports
   after the first one (compilation excluded);
 - baseline: a jitted flax + optax step (the same model, loss_fn, optimizer, shardings
