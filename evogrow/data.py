@@ -58,11 +58,11 @@ class DatasetConfig:
         that reads the train stream and puts its batches on device (with
         `device_prefetch`) is than the trainer's; the tf.data threads it starts inherit
         it. None (default) chooses (`prefetch_nice`): `SEVERAL_CPU_DEVICES_NICE` when
-        the step runs on several CPU
-        devices of this process, whose threads meet in every collective, so that the
-        input pipeline fills idle cores instead of preempting one of them and stalling
-        all; 0 otherwise (on one CPU device a lower-priority input thread falls behind
-        the step; on accelerators the host's cores are the input pipeline's).
+        the step runs on several CPU devices of this process, whose threads meet in
+        every collective, so that the input pipeline fills idle cores instead of
+        preempting one of them and stalling all; 0 otherwise (on one CPU device a
+        lower-priority input thread falls behind the step; on accelerators the host's
+        cores are the input pipeline's).
       input_autotune: let tf.data's autotuning model tune the train stream. Off by
         default: its bookkeeping costs CPU on every element of every stage (on the
         offline digits task, batches of 32: ~130 against ~60 us of CPU a batch with it
