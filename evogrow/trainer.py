@@ -2,11 +2,14 @@
 
 The host loop only dispatches: each train step merges its clu metrics into an
 accumulator that stays on device (inside the same jitted call), so nothing is fetched
-until a log or eval point asks for it (`fetch_metrics`).
+until a log or eval point asks for it (`compute_metrics`). The accumulator packs the
+metrics' fields into one vector per dtype (`MetricsLayout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -15,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from clu import metrics as clu_metrics
 
 Metrics = Mapping[str, Any]  # name -> clu metric (a pytree)
 
@@ -34,34 +38,126 @@ class TrainState:
     opt_state: Any
 
 
-@flax.struct.dataclass
-class MetricsAccumulator:
-    """Metrics merged over steps, on device.
+@dataclasses.dataclass(frozen=True)
+class MetricsLayout:
+    """Where each leaf of a metrics tree sits in an accumulator's packed vectors.
 
     Attributes:
-      metrics: name -> clu metric, merged over `num_steps` steps (zeros when 0).
-      num_steps: how many steps were merged.
+      treedef: the tree structure of the metrics (name -> clu metric).
+      dtypes: the dtype of each packed vector, in order.
+      leaves: per leaf, (vector index, offset, shape).
+      additive: every metric merges by adding its fields (clu's `Average` and
+        subclasses such as `Accuracy`), so merging into zeros gives the metric itself.
     """
 
-    metrics: Any
-    num_steps: jax.Array
+    treedef: Any
+    dtypes: tuple[str, ...]
+    leaves: tuple[tuple[int, int, tuple[int, ...]], ...]
+    additive: bool
+
+    @classmethod
+    def of(cls, metrics: Metrics) -> MetricsLayout:
+        """Returns the layout of `metrics` (arrays or ShapeDtypeStructs)."""
+        leaves, treedef = jax.tree.flatten(dict(metrics))
+        # The step count rides in the int32 vector, so it is always there.
+        dtypes = tuple(sorted({str(jnp.dtype(leaf.dtype)) for leaf in leaves} | {"int32"}))
+        sizes = [0] * len(dtypes)
+        placed = []
+        for leaf in leaves:
+            index = dtypes.index(str(jnp.dtype(leaf.dtype)))
+            placed.append((index, sizes[index], tuple(leaf.shape)))
+            sizes[index] += math.prod(leaf.shape)
+        additive = all(
+            type(metric).merge is clu_metrics.Average.merge for metric in dict(metrics).values()
+        )
+        return cls(treedef, dtypes, tuple(placed), additive)
+
+    def sizes(self) -> list[int]:
+        """Length of each packed vector (the last int32 entry is the step count)."""
+        sizes = [0] * len(self.dtypes)
+        for index, offset, shape in self.leaves:
+            sizes[index] = max(sizes[index], offset + math.prod(shape))
+        sizes[self.dtypes.index("int32")] += 1
+        return sizes
+
+    def pack(self, metrics: Metrics, num_steps: Any, xp: Any = jnp) -> tuple[Any, ...]:
+        """Packs `metrics` and a step count into one vector per dtype."""
+        parts: list[list[Any]] = [[] for _ in self.dtypes]
+        for (index, _, _), leaf in zip(self.leaves, jax.tree.leaves(dict(metrics)), strict=True):
+            parts[index].append(xp.ravel(leaf))
+        parts[self.dtypes.index("int32")].append(xp.reshape(num_steps, (1,)).astype(xp.int32))
+        pairs = zip(parts, self.dtypes, strict=True)
+        return tuple(xp.concatenate(part).astype(dtype) for part, dtype in pairs)
+
+    def unpack(self, vectors: tuple[Any, ...]) -> tuple[Any, Any]:
+        """Returns (metrics tree, step count) of packed vectors (numpy or jax)."""
+        leaves = [
+            vectors[index][offset : offset + math.prod(shape)].reshape(shape)
+            for index, offset, shape in self.leaves
+        ]
+        num_steps = vectors[self.dtypes.index("int32")][-1]
+        return jax.tree.unflatten(self.treedef, leaves), num_steps
+
+
+@flax.struct.dataclass
+class MetricsAccumulator:
+    """Metrics merged over steps, on device, packed into one vector per dtype.
+
+    A step's outputs and the next step's inputs are then a few buffers instead of one per
+    metric field, and the merge compiles to one fused add per dtype.
+
+    Attributes:
+      vectors: the packed metric fields; the int32 vector ends with the step count.
+      layout: where each metric field sits (static).
+    """
+
+    vectors: tuple[jax.Array, ...]
+    layout: MetricsLayout = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def empty(cls, layout: MetricsLayout) -> MetricsAccumulator:
+        """Returns a zero-step accumulator of `layout` (traceable)."""
+        return cls(
+            vectors=tuple(
+                jnp.zeros((size,), dtype)
+                for size, dtype in zip(layout.sizes(), layout.dtypes, strict=True)
+            ),
+            layout=layout,
+        )
+
+    @property
+    def metrics(self) -> Any:
+        """The merged clu metrics (zeros when no step was merged)."""
+        return self.layout.unpack(self.vectors)[0]
+
+    @property
+    def num_steps(self) -> Any:
+        """How many steps were merged."""
+        return self.layout.unpack(self.vectors)[1]
 
 
 def merge_metrics(acc: MetricsAccumulator, new: Metrics) -> MetricsAccumulator:
     """Merges one step's metrics into the accumulator (traceable, any clu metric kind).
 
     Args:
-      acc: the accumulator so far; its values are ignored when `num_steps == 0`.
-      new: this step's metrics.
+      acc: the accumulator so far; its values are ignored when it has no step.
+      new: this step's metrics, with the accumulator's layout.
 
     Returns:
       the updated accumulator.
     """
-    merged = {name: acc.metrics[name].merge(metric) for name, metric in new.items()}
+    layout = acc.layout
+    if layout.additive:
+        # Merging adds every field and the empty accumulator is zeros: one add per dtype.
+        one = layout.pack(new, jnp.ones((), jnp.int32))
+        vectors = tuple(a + b for a, b in zip(acc.vectors, one, strict=True))
+        return MetricsAccumulator(vectors=vectors, layout=layout)
+    metrics, num_steps = layout.unpack(acc.vectors)
+    merged = {name: metrics[name].merge(metric) for name, metric in new.items()}
     # A select, not lax.cond: a conditional in the step costs more than the merge itself.
-    first = acc.num_steps == 0
+    first = num_steps == 0
     merged = jax.tree.map(lambda m, n: jnp.where(first, n, m), merged, dict(new))
-    return MetricsAccumulator(metrics=merged, num_steps=acc.num_steps + 1)
+    return MetricsAccumulator(vectors=layout.pack(merged, num_steps + 1), layout=layout)
 
 
 def compute_metrics(acc: MetricsAccumulator) -> dict[str, float]:
@@ -73,8 +169,8 @@ def compute_metrics(acc: MetricsAccumulator) -> dict[str, float]:
     Returns:
       name -> float value.
     """
-    host = jax.device_get(acc)
-    return {name: float(metric.compute()) for name, metric in host.metrics.items()}
+    metrics, _ = acc.layout.unpack(jax.device_get(acc.vectors))
+    return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
 def abstract_variables(model: Any, input_shapes: Mapping, input_types: Mapping) -> Any:
@@ -134,6 +230,7 @@ class Trainer:
         self._abstract_train_metrics = jax.eval_shape(
             self._loss_and_grads, abstract_params, self._abstract_batch(), jax.random.key(0)
         )[0][1]
+        self._metrics_layout = MetricsLayout.of(self._abstract_train_metrics)
         replicated = partitioner.replicated
         self._init_state = partitioner.partition(
             self._init_state_fn, in_shardings=(replicated,), out_shardings=self.state_shardings
@@ -190,10 +287,7 @@ class Trainer:
         return merge_metrics(acc, metrics)
 
     def _empty_fn(self) -> MetricsAccumulator:
-        zeros = jax.tree.map(
-            lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), self._abstract_train_metrics
-        )
-        return MetricsAccumulator(metrics=zeros, num_steps=jnp.zeros((), jnp.int32))
+        return MetricsAccumulator.empty(self._metrics_layout)
 
     # ----------------------------------------------------------------------- host API
     def for_model(self, model: Any) -> Trainer:

@@ -2,6 +2,7 @@
 metric merging, partitioning of the optimizer state, the input prefetch thread."""
 
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -68,21 +69,34 @@ def test_checkpoint_metadata_and_shape_mismatch(tmp_path):
     assert "Dense_1/kernel: checkpoint (32, 4) vs model (48, 4)" in message
 
 
-def test_merge_metrics_matches_host_merge():
-    steps = [
-        {
+@pytest.mark.parametrize("with_last", [False, True], ids=["additive", "general"])
+def test_merge_metrics_matches_host_merge(with_last):
+    """The packed accumulator merges like clu's own `merge` (additive and general path)."""
+    steps = []
+    for i in range(3):
+        metrics = {
             "loss": clu_metrics.Average.from_model_output(jnp.array([1.0, 3.0]) * (i + 1)),
-            "last": clu_metrics.LastValue.from_model_output(jnp.array([float(i)])),
+            "accuracy": clu_metrics.Accuracy.from_model_output(
+                logits=jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]) * i,
+                labels=jnp.array([1, 0, 0]),
+            ),
         }
-        for i in range(3)
-    ]
-    zeros = jax.tree.map(jnp.zeros_like, steps[0])
-    acc = trainer.MetricsAccumulator(metrics=zeros, num_steps=jnp.zeros((), jnp.int32))
+        if with_last:
+            metrics["last"] = clu_metrics.LastValue.from_model_output(jnp.array([float(i)]))
+        steps.append(metrics)
+    layout = trainer.MetricsLayout.of(steps[0])
+    assert layout.additive is not with_last
+    acc = trainer.MetricsAccumulator.empty(layout)
+    assert int(acc.num_steps) == 0
     merge = jax.jit(trainer.merge_metrics)
     for metrics in steps:
         acc = merge(acc, metrics)
-    assert trainer.compute_metrics(acc) == {"loss": pytest.approx(4.0), "last": 2.0}
+    host = functools.reduce(lambda a, b: {k: a[k].merge(b[k]) for k in a}, steps)
+    expected = {name: float(metric.compute()) for name, metric in host.items()}
+    assert trainer.compute_metrics(acc) == pytest.approx(expected)
+    assert expected["loss"] == pytest.approx(4.0)
     assert int(acc.num_steps) == 3
+    assert len(acc.vectors) == 2  # one float32 and one int32 vector, however many fields
 
 
 def test_optimizer_state_is_partitioned_like_params():
