@@ -13,16 +13,19 @@ device count in its own subprocess), it measures steady-state steps/s of
 - baseline: a jitted flax + optax step (the same model, loss_fn, optimizer, shardings
   and batches, pre-read into memory), timed after warm-up steps.
 
-Rounds run the two back to back. Both loops are timed the same way, over windows of
-`WINDOW` steps that end when the window's last step has finished on device (ours: each
-report, whose thread waits for that step's metrics; the baseline: a watcher thread that
-waits for the step counter of every `WINDOW`-th step, so the dispatch loop never
-blocks). Noise on a shared machine only ever slows a loop down, so each loop's speed is
-its best window over all rounds (as `timeit` takes the minimum over repeats; a window
-holds everything the loop does every `WINDOW` steps, summaries included), and the ratio
-is best(ours) / best(baseline); the table also shows the ratio of the median windows.
-Prints a table; the last line is a JSON object of the ratios ours/baseline: the four
-best-window ratios (`<size>_<n>dev_ratio`) and the four median ones.
+Rounds run the two back to back, the baseline first in even rounds and ours first in
+odd ones. Both loops are timed the same way, over windows of `WINDOW` steps that end
+when the window's last step has finished on device (ours: each report, whose thread
+waits for that step's metrics; the baseline: a watcher thread that waits for the step
+counter of every `WINDOW`-th step, so the dispatch loop never blocks). Noise on a shared
+machine only ever slows a loop down, so each loop's speed is its best window over all
+rounds (as `timeit` takes the minimum over repeats; a window holds everything the loop
+does every `WINDOW` steps, summaries included), and the ratio is best(ours) /
+best(baseline). The table also shows the median over rounds of each round's ratio of
+median windows: the two loops of a round run back to back, so pairing them cancels the
+machine's slower drifts. Prints a table; the last line is a JSON object of the ratios
+ours/baseline: the four best-window ratios (`<size>_<n>dev_ratio`) and the four median
+ones.
 """
 
 from __future__ import annotations
@@ -180,14 +183,16 @@ def baseline_window_rates(model: Any, batches: list[dict[str, np.ndarray]]) -> l
 def measure_here(repeats: int) -> dict[str, dict[str, float]]:
     """Measures every size on this process's devices.
 
-    Each of `repeats` rounds runs the baseline and then ours back to back.
+    Each of `repeats` rounds runs the baseline and ours back to back, alternating which
+    goes first.
 
     Args:
       repeats: rounds per size.
 
     Returns:
       size -> {"ours", "baseline" (best window's steps/s over all rounds), "ratio" (of
-      the bests), "median_ratio" (of the median windows), "windows" (per loop)}.
+      the bests), "median_ratio" (median over rounds of the ratio of the round's median
+      windows), "windows" (per loop)}.
     """
     with tempfile.TemporaryDirectory() as cache_dir:
         # Later rounds reuse the compiled steps instead of compiling them again.
@@ -197,17 +202,26 @@ def measure_here(repeats: int) -> dict[str, dict[str, float]]:
         for size, (_, batch_size, steps) in SIZES.items():
             model = build_model(size)
             batches = host_batches(batch_size, WARMUP_STEPS + steps)
-            ours: list[float] = []
-            base: list[float] = []
-            for _ in range(repeats):
-                base.extend(baseline_window_rates(model, batches))
-                ours.extend(ours_window_rates(model, batch_size, steps))
+            ours: list[list[float]] = []
+            base: list[list[float]] = []
+            for round_index in range(repeats):
+                # Alternate which loop goes first, so that neither always runs in the
+                # other's wake (its threads winding down, the allocator's state).
+                if round_index % 2 == 0:
+                    base.append(baseline_window_rates(model, batches))
+                    ours.append(ours_window_rates(model, batch_size, steps))
+                else:
+                    ours.append(ours_window_rates(model, batch_size, steps))
+                    base.append(baseline_window_rates(model, batches))
+            best_ours = max(max(windows) for windows in ours)
+            best_base = max(max(windows) for windows in base)
+            paired = [np.median(o) / np.median(b) for o, b in zip(ours, base, strict=True)]
             results[size] = {
-                "ours": max(ours),
-                "baseline": max(base),
-                "ratio": max(ours) / max(base),
-                "median_ratio": float(np.median(ours) / np.median(base)),
-                "windows": len(ours),
+                "ours": best_ours,
+                "baseline": best_base,
+                "ratio": best_ours / best_base,
+                "median_ratio": float(np.median(paired)),
+                "windows": sum(len(windows) for windows in ours),
             }
     return results
 
