@@ -54,10 +54,11 @@ class DatasetConfig:
         thread would only add Python work per step that competes with the step for the
         host's cores (tiny ViT, one CPU device, 2 cores: about 3% more steps a second
         in A/B runs; on 8 simulated devices no worse).
-      input_nice: how much lower the scheduling priority (Linux niceness) of the thread
-        that reads the train stream and puts its batches on device (with
-        `device_prefetch`) is than the trainer's; the tf.data threads it starts inherit
-        it. None (default) chooses (`prefetch_nice`): `SEVERAL_CPU_DEVICES_NICE` when
+      input_nice: how much lower the scheduling priority (Linux niceness) of the
+        threads that read the train stream is than the trainer's: the device prefetch
+        thread (with `device_prefetch`), or the short-lived thread that makes the first
+        read (`HostBatches`); the tf.data threads either starts inherit it. None
+        (default) chooses (`prefetch_nice`): `SEVERAL_CPU_DEVICES_NICE` when
         the step runs on several CPU devices of this process, whose threads meet in
         every collective, so that the input pipeline fills idle cores instead of
         preempting one of them and stalling all; 0 otherwise (on one CPU device a
@@ -161,7 +162,7 @@ SEVERAL_CPU_DEVICES_NICE = 10
 
 
 def prefetch_nice(cfg: DatasetConfig, platforms: Sequence[str]) -> int:
-    """How much lower the train stream's input thread runs than the trainer.
+    """How much lower the train stream's input threads run than the trainer.
 
     Args:
       cfg: the train dataset config (`input_nice`; None chooses).
@@ -340,15 +341,37 @@ class HostBatches:
 
     Args:
       host_batches: yields feature -> numpy array (the global batch).
+      nice: run the threads that read ahead this much lower than the trainer (Linux;
+        ignored elsewhere). tf.data starts them at the first read, so that read happens
+        in a short-lived thread of lower priority, whose priority they inherit.
     """
 
-    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]]):
+    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]], nice: int = 0):
         self._batches = iter(host_batches)
+        self._first: list[Any] = []  # the first batch, or the error reading it raised
+        if nice and sys.platform == "linux":
+            reader = threading.Thread(target=self._read_first, args=(nice,))
+            reader.start()
+            reader.join()
+
+    def _read_first(self, nice: int) -> None:
+        lower_thread_priority(nice)
+        try:
+            self._first.append(next(self._batches))
+        except StopIteration:
+            pass
+        except Exception as error:  # noqa: BLE001 - re-raised on the trainer's thread
+            self._first.append(error)
 
     def __iter__(self) -> HostBatches:
         return self
 
     def __next__(self) -> Mapping[str, np.ndarray]:
+        if self._first:
+            item = self._first.pop()
+            if isinstance(item, Exception):
+                raise item
+            return item
         return next(self._batches)
 
     def close(self) -> None:
@@ -356,6 +379,17 @@ class HostBatches:
         close = getattr(self._batches, "close", None)
         if close is not None:
             close()
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Lowers the calling thread's scheduling priority by `nice`.
+
+    On Linux a thread has its own niceness, which the threads it starts inherit;
+    elsewhere nothing happens.
+    """
+    if nice and sys.platform == "linux":  # elsewhere the id would name a process
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice)
 
 
 class DevicePrefetcher:
@@ -391,11 +425,7 @@ class DevicePrefetcher:
 
     def _fill(self, host_batches: Iterator, to_device: Callable, nice: int) -> None:
         try:
-            if nice and sys.platform == "linux":  # elsewhere the id would name a process
-                thread = threading.get_native_id()
-                os.setpriority(
-                    os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice
-                )
+            lower_thread_priority(nice)
             for batch in host_batches:
                 item = to_device(batch)
                 while not self._stop.is_set():

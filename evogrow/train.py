@@ -192,15 +192,14 @@ def train(
 
         platforms = [device.platform for device in partitioner.mesh.local_devices]
         host_batches = data_lib.numpy_batches(train_stream(step))
+        nice = data_lib.prefetch_nice(train_dataset_cfg, platforms)
         batches: data_lib.HostBatches | data_lib.DevicePrefetcher
         if data_lib.uses_device_prefetch(train_dataset_cfg, platforms, jax.process_count()):
             batches = data_lib.DevicePrefetcher(
-                host_batches,
-                lambda b: partitioner.shard_batch(b, layout.batch_size),
-                nice=data_lib.prefetch_nice(train_dataset_cfg, platforms),
+                host_batches, lambda b: partitioner.shard_batch(b, layout.batch_size), nice=nice
             )
         else:
-            batches = data_lib.HostBatches(host_batches)
+            batches = data_lib.HostBatches(host_batches, nice=nice)
         cleanup.callback(batches.close)
         stats_period = stats_period or eval_period or total_steps
         logger.info("training steps %d..%d of %s", step, total_steps, model_dir)

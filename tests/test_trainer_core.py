@@ -147,6 +147,40 @@ def test_device_prefetcher_lowers_its_thread_priority():
         assert seen == [min(base + 3, 19)] * 5
 
 
+def test_host_batches_start_the_readers_threads_at_lower_priority():
+    """The first read, which starts tf.data's reader threads, runs `nice` steps lower
+    (Linux), so the threads it starts inherit that; the trainer's thread keeps its own."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    started = []
+
+    def source():
+        reader = threading.Thread(
+            target=lambda: started.append(
+                os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            )
+        )
+        reader.start()
+        reader.join()
+        for i in range(4):
+            yield {"x": np.full(2, i)}
+
+    batches = data.HostBatches(source(), nice=3)
+    got = [batch["x"][0] for batch in batches]
+    batches.close()
+    assert got == [0, 1, 2, 3]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    if sys.platform == "linux":
+        assert started == [min(base + 3, 19)]
+
+    def broken():
+        raise OSError("disk gone")
+        yield
+
+    with pytest.raises(OSError, match="disk gone"):
+        next(data.HostBatches(broken(), nice=3))
+    assert list(data.HostBatches(iter([]), nice=3)) == []
+
+
 def test_input_nice_is_chosen_for_several_cpu_devices_and_refused_when_negative():
     cfg = data.DatasetConfig("digits_v1", None, "train", 8, shuffle=True)
     assert data.prefetch_nice(cfg, ["cpu"] * 8) == data.SEVERAL_CPU_DEVICES_NICE > 0
