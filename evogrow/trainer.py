@@ -80,14 +80,14 @@ class MetricsLayout:
         sizes[self.dtypes.index("int32")] += 1
         return sizes
 
-    def pack(self, metrics: Metrics, num_steps: Any, xp: Any = jnp) -> tuple[Any, ...]:
-        """Packs `metrics` and a step count into one vector per dtype."""
-        parts: list[list[Any]] = [[] for _ in self.dtypes]
+    def pack(self, metrics: Metrics, num_steps: Any) -> tuple[jax.Array, ...]:
+        """Packs `metrics` and a step count into one vector per dtype (traceable)."""
+        parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
         for (index, _, _), leaf in zip(self.leaves, jax.tree.leaves(dict(metrics)), strict=True):
-            parts[index].append(xp.ravel(leaf))
-        parts[self.dtypes.index("int32")].append(xp.reshape(num_steps, (1,)).astype(xp.int32))
+            parts[index].append(jnp.ravel(leaf))
+        parts[self.dtypes.index("int32")].append(jnp.reshape(num_steps, (1,)).astype(jnp.int32))
         pairs = zip(parts, self.dtypes, strict=True)
-        return tuple(xp.concatenate(part).astype(dtype) for part, dtype in pairs)
+        return tuple(jnp.concatenate(part).astype(dtype) for part, dtype in pairs)
 
     def unpack(self, vectors: tuple[Any, ...]) -> tuple[Any, Any]:
         """Returns (metrics tree, step count) of packed vectors (numpy or jax)."""
