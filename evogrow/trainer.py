@@ -46,6 +46,7 @@ class MetricsLayout:
       treedef: the tree structure of the metrics (name -> clu metric).
       dtypes: the dtype of each packed vector, in order.
       leaves: per leaf, (vector index, offset, shape).
+      sizes: the length of each packed vector (the int32 one ends with the step count).
       additive: every metric merges by adding its fields (clu's `Average` and
         subclasses such as `Accuracy`), so merging into zeros gives the metric itself.
     """
@@ -53,6 +54,7 @@ class MetricsLayout:
     treedef: Any
     dtypes: tuple[str, ...]
     leaves: tuple[tuple[int, int, tuple[int, ...]], ...]
+    sizes: tuple[int, ...]
     additive: bool
 
     @classmethod
@@ -67,18 +69,11 @@ class MetricsLayout:
             index = dtypes.index(str(jnp.dtype(leaf.dtype)))
             placed.append((index, sizes[index], tuple(leaf.shape)))
             sizes[index] += math.prod(leaf.shape)
+        sizes[dtypes.index("int32")] += 1  # the step count
         additive = all(
             type(metric).merge is clu_metrics.Average.merge for metric in dict(metrics).values()
         )
-        return cls(treedef, dtypes, tuple(placed), additive)
-
-    def sizes(self) -> list[int]:
-        """Length of each packed vector (the last int32 entry is the step count)."""
-        sizes = [0] * len(self.dtypes)
-        for index, offset, shape in self.leaves:
-            sizes[index] = max(sizes[index], offset + math.prod(shape))
-        sizes[self.dtypes.index("int32")] += 1
-        return sizes
+        return cls(treedef, dtypes, tuple(placed), tuple(sizes), additive)
 
     def pack(self, metrics: Metrics, num_steps: Any) -> tuple[jax.Array, ...]:
         """Packs `metrics` and a step count into one vector per dtype (traceable)."""
@@ -120,15 +115,10 @@ class MetricsAccumulator:
         return cls(
             vectors=tuple(
                 jnp.zeros((size,), dtype)
-                for size, dtype in zip(layout.sizes(), layout.dtypes, strict=True)
+                for size, dtype in zip(layout.sizes, layout.dtypes, strict=True)
             ),
             layout=layout,
         )
-
-    @property
-    def metrics(self) -> Any:
-        """The merged clu metrics (zeros when no step was merged)."""
-        return self.layout.unpack(self.vectors)[0]
 
     @property
     def num_steps(self) -> Any:
@@ -227,10 +217,10 @@ class Trainer:
         batch_sharding = partitioner.batch_sharding
         batch_shardings = {key: batch_sharding for key in input_shapes}
 
-        self._abstract_train_metrics = jax.eval_shape(
+        abstract_metrics = jax.eval_shape(
             self._loss_and_grads, abstract_params, self._abstract_batch(), jax.random.key(0)
         )[0][1]
-        self._metrics_layout = MetricsLayout.of(self._abstract_train_metrics)
+        self._metrics_layout = MetricsLayout.of(abstract_metrics)
         replicated = partitioner.replicated
         self._init_state = partitioner.partition(
             self._init_state_fn, in_shardings=(replicated,), out_shardings=self.state_shardings
