@@ -3,7 +3,7 @@
 The host loop only dispatches: each train step merges its clu metrics into an
 accumulator that stays on device (inside the same jitted call), so nothing is fetched
 until a log or eval point asks for it (`compute_metrics`). The accumulator packs the
-metrics' fields into one vector per dtype (`MetricsLayout`).
+metrics' fields into as few vectors as their dtypes allow (`MetricsLayout`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
@@ -38,71 +39,131 @@ class TrainState:
     opt_state: Any
 
 
+_WORD = "int32"  # storage of every 4-byte field: float32 fields ride as their bits
+
+
+def _storage(dtype: str) -> str:
+    """The packed vector a field of `dtype` rides in: one for all 4-byte types."""
+    return _WORD if jnp.dtype(dtype).itemsize == 4 else dtype
+
+
+def _view(x: Any, dtype: str) -> Any:
+    """Reinterprets the bits of `x` (numpy or jax) as `dtype` (same item size)."""
+    if jnp.dtype(x.dtype) == jnp.dtype(dtype):
+        return x
+    if isinstance(x, np.ndarray):
+        return x.view(dtype)
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricsLayout:
     """Where each leaf of a metrics tree sits in an accumulator's packed vectors.
 
+    Fields of 4-byte types (float32, int32, uint32) share one int32 vector, float32 ones
+    as their bits, so a step merges them in one fused kernel and passes one buffer;
+    fields of other types get a vector per type. In a vector, fields of one dtype form one
+    contiguous segment, which merging views back as that dtype.
+
     Attributes:
       treedef: the tree structure of the metrics (name -> clu metric).
-      dtypes: the dtype of each packed vector, in order.
-      leaves: per leaf, (vector index, offset, shape).
-      sizes: the length of each packed vector (the int32 one ends with the step count).
+      storage: the dtype of each packed vector, in order (`int32` first).
+      segments: per vector, its (dtype, offset, size) runs; the int32 run of the int32
+        vector ends with the step count.
+      leaves: per leaf, (vector index, offset, shape, dtype).
       additive: every metric merges by adding its fields (clu's `Average` and
         subclasses such as `Accuracy`), so merging into zeros gives the metric itself.
     """
 
     treedef: Any
-    dtypes: tuple[str, ...]
-    leaves: tuple[tuple[int, int, tuple[int, ...]], ...]
-    sizes: tuple[int, ...]
+    storage: tuple[str, ...]
+    segments: tuple[tuple[tuple[str, int, int], ...], ...]
+    leaves: tuple[tuple[int, int, tuple[int, ...], str], ...]
     additive: bool
 
     @classmethod
     def of(cls, metrics: Metrics) -> MetricsLayout:
         """Returns the layout of `metrics` (arrays or ShapeDtypeStructs)."""
         leaves, treedef = jax.tree.flatten(dict(metrics))
-        # The step count rides in the int32 vector, so it is always there.
-        dtypes = tuple(sorted({str(jnp.dtype(leaf.dtype)) for leaf in leaves} | {"int32"}))
-        sizes = [0] * len(dtypes)
+        dtypes = [str(jnp.dtype(leaf.dtype)) for leaf in leaves]
+        # The step count is an int32 field, so the int32 vector and run always exist.
+        sizes: dict[str, int] = {_WORD: 1}
+        for leaf, dtype in zip(leaves, dtypes, strict=True):
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(leaf.shape)
+        storage = tuple(sorted({_storage(d) for d in sizes}, key=lambda s: (s != _WORD, s)))
+        segments: list[list[tuple[str, int, int]]] = [[] for _ in storage]
+        starts: dict[str, int] = {}
+        for dtype in sorted(sizes):
+            runs = segments[storage.index(_storage(dtype))]
+            starts[dtype] = sum(size for _, _, size in runs)
+            runs.append((dtype, starts[dtype], sizes[dtype]))
         placed = []
-        for leaf in leaves:
-            index = dtypes.index(str(jnp.dtype(leaf.dtype)))
-            placed.append((index, sizes[index], tuple(leaf.shape)))
-            sizes[index] += math.prod(leaf.shape)
-        sizes[dtypes.index("int32")] += 1  # the step count
+        for leaf, dtype in zip(leaves, dtypes, strict=True):
+            placed.append((storage.index(_storage(dtype)), starts[dtype], tuple(leaf.shape), dtype))
+            starts[dtype] += math.prod(leaf.shape)
         additive = all(
             type(metric).merge is clu_metrics.Average.merge for metric in dict(metrics).values()
         )
-        return cls(treedef, dtypes, tuple(placed), tuple(sizes), additive)
+        return cls(treedef, storage, tuple(map(tuple, segments)), tuple(placed), additive)
+
+    def _runs(self, metrics: Metrics, num_steps: Any) -> dict[str, jax.Array]:
+        """Returns dtype -> that dtype's fields, concatenated (int32's end with `num_steps`)."""
+        parts: dict[str, list[jax.Array]] = {}
+        for (_, _, _, dtype), leaf in zip(self.leaves, jax.tree.leaves(dict(metrics)), strict=True):
+            parts.setdefault(dtype, []).append(jnp.ravel(leaf).astype(dtype))
+        parts.setdefault(_WORD, []).append(jnp.reshape(num_steps, (1,)).astype(jnp.int32))
+        return {dtype: jnp.concatenate(part) for dtype, part in parts.items()}
 
     def pack(self, metrics: Metrics, num_steps: Any) -> tuple[jax.Array, ...]:
-        """Packs `metrics` and a step count into one vector per dtype (traceable)."""
-        parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
-        for (index, _, _), leaf in zip(self.leaves, jax.tree.leaves(dict(metrics)), strict=True):
-            parts[index].append(jnp.ravel(leaf))
-        parts[self.dtypes.index("int32")].append(jnp.reshape(num_steps, (1,)).astype(jnp.int32))
-        pairs = zip(parts, self.dtypes, strict=True)
-        return tuple(jnp.concatenate(part).astype(dtype) for part, dtype in pairs)
+        """Packs `metrics` and a step count into the layout's vectors (traceable)."""
+        runs = self._runs(metrics, num_steps)
+        return tuple(
+            jnp.concatenate([_view(runs[dtype], store) for dtype, _, _ in segs])
+            for store, segs in zip(self.storage, self.segments, strict=True)
+        )
+
+    def add(self, vectors: tuple[jax.Array, ...], metrics: Metrics) -> tuple[jax.Array, ...]:
+        """Adds `metrics` and one step to packed vectors, each run in its own dtype (traceable).
+
+        Elementwise over each whole vector (a select between its runs' sums), so the add
+        updates the donated accumulator in place.
+        """
+        runs = self._runs(metrics, jnp.ones((), jnp.int32))
+        out = []
+        for vector, store, segs in zip(vectors, self.storage, self.segments, strict=True):
+            position = jnp.arange(vector.shape[0])
+            total = vector
+            for dtype, start, size in segs:
+                pad = (start, vector.shape[0] - start - size)
+                summed = _view(_view(vector, dtype) + jnp.pad(runs[dtype], pad), store)
+                if len(segs) == 1:
+                    total = summed
+                else:
+                    in_run = (position >= start) & (position < start + size)
+                    total = jnp.where(in_run, summed, total)
+            out.append(total)
+        return tuple(out)
 
     def unpack(self, vectors: tuple[Any, ...]) -> tuple[Any, Any]:
         """Returns (metrics tree, step count) of packed vectors (numpy or jax)."""
         leaves = [
-            vectors[index][offset : offset + math.prod(shape)].reshape(shape)
-            for index, offset, shape in self.leaves
+            _view(vectors[index][offset : offset + math.prod(shape)], dtype).reshape(shape)
+            for index, offset, shape, dtype in self.leaves
         ]
-        num_steps = vectors[self.dtypes.index("int32")][-1]
-        return jax.tree.unflatten(self.treedef, leaves), num_steps
+        _, start, size = next(s for s in self.segments[0] if s[0] == _WORD)
+        return jax.tree.unflatten(self.treedef, leaves), vectors[0][start + size - 1]
 
 
 @flax.struct.dataclass
 class MetricsAccumulator:
-    """Metrics merged over steps, on device, packed into one vector per dtype.
+    """Metrics merged over steps, on device, packed as `MetricsLayout` says.
 
-    A step's outputs and the next step's inputs are then a few buffers instead of one per
-    metric field, and the merge compiles to one fused add per dtype.
+    A step's outputs and the next step's inputs are then one buffer (float32 and int32
+    fields) instead of one per metric field, and an additive merge compiles to one fused
+    kernel that updates it in place.
 
     Attributes:
-      vectors: the packed metric fields; the int32 vector ends with the step count.
+      vectors: the packed metric fields; the first (int32) holds the step count.
       layout: where each metric field sits (static).
     """
 
@@ -114,8 +175,8 @@ class MetricsAccumulator:
         """Returns a zero-step accumulator of `layout` (traceable)."""
         return cls(
             vectors=tuple(
-                jnp.zeros((size,), dtype)
-                for size, dtype in zip(layout.sizes, layout.dtypes, strict=True)
+                jnp.zeros((sum(size for _, _, size in segs),), store)
+                for store, segs in zip(layout.storage, layout.segments, strict=True)
             ),
             layout=layout,
         )
@@ -138,10 +199,8 @@ def merge_metrics(acc: MetricsAccumulator, new: Metrics) -> MetricsAccumulator:
     """
     layout = acc.layout
     if layout.additive:
-        # Merging adds every field and the empty accumulator is zeros: one add per dtype.
-        one = layout.pack(new, jnp.ones((), jnp.int32))
-        vectors = tuple(a + b for a, b in zip(acc.vectors, one, strict=True))
-        return MetricsAccumulator(vectors=vectors, layout=layout)
+        # Merging adds every field and the empty accumulator is zeros: one fused add.
+        return MetricsAccumulator(vectors=layout.add(acc.vectors, new), layout=layout)
     metrics, num_steps = layout.unpack(acc.vectors)
     merged = {name: metrics[name].merge(metric) for name, metric in new.items()}
     # A select, not lax.cond: a conditional in the step costs more than the merge itself.

@@ -78,9 +78,14 @@ class ClassifierModel(base.BaseModel):
         if self.label_smoothing:
             targets = optax.smooth_labels(targets, self.label_smoothing)
         per_example = optax.softmax_cross_entropy(logits, targets)
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        # clu's Average and Accuracy of the batch, with both sums in one reduction (a
+        # kernel less per device and step than clu's from_model_output, which sums each).
+        loss_sum, correct_sum = jnp.sum(jnp.stack([per_example, correct]).reshape(2, -1), axis=1)
+        count = jnp.int32(labels.size)
         metrics = {
-            "loss": clu_metrics.Average.from_model_output(per_example),
-            "accuracy": clu_metrics.Accuracy.from_model_output(logits=logits, labels=labels),
+            "loss": clu_metrics.Average(total=loss_sum, count=count),
+            "accuracy": clu_metrics.Accuracy(total=correct_sum, count=count),
         }
         return jnp.mean(per_example), metrics
 

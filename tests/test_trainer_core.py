@@ -96,7 +96,30 @@ def test_merge_metrics_matches_host_merge(with_last):
     assert trainer.compute_metrics(acc) == pytest.approx(expected)
     assert expected["loss"] == pytest.approx(4.0)
     assert int(acc.num_steps) == 3
-    assert len(acc.vectors) == 2  # one float32 and one int32 vector, however many fields
+    assert len(acc.vectors) == 1  # float32 and int32 fields share one vector
+
+
+def test_metrics_layout_keeps_each_dtype_exact():
+    """Fields of any dtype survive packing bit for bit and add in their own dtype."""
+    metrics = {
+        "loss": clu_metrics.Average(total=jnp.float32(-2.5), count=jnp.int32(7)),
+        "norm": clu_metrics.Average(total=jnp.bfloat16(1.5), count=jnp.int32(2)),
+        "tiny": clu_metrics.Average(total=jnp.float32(1e-30), count=jnp.int32(1)),
+    }
+    layout = trainer.MetricsLayout.of(metrics)
+    assert layout.storage == ("int32", "bfloat16")  # 4-byte fields share the int32 vector
+    packed = layout.pack(metrics, jnp.int32(3))
+    unpacked, num_steps = layout.unpack(jax.device_get(packed))
+    assert int(num_steps) == 3
+    for name, metric in metrics.items():
+        for field in ("total", "count"):
+            got, want = getattr(unpacked[name], field), getattr(metric, field)
+            assert got.dtype == want.dtype and got.tobytes() == np.asarray(want).tobytes()
+    summed, num_steps = layout.unpack(jax.jit(layout.add)(packed, metrics))
+    assert int(num_steps) == 4
+    assert float(summed["loss"].total) == -5.0 and int(summed["loss"].count) == 14
+    assert float(summed["norm"].total) == 3.0 and summed["norm"].total.dtype == jnp.bfloat16
+    assert float(summed["tiny"].total) == pytest.approx(2e-30)
 
 
 def test_optimizer_state_is_partitioned_like_params():
