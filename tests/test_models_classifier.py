@@ -1,9 +1,11 @@
 """Text classifier contract on a generic module, feature converters, the BaseModel surface."""
 
+import clu.metrics as clu_metrics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import seqio
 import tensorflow as tf
@@ -64,6 +66,35 @@ def test_text_classifier_contract():
     # eval_fn is the deterministic loss; a dropout rng changes the training loss.
     np.testing.assert_allclose(model.eval_fn(params, b)[0], loss, rtol=1e-6)
     assert model.loss_fn(params, b, jax.random.key(3))[0] != loss
+
+
+class GivenLogits(nn.Module):
+    """Returns its input as the logits (no parameters)."""
+
+    @nn.compact
+    def __call__(self, inputs, deterministic=True):
+        return inputs
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_classifier_metrics_are_clus_average_and_accuracy(label_smoothing):
+    """The loss and accuracy metrics equal clu's from_model_output, ties broken as argmax."""
+    logits = jnp.array([[1.0, 3.0, 3.0], [2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [0.2, 0.1, 0.9]])
+    labels = jnp.array([2, 0, 0, 1], jnp.int32)  # a tie lost, a win, a tie won, a miss
+    model = classifier.TextClassifierModel(GivenLogits(), label_smoothing=label_smoothing)
+    loss, metrics = jax.jit(model.loss_fn)({}, {"inputs": logits, "label": labels}, None)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, 3), label_smoothing)
+    want = {
+        "loss": clu_metrics.Average.from_model_output(optax.softmax_cross_entropy(logits, targets)),
+        "accuracy": clu_metrics.Accuracy.from_model_output(logits=logits, labels=labels),
+    }
+    assert {k: type(v) for k, v in metrics.items()} == {k: type(v) for k, v in want.items()}
+    for name, metric in want.items():
+        np.testing.assert_allclose(metrics[name].total, metric.total, rtol=1e-6)
+        assert metrics[name].count.dtype == metric.count.dtype
+        assert int(metrics[name].count) == int(metric.count) == 4
+    assert float(metrics["accuracy"].compute()) == 0.5
+    np.testing.assert_allclose(metrics["loss"].compute(), loss, rtol=1e-6)
 
 
 def test_text_classifier_on_the_encoder():
