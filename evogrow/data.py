@@ -15,7 +15,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ class DatasetConfig:
         off), which the step pays for on a small host. Off, parallel stages still run
         on the `input_threads` threads and prefetch buffers still grow when the
         consumer waits (tf.data's legacy prefetch tuning), and the train stream is
-        read in chunks of batches (`numpy_batches`); turn it on for heavy per-example
+        read in chunks of batches (`numpy_steps`); turn it on for heavy per-example
         work (e.g. image decoding) whose best parallelism is unknown.
     """
 
@@ -296,22 +296,52 @@ def get_eval_batches(
     return batches
 
 
-def numpy_batches(ds: tf.data.Dataset, chunk: int = 16) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates a dataset of batches as numpy, fetching `chunk` batches per tf.data call.
+def numpy_steps(
+    ds: tf.data.Dataset, sizes: Iterable[int], chunk: int = 16
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Iterates a dataset of batches as numpy, grouped into the loop's dispatches.
 
-    Reading through tf.data costs a fixed ~0.2 ms per element on the host; fetching
-    batches in chunks spreads it over `chunk` steps. The batches are the same.
+    For each n of `sizes`, yields (n, batch): for n == 1 one batch (feature -> [rows,
+    ...]), for n > 1 the next n batches stacked (feature -> [n, rows, ...], the input of
+    `Trainer.train_steps`). Batches are fetched `chunk` at a time (reading through tf.data
+    costs a fixed ~0.2 ms per element on the host; chunks spread it over their steps);
+    a group that is one whole chunk is that chunk's arrays, without a copy. The batches,
+    in order, are the dataset's.
 
     Args:
       ds: a dataset of batches (dicts of tensors with a leading batch axis).
+      sizes: the number of steps of each dispatch, in order.
       chunk: batches per fetch.
 
     Yields:
-      feature -> numpy array, one batch at a time.
+      (steps, feature -> numpy array), one per size; stops when `sizes` or `ds` ends.
     """
-    for block in ds.batch(chunk).as_numpy_iterator():
-        for i in range(len(next(iter(block.values())))):
-            yield {key: value[i] for key, value in block.items()}
+    chunks = ds.batch(chunk).as_numpy_iterator()
+    block: dict[str, np.ndarray] = {}
+    rows = position = 0  # batches in `block`, and how many of them were handed out
+    for n in sizes:
+        if n == 1 and position < rows:  # the common case of one step at a time
+            yield 1, {key: value[position] for key, value in block.items()}
+            position += 1
+            continue
+        parts = []
+        missing = n
+        while missing:
+            if position == rows:
+                fetched = next(chunks, None)
+                if fetched is None:
+                    return
+                block, rows, position = fetched, len(next(iter(fetched.values()))), 0
+            take = min(missing, rows - position)
+            parts.append({key: value[position : position + take] for key, value in block.items()})
+            position += take
+            missing -= take
+        if n == 1:
+            yield 1, {key: value[0] for key, value in parts[0].items()}
+        elif len(parts) == 1:
+            yield n, parts[0]
+        else:
+            yield n, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -333,20 +363,21 @@ def empty_batch_like(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class HostBatches:
-    """Iterates host batches on the trainer's own thread, as the step's inputs.
+    """Iterates host batches on the trainer's own thread, as the steps' inputs.
 
     For a single process whose devices are the host's CPU (`uses_device_prefetch`): the
     jitted step takes the numpy batches and XLA's CPU client places them at dispatch,
     sharded like the step's inputs. Reading ahead happens in tf.data's own threads.
 
     Args:
-      host_batches: yields feature -> numpy array (the global batch).
+      host_batches: yields the step inputs, e.g. (steps, feature -> numpy array of the
+        global batch) from `numpy_steps`.
       nice: run the threads that read ahead this much lower than the trainer (Linux;
         ignored elsewhere). tf.data starts them at the first read, so that read happens
         in a short-lived thread of lower priority, whose priority they inherit.
     """
 
-    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]], nice: int = 0):
+    def __init__(self, host_batches: Iterator[Any], nice: int = 0):
         self._batches = iter(host_batches)
         self._first: list[Any] = []  # the first batch, or the error reading it raised
         if nice and sys.platform == "linux":
@@ -366,7 +397,7 @@ class HostBatches:
     def __iter__(self) -> HostBatches:
         return self
 
-    def __next__(self) -> Mapping[str, np.ndarray]:
+    def __next__(self) -> Any:
         if self._first:
             item = self._first.pop()
             if isinstance(item, Exception):
@@ -399,8 +430,9 @@ class DevicePrefetcher:
     transferring the next batches overlaps with the current step.
 
     Args:
-      host_batches: yields feature -> numpy array (this process's rows).
-      to_device: turns a host batch into global device arrays.
+      host_batches: yields host items, e.g. (steps, feature -> numpy array of this
+        process's rows) from `numpy_steps`.
+      to_device: turns a host item into its device form (global arrays).
       depth: how many device batches to keep ready.
       nice: lower the thread's scheduling priority by this much (Linux, where a thread
         has its own niceness, which the threads it starts inherit, e.g. tf.data's;
@@ -411,8 +443,8 @@ class DevicePrefetcher:
 
     def __init__(
         self,
-        host_batches: Iterator[Mapping[str, np.ndarray]],
-        to_device: Callable[[Mapping[str, np.ndarray]], Any],
+        host_batches: Iterator[Any],
+        to_device: Callable[[Any], Any],
         depth: int = 2,
         nice: int = 0,
     ):

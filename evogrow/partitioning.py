@@ -216,22 +216,34 @@ class Partitioner:
         """Sharding of a batch array: the leading axis along 'data'."""
         return self.sharding(PartitionSpec("data"))
 
-    def shard_batch(self, local_batch: Mapping[str, np.ndarray], batch_size: int) -> dict:
+    @property
+    def stacked_batch_sharding(self) -> NamedSharding:
+        """Sharding of several steps' batches stacked on a leading axis: rows along 'data'."""
+        return self.sharding(PartitionSpec(None, "data"))
+
+    def shard_batch(
+        self, local_batch: Mapping[str, np.ndarray], batch_size: int, stacked: bool = False
+    ) -> dict:
         """Assembles this process's rows into global arrays sharded along 'data'.
 
         Args:
-          local_batch: feature -> numpy array of `per_host_batch_size` rows.
+          local_batch: feature -> numpy array of `per_host_batch_size` rows (with
+            `stacked`: [steps, per_host_batch_size, ...], several steps' batches).
           batch_size: global batch size.
+          stacked: the arrays carry a leading steps axis (`Trainer.train_steps`).
 
         Returns:
           feature -> global `jax.Array`.
         """
-        sharding = self.batch_sharding
+        sharding = self.stacked_batch_sharding if stacked else self.batch_sharding
         if jax.process_count() == 1:  # every row is local: one (cheaper) transfer call
             return jax.device_put(dict(local_batch), sharding)
+        lead = 1 if stacked else 0
         return {
             key: jax.make_array_from_process_local_data(
-                sharding, value, (batch_size, *value.shape[1:])
+                sharding,
+                value,
+                (*value.shape[:lead], batch_size, *value.shape[lead + 1 :]),
             )
             for key, value in local_batch.items()
         }

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -98,6 +98,7 @@ def train(
     run_eval_before_training: bool = False,
     write_predictions: bool = True,
     growth_schedule: growth_schedule_lib.GrowthSchedule | None = None,
+    steps_per_execution: int | None = None,
 ) -> tuple[int, trainer_lib.TrainState]:
     """Trains `model` on a seqio task or mixture, evaluating and checkpointing as it goes.
 
@@ -122,10 +123,21 @@ def train(
       growth_schedule: growth events; at each event's step the whole train state grows
         function-preservingly and training goes on with the grown model. A run resumed
         from a checkpoint rebuilds the architecture recorded there.
+      steps_per_execution: train steps per dispatch (`Trainer.train_steps`), as Keras'
+        `steps_per_execution`: blocks of this many steps run in one jitted call, the
+        host paying one dispatch for all. Blocks start at multiples of it and never
+        span a report, checkpoint, evaluation or growth step (those steps are reached
+        one at a time); the steps, batches and results are those of one step per
+        dispatch. None (default) chooses `default_steps_per_execution`.
 
     Returns:
       (last step, final train state).
     """
+    if steps_per_execution is not None and steps_per_execution < 1:
+        raise ValueError(
+            f"train.steps_per_execution={steps_per_execution}: use a positive number of steps "
+            "per dispatch (1 dispatches every step), or None to choose by platform."
+        )
     os.makedirs(model_dir, exist_ok=True)
     save_cfg = checkpoint_cfg.save
     schedule = growth_schedule or growth_schedule_lib.GrowthSchedule()
@@ -191,31 +203,62 @@ def train(
             evaluator.run(state, step, write_predictions)
 
         platforms = [device.platform for device in partitioner.mesh.local_devices]
-        host_batches = data_lib.numpy_batches(train_stream(step))
+        stats_period = stats_period or eval_period or total_steps
+        save_period = save_cfg.period if save_cfg is not None else 0
+
+        def stops_at(s: int) -> bool:  # a step the loop acts at: blocks end there
+            return (
+                s % stats_period == 0
+                or s == total_steps
+                or schedule.at(s) is not None
+                or bool(save_period and s % save_period == 0)
+                or bool(eval_period and s % eval_period == 0)
+            )
+
+        per_execution = steps_per_execution or default_steps_per_execution(platforms)
+        host_batches = data_lib.numpy_steps(
+            train_stream(step),
+            dispatch_sizes(step, total_steps, per_execution, stops_at),
+            chunk=per_execution if per_execution > 1 else 16,
+        )
         nice = data_lib.prefetch_nice(train_dataset_cfg, platforms)
         batches: data_lib.HostBatches | data_lib.DevicePrefetcher
         if data_lib.uses_device_prefetch(train_dataset_cfg, platforms, jax.process_count()):
             batches = data_lib.DevicePrefetcher(
-                host_batches, lambda b: partitioner.shard_batch(b, layout.batch_size), nice=nice
+                host_batches,
+                lambda item: (
+                    item[0],
+                    partitioner.shard_batch(item[1], layout.batch_size, stacked=item[0] > 1),
+                ),
+                nice=nice,
             )
         else:
             batches = data_lib.HostBatches(host_batches, nice=nice)
         cleanup.callback(batches.close)
-        stats_period = stats_period or eval_period or total_steps
-        logger.info("training steps %d..%d of %s", step, total_steps, model_dir)
+        logger.info(
+            "training steps %d..%d of %s (%d steps per dispatch)",
+            step,
+            total_steps,
+            model_dir,
+            per_execution,
+        )
         acc = trainer.empty_metrics()
         while step < total_steps:
             # Only dispatches: metrics stay on device until the reporter's thread reads them.
-            batch = next(batches)
-            state, acc = trainer.train_step(state, acc, batch)
-            step += 1
+            steps, batch = next(batches)
+            if steps == 1:
+                state, acc = trainer.train_step(state, acc, batch)
+            else:
+                state, acc = trainer.train_steps(state, acc, batch)
+            step += steps
             last = step == total_steps
             event = schedule.at(step)
             if step % stats_period == 0 or last or event is not None:
                 reporter.report(step, acc)
                 acc = trainer.empty_metrics()
             if event is not None:
-                trainer, state = _grow(trainer, state, event, seed, batch, model_dir, writer)
+                probe = batch if steps == 1 else jax.tree.map(lambda x: x[-1], batch)
+                trainer, state = _grow(trainer, state, event, seed, probe, model_dir, writer)
                 metadata["architecture"] = checkpoints_lib.architecture_metadata(trainer.model)
                 metadata["growth_events"] = [*metadata["growth_events"], event.to_json()]
                 evaluator.close()
@@ -229,6 +272,63 @@ def train(
     if jax.process_index() == 0:
         logger.info("training curves: %s", curves.plot_training_curves(model_dir))
     return step, state
+
+
+# On a host whose devices are its CPU cores, each dispatch of a small step costs the
+# host work that competes with the step for the same cores. Measured in-process (a
+# jitted scan of k steps against one step per call, same batches in memory, ViT of
+# `bench trainer`): tiny, 8 simulated devices, k=2: 1.18x the steps/s, k=4: 1.19x,
+# k=10: 1.30x; tiny, one device, k=4: 1.07x; small, 8 devices, k=4: 1.18x.
+CPU_STEPS_PER_EXECUTION = 10
+
+
+def default_steps_per_execution(platforms: list[str]) -> int:
+    """Steps per dispatch when `train.steps_per_execution` is None.
+
+    Args:
+      platforms: the platform of each device of this process ("cpu", "gpu", "tpu").
+
+    Returns:
+      `CPU_STEPS_PER_EXECUTION` when every device is the host's CPU; else 1 (an
+      accelerator's host dispatches ahead of the device, and a block keeps that many
+      batches on device; set it to try more).
+    """
+    return CPU_STEPS_PER_EXECUTION if all(p == "cpu" for p in platforms) else 1
+
+
+def dispatch_sizes(
+    start: int, total: int, steps_per_execution: int, stops_at: Callable[[int], bool]
+) -> Iterator[int]:
+    """Yields how many steps each dispatch of the loop runs, from `start` to `total`.
+
+    A block of `steps_per_execution` steps starts at a multiple of it and holds no step
+    the loop acts at (`stops_at`) but its last; every other step is dispatched alone. So
+    every run that reaches a step dispatches the same blocks from the next multiple on,
+    resumed or not.
+
+    Args:
+      start: the first step's number (steps done so far).
+      total: the step to stop at.
+      steps_per_execution: the block size (1: every step alone).
+      stops_at: whether the loop reports, saves, evaluates or grows after a step.
+
+    Yields:
+      1 or `steps_per_execution`, summing to `total - start`.
+    """
+    k = steps_per_execution
+    step = start
+    while step < total:
+        if (
+            k > 1
+            and step % k == 0
+            and step + k <= total
+            and not any(stops_at(s) for s in range(step + 1, step + k))
+        ):
+            yield k
+            step += k
+        else:
+            yield 1
+            step += 1
 
 
 def _check_applied_growth(

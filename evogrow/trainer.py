@@ -275,6 +275,7 @@ class Trainer:
         self.state_shardings = partitioner.shardings(state_specs)
         batch_sharding = partitioner.batch_sharding
         batch_shardings = {key: batch_sharding for key in input_shapes}
+        stacked_shardings = {key: partitioner.stacked_batch_sharding for key in input_shapes}
 
         abstract_metrics = jax.eval_shape(
             self._loss_and_grads, abstract_params, self._abstract_batch(), jax.random.key(0)
@@ -287,6 +288,12 @@ class Trainer:
         self._train_step = partitioner.partition(
             self._train_step_fn,
             in_shardings=(self.state_shardings, replicated, batch_shardings),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0, 1),
+        )
+        self._train_steps = partitioner.partition(
+            self._train_steps_fn,
+            in_shardings=(self.state_shardings, replicated, stacked_shardings),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=(0, 1),
         )
@@ -328,6 +335,15 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, merge_metrics(acc, metrics)
+
+    def _train_steps_fn(
+        self, state: TrainState, acc: MetricsAccumulator, batches: Mapping
+    ) -> tuple[TrainState, MetricsAccumulator]:
+        def body(carry: Any, batch: Mapping) -> tuple[Any, None]:
+            state, acc = carry
+            return self._train_step_fn(state, acc, batch), None
+
+        return jax.lax.scan(body, (state, acc), batches)[0]
 
     def _eval_step_fn(
         self, params: Any, acc: MetricsAccumulator, batch: Mapping
@@ -394,6 +410,26 @@ class Trainer:
           (new state, accumulator with this step's metrics merged in).
         """
         return self._train_step(state, acc, batch)
+
+    def train_steps(
+        self, state: TrainState, acc: MetricsAccumulator, batches: Mapping
+    ) -> tuple[TrainState, MetricsAccumulator]:
+        """Several optimizer steps in one dispatch (a scan of `train_step`); donates like it.
+
+        The steps are the same as that many `train_step` calls on the batches in order
+        (same dropout keys, same merged metrics); the host pays one dispatch for all.
+
+        Args:
+          state: the train state.
+          acc: the metrics accumulator.
+          batches: feature -> [steps, global batch, ...], the steps' batches stacked,
+            sharded along 'data' on the batch axis (`Partitioner.shard_batch(...,
+            stacked=True)`) or as numpy.
+
+        Returns:
+          (new state, accumulator with every step's metrics merged in).
+        """
+        return self._train_steps(state, acc, batches)
 
     def evaluate(
         self, params: Any, batches: Iterator[Mapping], on_batch: Callable[[], None] | None = None

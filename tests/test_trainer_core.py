@@ -21,7 +21,7 @@ def _cfg(split, shuffle=False):
     return data.DatasetConfig(tl.TOY_TASK, None, split, 32, shuffle, module=None)
 
 
-def _train(model_dir, total_steps, hidden=32, period=10):
+def _train(model_dir, total_steps, hidden=32, period=10, steps_per_execution=None):
     model = tl.ToyClassifier(tl.ToyMLP(tl.ToyConfig(hidden=hidden)))
     return train.train(
         model=model,
@@ -36,16 +36,68 @@ def _train(model_dir, total_steps, hidden=32, period=10):
         eval_period=0,
         stats_period=5,
         random_seed=3,
+        steps_per_execution=steps_per_execution,
     )
 
 
-def test_resume_is_bit_identical(tmp_path):
-    _, uninterrupted = _train(tmp_path / "straight", 24)
-    _train(tmp_path / "stopped", 13)  # stops (and checkpoints) mid-period, off the grid
-    step, resumed = _train(tmp_path / "stopped", 24)
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_resume_is_bit_identical(tmp_path, steps_per_execution):
+    """With blocks of 4 steps the straight run dispatches blocks over steps the stopped
+    one takes one at a time (see `test_dispatch_sizes_block_between_stops`)."""
+    run = functools.partial(_train, steps_per_execution=steps_per_execution)
+    _, uninterrupted = run(tmp_path / "straight", 24)
+    run(tmp_path / "stopped", 13)  # stops (and checkpoints) mid-period, off the grid
+    step, resumed = run(tmp_path / "stopped", 24)
     assert step == 24 and int(resumed.step) == 24
     for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dispatch_sizes_block_between_stops():
+    def stops_at(step):  # stats every 5, checkpoints every 10, the end
+        return step % 5 == 0 or step % 10 == 0 or step == 24
+
+    assert list(train.dispatch_sizes(0, 24, 4, stops_at)) == [4] + [1] * 12 + [4, 4]
+    assert list(train.dispatch_sizes(13, 24, 4, stops_at)) == [1, 1, 1, 4, 4]
+    assert list(train.dispatch_sizes(0, 7, 1, stops_at)) == [1] * 7
+    assert list(train.dispatch_sizes(0, 10, 4, lambda s: s == 10)) == [4, 4, 1, 1]
+    assert train.default_steps_per_execution(["cpu"] * 8) == train.CPU_STEPS_PER_EXECUTION > 1
+    assert train.default_steps_per_execution(["gpu"]) == 1
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        _train("/nonexistent", 1, steps_per_execution=0)
+
+
+def test_numpy_steps_groups_the_batches_in_order():
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.range(20).map(lambda i: {"x": tf.fill([2], i)})
+    sizes = [1, 3, 3, 1, 4, 4]  # groups inside, equal to and across chunks of 3
+    got = list(data.numpy_steps(ds, sizes, chunk=3))
+    assert [steps for steps, _ in got] == sizes
+    assert got[0][1]["x"].shape == (2,) and got[1][1]["x"].shape == (3, 2)
+    flat = np.concatenate([b["x"].reshape(-1, 2) for _, b in got])
+    np.testing.assert_array_equal(flat[:, 0], np.arange(16))
+    assert [n for n, _ in data.numpy_steps(ds.take(5), [4, 4])] == [4]  # the data ran out
+
+
+def test_train_steps_equal_single_steps():
+    """A block of steps in one dispatch gives the state and metrics of one step each."""
+    shapes, types = tl.toy_inputs(32)
+    p = partitioning.Partitioner(logical_axis_rules=tl.TOY_RULES)
+    t = trainer.Trainer(tl.ToyClassifier(), p, shapes, types, jax.random.key(0))
+    arrays = tl._toy_arrays("train")
+    batches = [{k: v[32 * i : 32 * (i + 1)] for k, v in arrays.items()} for i in range(3)]
+    single, acc1 = t.init_state(jax.random.key(1)), t.empty_metrics()
+    for batch in batches:
+        single, acc1 = t.train_step(single, acc1, p.shard_batch(batch, 32))
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    block, acc3 = t.train_steps(
+        t.init_state(jax.random.key(1)), t.empty_metrics(), p.shard_batch(stacked, 32, True)
+    )
+    assert int(block.step) == 3
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(block), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert trainer.compute_metrics(acc1) == trainer.compute_metrics(acc3)
 
 
 def test_checkpoint_metadata_and_shape_mismatch(tmp_path):
@@ -249,7 +301,7 @@ def test_device_prefetch_is_chosen_for_accelerators_and_several_processes():
 
 def test_host_batches_and_device_prefetch_train_the_same_parameters(tmp_path, monkeypatch):
     """Numpy batches handed to the step (CPU) and batches put on device by the prefetch
-    thread give bit-identical training."""
+    thread give bit-identical training (in blocks of 4 steps and alone)."""
     made = []
     for cls in (data.HostBatches, data.DevicePrefetcher):
 
@@ -258,7 +310,7 @@ def test_host_batches_and_device_prefetch_train_the_same_parameters(tmp_path, mo
             _init(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "__init__", init)
-    _, inline = _train(tmp_path / "inline", 12)
+    _, inline = _train(tmp_path / "inline", 12, steps_per_execution=4)
     original = _cfg
     monkeypatch.setattr(
         sys.modules[__name__],
@@ -267,7 +319,7 @@ def test_host_batches_and_device_prefetch_train_the_same_parameters(tmp_path, mo
             original(split, shuffle), device_prefetch=True
         ),
     )
-    _, prefetched = _train(tmp_path / "prefetched", 12)
+    _, prefetched = _train(tmp_path / "prefetched", 12, steps_per_execution=4)
     assert made == [data.HostBatches, data.DevicePrefetcher]
     for a, b in zip(jax.tree.leaves(inline), jax.tree.leaves(prefetched), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -6,10 +6,11 @@ For a tiny and a small ViT on digits, on 1 device and on 8 simulated CPU devices
 device count in its own subprocess), it measures steady-state steps/s of
 
 - ours: `evogrow.train.train` as configured by default (tf.data input pipeline, read on
-  the trainer's thread on a CPU host (`evogrow.data.uses_device_prefetch`), on-device
-  metric merging, asynchronous summaries every 100 steps,
-  asynchronous checkpoints every 1000 steps and at the end), timed by its own reports
-  after the first one (compilation excluded);
+  the trainer's thread on a CPU host (`evogrow.data.uses_device_prefetch`), blocks of
+  steps in one dispatch (`steps_per_execution`: 10 on a CPU host; `--steps_per_execution
+  1` dispatches every step, as the baseline does), on-device metric merging,
+  asynchronous summaries every 100 steps, asynchronous checkpoints every 1000 steps and
+  at the end), timed by its own reports after the first one (compilation excluded);
 - baseline: a jitted flax + optax step (the same model, loss_fn, optimizer, shardings
   and batches, pre-read into memory), timed after warm-up steps.
 
@@ -82,11 +83,13 @@ def _dataset_cfg(batch_size: int) -> data.DatasetConfig:
     return data.DatasetConfig(TASK, None, "train", batch_size, shuffle=True, module="tasks")
 
 
-def ours_window_rates(model: Any, batch_size: int, steps: int) -> list[float]:
+def ours_window_rates(
+    model: Any, batch_size: int, steps: int, steps_per_execution: int | None = None
+) -> list[float]:
     """Runs our default training loop for `steps` timed steps; returns each window's steps/s.
 
     The windows are the intervals between our own reports (every `WINDOW` steps) after
-    the first one (compilation excluded).
+    the first one (compilation excluded). `steps_per_execution` None is the default.
     """
     with tempfile.TemporaryDirectory() as model_dir:
         train.train(
@@ -104,6 +107,7 @@ def ours_window_rates(model: Any, batch_size: int, steps: int) -> list[float]:
             eval_period=0,
             stats_period=WINDOW,
             random_seed=0,
+            steps_per_execution=steps_per_execution,
         )
         reports = [r for r in reporting.read_history(model_dir) if r["kind"] == "train"]
     return [float(report["steps_per_sec"]) for report in reports[1:]]
@@ -180,7 +184,9 @@ def baseline_window_rates(model: Any, batches: list[dict[str, np.ndarray]]) -> l
     return [WINDOW / (end - start) for start, end in itertools.pairwise(finished)]
 
 
-def measure_here(repeats: int) -> dict[str, dict[str, float]]:
+def measure_here(
+    repeats: int, steps_per_execution: int | None = None
+) -> dict[str, dict[str, float]]:
     """Measures every size on this process's devices.
 
     Each of `repeats` rounds runs the baseline and ours back to back, alternating which
@@ -188,6 +194,7 @@ def measure_here(repeats: int) -> dict[str, dict[str, float]]:
 
     Args:
       repeats: rounds per size.
+      steps_per_execution: ours' steps per dispatch (None: its default).
 
     Returns:
       size -> {"ours", "baseline" (best window's steps/s over all rounds), "ratio" (of
@@ -209,9 +216,9 @@ def measure_here(repeats: int) -> dict[str, dict[str, float]]:
                 # other's wake (its threads winding down, the allocator's state).
                 if round_index % 2 == 0:
                     base.append(baseline_window_rates(model, batches))
-                    ours.append(ours_window_rates(model, batch_size, steps))
+                    ours.append(ours_window_rates(model, batch_size, steps, steps_per_execution))
                 else:
-                    ours.append(ours_window_rates(model, batch_size, steps))
+                    ours.append(ours_window_rates(model, batch_size, steps, steps_per_execution))
                     base.append(baseline_window_rates(model, batches))
             best_ours = max(max(windows) for windows in ours)
             best_base = max(max(windows) for windows in base)
@@ -226,12 +233,16 @@ def measure_here(repeats: int) -> dict[str, dict[str, float]]:
     return results
 
 
-def _run_child(devices: int, repeats: int) -> dict[str, dict[str, float]]:
+def _run_child(
+    devices: int, repeats: int, steps_per_execution: int | None
+) -> dict[str, dict[str, float]]:
     env = dict(os.environ, PJRT_NPROC="16", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, "-m", "evogrow.bench.trainer", "--child", f"--repeats={repeats}"]
+    if steps_per_execution is not None:
+        cmd.append(f"--steps_per_execution={steps_per_execution}")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child ({devices} devices) failed:\n{out.stderr[-3000:]}")
@@ -242,17 +253,23 @@ def main(argv: list[str]) -> int:
     """Runs the benchmark (or, with --child, one device count's measurements).
 
     Args:
-      argv: [--repeats N] [--child].
+      argv: [--repeats N] [--steps_per_execution K] [--child].
 
     Returns:
       the exit status.
     """
     parser = argparse.ArgumentParser(prog="python -m evogrow.bench trainer")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--steps_per_execution",
+        type=int,
+        default=None,
+        help="our loop's steps per dispatch (default: the trainer's default)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure_here(args.repeats)))
+        print(json.dumps(measure_here(args.repeats, args.steps_per_execution)))
         return 0
     ratios = {}
     print(
@@ -260,7 +277,7 @@ def main(argv: list[str]) -> int:
         f" {'median ratio':>13}"
     )
     for devices in DEVICE_COUNTS:
-        for size, result in _run_child(devices, args.repeats).items():
+        for size, result in _run_child(devices, args.repeats, args.steps_per_execution).items():
             ratio = result["ratio"]
             ratios[f"{size}_{devices}dev_ratio"] = round(ratio, 4)
             ratios[f"{size}_{devices}dev_median_ratio"] = round(result["median_ratio"], 4)
