@@ -204,16 +204,21 @@ def train(
 
         platforms = [device.platform for device in partitioner.mesh.local_devices]
         stats_period = stats_period or eval_period or total_steps
-        save_period = save_cfg.period if save_cfg is not None else 0
 
-        def stops_at(s: int) -> bool:  # a step the loop acts at: blocks end there
-            return (
-                s % stats_period == 0
-                or s == total_steps
-                or schedule.at(s) is not None
-                or bool(save_period and s % save_period == 0)
-                or bool(eval_period and s % eval_period == 0)
+        # What the loop does after a step; blocks of steps end only at such steps.
+        def reports_at(s: int) -> bool:
+            return s % stats_period == 0 or s == total_steps or schedule.at(s) is not None
+
+        def saves_at(s: int) -> bool:
+            return save_cfg is not None and (
+                bool(save_cfg.period and s % save_cfg.period == 0) or s == total_steps
             )
+
+        def evaluates_at(s: int) -> bool:
+            return bool(eval_period and s % eval_period == 0) or s == total_steps
+
+        def stops_at(s: int) -> bool:
+            return reports_at(s) or saves_at(s) or evaluates_at(s)
 
         per_execution = steps_per_execution or default_steps_per_execution(platforms)
         host_batches = data_lib.numpy_steps(
@@ -251,9 +256,8 @@ def train(
             else:
                 state, acc = trainer.train_steps(state, acc, batch)
             step += steps
-            last = step == total_steps
             event = schedule.at(step)
-            if step % stats_period == 0 or last or event is not None:
+            if reports_at(step):
                 reporter.report(step, acc)
                 acc = trainer.empty_metrics()
             if event is not None:
@@ -265,9 +269,9 @@ def train(
                 evaluator = _Evaluations(
                     trainer, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
                 )
-            if save_cfg is not None and ((save_cfg.period and step % save_cfg.period == 0) or last):
+            if saves_at(step):
                 checkpointer.save(step, state, metadata)
-            if (eval_period and step % eval_period == 0) or last:
+            if evaluates_at(step):
                 evaluator.run(state, step, write_predictions)
     if jax.process_index() == 0:
         logger.info("training curves: %s", curves.plot_training_curves(model_dir))
