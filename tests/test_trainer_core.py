@@ -41,11 +41,20 @@ def _train(model_dir, total_steps, hidden=32, period=10, steps_per_execution=Non
 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
-def test_resume_is_bit_identical(tmp_path, steps_per_execution):
+def test_resume_is_bit_identical(tmp_path, monkeypatch, steps_per_execution):
     """With blocks of 4 steps the straight run dispatches blocks over steps the stopped
     one takes one at a time (see `test_dispatch_sizes_block_between_stops`)."""
+    blocks = []
+    monkeypatch.setattr(
+        trainer.Trainer,
+        "train_steps",
+        lambda self, state, acc, batches, _steps=trainer.Trainer.train_steps: (
+            blocks.append(len(batches["label"])) or _steps(self, state, acc, batches)
+        ),
+    )
     run = functools.partial(_train, steps_per_execution=steps_per_execution)
     _, uninterrupted = run(tmp_path / "straight", 24)
+    assert blocks == ([4, 4, 4] if steps_per_execution == 4 else [])
     run(tmp_path / "stopped", 13)  # stops (and checkpoints) mid-period, off the grid
     step, resumed = run(tmp_path / "stopped", 24)
     assert step == 24 and int(resumed.step) == 24
