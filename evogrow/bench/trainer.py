@@ -268,6 +268,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps_per_execution is not None and args.steps_per_execution < 1:
+        parser.error(f"--steps_per_execution={args.steps_per_execution}: use 1 or more")
     if args.child:
         print(json.dumps(measure_here(args.repeats, args.steps_per_execution)))
         return 0
