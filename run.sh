@@ -6,6 +6,7 @@
 #   ./run.sh lint                 ruff (lint + format check) and mypy only
 #   ./run.sh train|eval|infer --gin_file=... --gin.KEY=VALUE
 #   ./run.sh grow --checkpoint DIR --expand "mlp_dim=256,add_layer@2" --out DIR
+#   ./run.sh store check STORE_DIR | store backup STORE_DIR DEST
 #   ./run.sh pretrain_root|evolve|baseline|export_system|agent|agents_ray --gin_file=... [--add_task|--task NAME]
 #   ./run.sh bench NAME           a benchmark; prints what it measured, JSON last line
 #   ./run.sh setup                (re)install the environment only
@@ -108,7 +109,7 @@ case "$cmd" in
     ensure_env
     run_python -m evogrow.main main "$@"
     ;;
-  train | eval | infer | grow | pretrain_root | evolve | baseline | export_system | export_system_t5x | agent | agents_ray)
+  train | eval | infer | grow | store | pretrain_root | evolve | baseline | export_system | export_system_t5x | agent | agents_ray)
     ensure_env
     run_python -m evogrow.main "$cmd" "$@"
     ;;
@@ -117,10 +118,10 @@ case "$cmd" in
     run_python -m evogrow.bench "$@"
     ;;
   -h | --help | help)
-    sed -n '2,14p' "$0"
+    sed -n '2,15p' "$0"
     ;;
   *)
-    log "error: unknown command '$cmd'. Commands: main (default), test, lint, setup, train, eval, infer, grow, pretrain_root, evolve, baseline, export_system, export_system_t5x, agent, agents_ray, bench NAME."
+    log "error: unknown command '$cmd'. Commands: main (default), test, lint, setup, train, eval, infer, grow, store, pretrain_root, evolve, baseline, export_system, export_system_t5x, agent, agents_ray, bench NAME."
     exit 2
     ;;
 esac

@@ -4,6 +4,7 @@
         [--gin_search_paths=DIR,DIR] [--coordinator_address=HOST:PORT
         --process_count=N --process_index=I] [--add_task NAME ...] [--task NAME]
     python -m evogrow.main grow --checkpoint DIR --expand REQUESTS --out DIR
+    python -m evogrow.main store check STORE_DIR | store backup STORE_DIR DEST
 
 COMMAND: train, eval, infer (the trainer), pretrain_root, evolve (--add_task NAME
 introduces a task), baseline (the evolution's baselines), export_system, agent (--task
@@ -11,8 +12,10 @@ NAME: one asynchronous agent on a stored system), agents_ray (several agents as 
 tasks), or main (the default): the
 embedded demonstration (gin/experiments/munet_demo.gin) that reuses or pretrains the
 root ViT, evolves a muNet system over three offline image tasks, adds a fourth, and
-prints the per-task table and the picture of the system. Flags live only here;
-everything else is bound by gin.
+prints the per-task table and the picture of the system. `store check` verifies a
+store read-only (exit 0 when healthy, 1 with the reason); `store backup` copies a live
+store with SQLite's online backup API. Flags live only here; everything else is bound
+by gin.
 """
 
 from __future__ import annotations
@@ -123,6 +126,35 @@ def _use_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", folder)
 
 
+def _store_command(argv: Sequence[str]) -> int:
+    """`store check STORE_DIR` / `store backup STORE_DIR DEST`: 0 healthy, 1 otherwise."""
+    parser = argparse.ArgumentParser(prog="./run.sh store")
+    actions = parser.add_subparsers(dest="action", required=True)
+    check = actions.add_parser("check", help="verify a store read-only; deletes nothing")
+    check.add_argument("store_dir")
+    backup = actions.add_parser("backup", help="copy a live store, then check the copy")
+    backup.add_argument("store_dir")
+    backup.add_argument("destination")
+    args = parser.parse_args(argv)
+    from evolution import store, store_check
+
+    try:
+        if args.action == "check":
+            result = store_check.check_store(args.store_dir)
+        else:
+            result = store_check.backup_store(args.store_dir, args.destination)
+    except store.StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not result.healthy:
+        print(f"error: {result.summary()}", file=sys.stderr)
+        return 1
+    if args.action == "backup":
+        print(f"backed up {args.store_dir} to {args.destination}")
+    print(result.summary())
+    return 0
+
+
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """Exceptions of `command` that mean bad input, reported in one line."""
     from evogrow import data
@@ -130,8 +162,9 @@ def _user_errors(command: str) -> tuple[type[Exception], ...]:
     errors: tuple[type[Exception], ...] = (data.UnknownTaskError,)
     if COMMANDS[command].startswith("evolution."):
         from evolution import agent_view, agents, evolve, root
+        from evolution import store as store_lib
 
-        errors += (evolve.EvolveError, root.RootNotFoundError)
+        errors += (evolve.EvolveError, root.RootNotFoundError, store_lib.StoreError)
         errors += (agents.AgentError, agent_view.AgentStateError)
         if command == "export_system_t5x":
             from evolution import t5x_export
@@ -158,6 +191,8 @@ def run(argv: Sequence[str]) -> int:
             return grow.main(list(argv[1:]))
         except ValueError as error:  # GrowthError, GrowCheckpointError, shape errors
             raise LaunchError(str(error)) from error
+    if argv and argv[0] == "store":  # plain arguments, no gin
+        return _store_command(list(argv[1:]))
     args, bindings = _parse_args(argv)
     if args.command not in COMMANDS:
         raise LaunchError(f"unknown command {args.command!r}; commands: {', '.join(COMMANDS)}")

@@ -28,7 +28,7 @@ logger = logging.getLogger("evogrow")
 
 def _test_predictions(store_dir: str, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Each task's logits on its test split, from the published system."""
-    store = store_lib.open_store(store_dir)
+    store = store_lib.open_store(store_dir, read_only=True)
     try:
         state = store.load_state()
         out = {}

@@ -101,7 +101,7 @@ def export_system(
     if not os.path.isdir(store_dir):
         raise ValueError(f"No store at {store_dir!r}.")
     task_ids = task_ids_of(mixture_or_task_name, module)
-    store = store_lib.open_store(store_dir)
+    store = store_lib.open_store(store_dir, read_only=True)
     try:
         model, params = system_model.SystemModel.from_store(store, task_ids)
     finally:

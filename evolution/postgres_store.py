@@ -13,8 +13,12 @@ a directory every agent can reach (a shared file system). The semantics are thos
 - A component's parameters are written to a hidden temporary folder and renamed to
   `<params_dir>/<id>` inside the transaction that inserts its row, under the lock; a
   killed client's connection is closed by its kernel and the server rolls back, so at
-  most a folder without a row remains, removed (under the lock) when a store is next
-  opened. Temporary folders of other hosts are never removed (`param_files`).
+  most a folder without a row remains; its id was committed as an orphan candidate
+  before the rename, so the next writing open removes it (under the lock). Folders the
+  database does not know, and temporary folders of other hosts, are never removed.
+- A store is created only where there is nothing: a database without tables beside a
+  non-empty params_dir is refused (`store.DamagedStoreError`); `read_only=True`
+  creates, changes and deletes nothing.
 - `<params_dir>/.evogrow-store` names the database's store id, so a parameter folder
   is never cleaned against the wrong database (`ForeignStoreError`).
 
@@ -138,8 +142,17 @@ class PostgresStore(sql_store.SqlStore):
     PLACEHOLDER = "%s"
     ROW_ORDER = "ordinal"
 
-    def __init__(self, dsn: str, params_dir: str, *, lock_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        dsn: str,
+        params_dir: str,
+        *,
+        read_only: bool = False,
+        lock_timeout_s: float = 60.0,
+    ):
         self.params_dir = os.path.abspath(params_dir)
+        self.read_only = read_only
+        self.removed_on_open: list[str] = []
         self._params_root = self._location = self.params_dir
         if os.path.exists(self.params_dir) and not os.path.isdir(self.params_dir):
             raise store.ForeignStoreError(f"{self.params_dir} is not a directory.")
@@ -150,8 +163,14 @@ class PostgresStore(sql_store.SqlStore):
         try:
             self._db().execute(f"SET lock_timeout = {int(lock_timeout_s * 1000)}")
             self.store_id = self._check_or_create_schema()
-            os.makedirs(self.params_dir, exist_ok=True)
-            self.removed_on_open = self._check_marker_and_remove_orphans()
+            if read_only:
+                self._check_marker()
+            else:
+                os.makedirs(self.params_dir, exist_ok=True)
+                self.removed_on_open = self._check_marker_and_remove_orphans()
+        except psycopg.Error as error:
+            self.close()
+            raise store.StoreError(f"The store's database failed: {error}") from error
         except BaseException:
             self.close()
             raise
@@ -175,6 +194,7 @@ class PostgresStore(sql_store.SqlStore):
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
         """A READ COMMITTED transaction holding the store's write lock."""
+        self._check_writable()
         db = self._db()
         with db.transaction():
             db.execute("LOCK TABLE schema_info IN EXCLUSIVE MODE")
@@ -200,7 +220,8 @@ class PostgresStore(sql_store.SqlStore):
                 )
             }
             if not tables:
-                for statement in _SCHEMA.split(";"):
+                self._refuse_creation_beside_parameters()
+                for statement in [*_SCHEMA.split(";"), sql_store.ORPHAN_CANDIDATES_TABLE]:
                     db.execute(statement)
                 store_id = uuid.uuid4().hex
                 with db.cursor() as cursor:
@@ -217,8 +238,44 @@ class PostgresStore(sql_store.SqlStore):
             info = None
             if "schema_info" in tables:
                 info = dict(db.execute("SELECT key, value FROM schema_info").fetchall())
-        checked = sql_store.check_schema_info(where, tables, info, required_keys=("store_id",))
+            checked = sql_store.check_schema_info(where, tables, info, required_keys=("store_id",))
+            self.schema_version = int(checked["version"])
+            if self.schema_version < SCHEMA_VERSION and not self.read_only:
+                self.schema_version = SCHEMA_VERSION
+                db.execute(sql_store.ORPHAN_CANDIDATES_TABLE)
+                db.execute(
+                    "UPDATE schema_info SET value = %s WHERE key = 'version'",
+                    (str(SCHEMA_VERSION),),
+                )
         return checked["store_id"]
+
+    def _refuse_creation_beside_parameters(self) -> None:
+        """A store is created only where there is nothing: not beside parameter folders."""
+        names = os.listdir(self.params_dir) if os.path.isdir(self.params_dir) else []
+        if self.read_only:
+            raise store.NoStoreError(
+                f"No store in database {self._db().info.dbname!r}: it has no tables."
+            )
+        if names:
+            raise store.DamagedStoreError(
+                f"The database {self._db().info.dbname!r} has no tables, but {self.params_dir} "
+                f"holds {len(names)} entries ({sorted(names)[:3]}): the store's database was "
+                "lost or is the wrong one. Nothing was changed; restore the database from a "
+                "backup (pg_dump) or give a new, empty params_dir."
+            )
+
+    def _check_marker(self) -> None:
+        """Refuses a parameter directory that belongs to another store (read-only opens)."""
+        marker = os.path.join(self.params_dir, MARKER_NAME)
+        if not os.path.exists(marker):
+            return
+        with open(marker) as handle:
+            owner = handle.read().strip()
+        if owner != self.store_id:
+            raise store.ForeignStoreError(
+                f"{self.params_dir} holds the parameters of store {owner!r}, not of "
+                f"this database's store {self.store_id!r}."
+            )
 
     def _schema_name(self) -> str:
         row = self._db().execute("SELECT current_schema()").fetchone()
@@ -228,13 +285,7 @@ class PostgresStore(sql_store.SqlStore):
         marker = os.path.join(self.params_dir, MARKER_NAME)
         with self._transaction() as db:
             if os.path.exists(marker):
-                with open(marker) as handle:
-                    owner = handle.read().strip()
-                if owner != self.store_id:
-                    raise store.ForeignStoreError(
-                        f"{self.params_dir} holds the parameters of store {owner!r}, not of "
-                        f"this database's store {self.store_id!r}."
-                    )
+                self._check_marker()
             else:
                 unexpected = os.listdir(self.params_dir)
                 if unexpected:
@@ -253,4 +304,4 @@ class PostgresStore(sql_store.SqlStore):
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.rename(temp, marker)
-            return self._remove_orphans_locked(db, keep=(MARKER_NAME,))
+            return self._remove_orphans_locked(db)

@@ -31,10 +31,17 @@ from evolution import param_files, store, system
 logger = logging.getLogger("evogrow")
 
 SCHEMA_FORMAT = "evogrow.evolution.store"
-SCHEMA_VERSION = 1
-TABLES = frozenset(
+# Version 2 added `orphan_candidates`; a version-1 store is upgraded when opened to write.
+SCHEMA_VERSION = 2
+TABLES_V1 = frozenset(
     {"schema_info", "settings", "tasks", "components", "publications", "paths", "path_components"}
 )
+TABLES = TABLES_V1 | {"orphan_candidates"}
+# Ids whose parameter folder may exist without a component row: written (committed)
+# before a folder is renamed into place, or when components are discarded. Only these
+# folders are ever removed as orphans; `owner` is the writer's temporary folder name
+# (host and pid), NULL for discarded components.
+ORPHAN_CANDIDATES_TABLE = "CREATE TABLE orphan_candidates(id TEXT PRIMARY KEY, owner TEXT)"
 _COMPONENT_COLUMNS = "id, kind, num_params, agent, task, config, parent, generation"
 _PATH_COLUMNS = (
     "id, agent, task, components, parent, hparams, generation, architecture, score,"
@@ -92,12 +99,29 @@ def check_schema_info(
             f"{SCHEMA_VERSION}. Use a newer evogrow."
         )
     missing_keys = [key for key in required_keys if key not in info]
-    if version < SCHEMA_VERSION or not TABLES <= tables or missing_keys:
-        raise store.ForeignStoreError(
-            f"{where} (schema version {version}) lacks tables {sorted(TABLES - tables)} "
+    wanted = TABLES_V1 if version == 1 else TABLES
+    if version < 1 or not wanted <= tables or missing_keys:
+        raise store.DamagedStoreError(
+            f"{where} (schema version {version}) lacks tables {sorted(wanted - tables)} "
             f"or schema_info keys {missing_keys}: a damaged or unsupported store."
         )
     return info
+
+
+def damaged_database_message(where: str, error: Exception) -> str:
+    """The one-line message for a database error of a store (damaged pages, I/O).
+
+    Args:
+      where: the store, as messages name it.
+      error: the driver's error.
+
+    Returns:
+      The message, which says how to check and recover.
+    """
+    return (
+        f"The store's database at {where} is not usable: {error}. Nothing was changed; "
+        f"run `./run.sh store check {where}` and restore the store from a backup."
+    )
 
 
 def _component_of(row: tuple) -> system.Component:
@@ -146,6 +170,9 @@ class SqlStore(store.Store):
     _connection: Any
     _params_root: str
     _location: str
+    read_only: bool = False
+    # The schema version of the open database (after any upgrade).
+    schema_version: int = SCHEMA_VERSION
 
     # -- what a backend supplies ------------------------------------------------------
 
@@ -185,20 +212,44 @@ class SqlStore(store.Store):
         finally:
             cursor.close()
 
-    def _remove_orphans_locked(self, db: Any, keep: Iterable[str] = ()) -> list[str]:
-        """Removes parameter folders no row references and dead local temporaries.
+    def _folder(self, component_id: Any) -> str:
+        """The parameter folder of a component id, validated before it becomes a path."""
+        if not system.is_valid_id(component_id):
+            raise store.DamagedStoreError(
+                f"The store at {self._location} holds the component id {component_id!r}, "
+                "which is not a valid id (a damaged or tampered database); nothing was "
+                "deleted. Restore the store from a backup."
+            )
+        return os.path.join(self._params_root, component_id)
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise store.StoreError(
+                f"The store at {self._location} is open read-only; open it to write."
+            )
+
+    def _remove_orphans_locked(self, db: Any) -> list[str]:
+        """Removes the parameter folders the database proves orphaned, and dead temporaries.
+
+        A folder is removed only when its id is an orphan candidate (`ORPHAN_CANDIDATES_TABLE`)
+        without a component row, whose writer is gone (or which was discarded); folders
+        the database does not know are kept (`unreferenced_folders` lists them).
         Call inside a write transaction, so no concurrent writer is renaming a folder.
         """
-        known = {row[0] for row in self._execute(db, "SELECT id FROM components")}
-        known |= set(keep)
         removed = []
+        candidates = self._execute(db, "SELECT id, owner FROM orphan_candidates").fetchall()
+        for component_id, owner in sorted(candidates):
+            folder = self._folder(component_id)
+            has_row = self._component_row(component_id) is not None
+            if not has_row and owner is not None:
+                if not param_files.is_temp_of_dead_local_process(owner):
+                    continue  # its writer may still be about to commit the row
+            if not has_row and os.path.lexists(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(component_id)
+            self._execute(db, "DELETE FROM orphan_candidates WHERE id = ?", (component_id,))
         for name in sorted(os.listdir(self._params_root)):
-            if name.startswith(param_files.TEMP_PREFIX):
-                orphan = param_files.is_temp_of_dead_local_process(name)
-            else:
-                orphan = name not in known
-            if orphan:
+            if param_files.is_temp_of_dead_local_process(name):
                 shutil.rmtree(os.path.join(self._params_root, name), ignore_errors=True)
                 removed.append(name)
         if removed:
@@ -206,6 +257,29 @@ class SqlStore(store.Store):
                 "store %s: removed %d orphaned parameter folders", self._location, len(removed)
             )
         return removed
+
+    def unreferenced_folders(self) -> list[str]:
+        """Folders in the parameter root that the database does not know (never removed).
+
+        Hidden entries (temporary folders, a marker file) and orphan candidates (which a
+        writing open removes once their writer is gone) are not listed.
+
+        Returns:
+          The sorted names.
+        """
+        with self._snapshot() as db:
+            known = {row[0] for row in self._execute(db, "SELECT id FROM components")}
+            if self._has_orphan_candidates():
+                known |= {row[0] for row in self._execute(db, "SELECT id FROM orphan_candidates")}
+        return sorted(
+            name
+            for name in os.listdir(self._params_root)
+            if name not in known and not name.startswith(".")
+        )
+
+    def _has_orphan_candidates(self) -> bool:
+        """False only for a version-1 store opened read-only (never upgraded)."""
+        return self.schema_version >= 2
 
     # -- tasks ------------------------------------------------------------------------
 
@@ -240,21 +314,26 @@ class SqlStore(store.Store):
         self, component: system.Component, params: Any, opt_state: Any = None
     ) -> None:
         """See `Store.put_component`."""
-        if self._component_row(component.id) is not None:
-            raise store.IntegrityError(f"Component {component.id!r} exists already.")
+        self._check_writable()
+        final = self._folder(component.id)
+        self._check_new_component(component.id, final)
         items = {"params": params}
         if opt_state is not None:
             items["opt_state"] = opt_state
         temp = param_files.write_temp_folder(self._params_root, items)
-        final = os.path.join(self._params_root, component.id)
         renamed = False
         try:
+            # Committed first: should we die between the rename and the row's commit, the
+            # database proves the folder orphaned (`_remove_orphans_locked`).
             with self._transaction() as db:
-                if self._component_row(component.id) is not None:
-                    raise store.IntegrityError(f"Component {component.id!r} exists already.")
-                if os.path.lexists(final):
-                    # A crashed writer's folder without a row; we hold the write lock.
-                    shutil.rmtree(final)
+                self._execute(db, "DELETE FROM orphan_candidates WHERE id = ?", (component.id,))
+                self._execute(
+                    db,
+                    "INSERT INTO orphan_candidates(id, owner) VALUES (?, ?)",
+                    (component.id, os.path.basename(temp)),
+                )
+            with self._transaction() as db:
+                self._check_new_component(component.id, final)
                 param_files.publish_folder(temp, final)
                 renamed = True
                 self._execute(
@@ -274,9 +353,26 @@ class SqlStore(store.Store):
                         False,
                     ),
                 )
+                self._execute(db, "DELETE FROM orphan_candidates WHERE id = ?", (component.id,))
         except BaseException:
             shutil.rmtree(final if renamed else temp, ignore_errors=True)
+            if not renamed:  # the folder in place (if any) is not ours: never prove it orphaned
+                with contextlib.suppress(Exception), self._transaction() as db:
+                    self._execute(
+                        db,
+                        "DELETE FROM orphan_candidates WHERE id = ? AND owner = ?",
+                        (component.id, os.path.basename(temp)),
+                    )
             raise
+
+    def _check_new_component(self, component_id: str, final: str) -> None:
+        if self._component_row(component_id) is not None:
+            raise store.IntegrityError(f"Component {component_id!r} exists already.")
+        if os.path.lexists(final):
+            raise store.IntegrityError(
+                f"{final} exists but the store has no component {component_id!r}; refusing "
+                "to overwrite a folder the store does not know (`./run.sh store check`)."
+            )
 
     def _component_row(self, component_id: str) -> tuple | None:
         """(agent, published, has_opt_state) of a component, or None."""
@@ -289,7 +385,7 @@ class SqlStore(store.Store):
     def _folder_of(self, component_id: str) -> str:
         if self._component_row(component_id) is None:
             raise store.UnknownEntryError(f"Unknown component {component_id!r}.")
-        return os.path.join(self._params_root, component_id)
+        return self._folder(component_id)
 
     def load_params(self, component_id: str) -> Any:
         """See `Store.load_params`."""
@@ -314,6 +410,7 @@ class SqlStore(store.Store):
 
     def discard_staged(self, agent: str) -> tuple[str, ...]:
         """See `Store.discard_staged`."""
+        self._check_writable()
         with self._transaction() as db:
             ids = tuple(
                 row[0]
@@ -323,10 +420,21 @@ class SqlStore(store.Store):
                     (agent,),
                 ).fetchall()
             )
+            folders = [self._folder(i) for i in ids]
             self._executemany(db, "DELETE FROM components WHERE id = ?", [(i,) for i in ids])
-        # Rows go first: a crash here leaves folders without rows, removed on next open.
-        for component_id in ids:
-            shutil.rmtree(os.path.join(self._params_root, component_id), ignore_errors=True)
+            self._executemany(db, "DELETE FROM orphan_candidates WHERE id = ?", [(i,) for i in ids])
+            self._executemany(
+                db, "INSERT INTO orphan_candidates(id, owner) VALUES (?, NULL)", [(i,) for i in ids]
+            )
+        # Rows go first, recorded as orphan candidates: a crash here leaves folders the
+        # next writing session removes.
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        if ids:
+            with self._transaction() as db:
+                self._executemany(
+                    db, "DELETE FROM orphan_candidates WHERE id = ?", [(i,) for i in ids]
+                )
         return ids
 
     # -- paths ------------------------------------------------------------------------
@@ -369,7 +477,7 @@ class SqlStore(store.Store):
                 raise store.IntegrityError(
                     f"Agent {agent!r} cannot publish component {component_id!r} of {row[0]!r}."
                 )
-            if not os.path.isdir(os.path.join(self._params_root, component_id)):
+            if not os.path.isdir(self._folder(component_id)):
                 raise store.StoreError(f"Parameters of component {component_id!r} are missing.")
             self._execute(
                 db, "UPDATE components SET published = ? WHERE id = ?", (True, component_id)
@@ -461,6 +569,15 @@ class SqlStore(store.Store):
 
     def load_state(self) -> system.SystemState:
         """See `Store.load_state`."""
+        try:
+            return self._load_state()
+        except (ValueError, TypeError) as error:  # rows that do not decode (JSON, ids)
+            raise store.DamagedStoreError(
+                f"The store at {self._location} holds rows that do not decode: {error}. "
+                "Restore the store from a backup."
+            ) from error
+
+    def _load_state(self) -> system.SystemState:
         with self._snapshot() as db:
             tasks = {
                 name: system.TaskRecord(name, num_classes, position, json.loads(metadata))
@@ -486,6 +603,31 @@ class SqlStore(store.Store):
                 db, "SELECT value FROM settings WHERE key = 'root_path'"
             ).fetchone()
         return system.SystemState(components, paths, tasks, root[0] if root else None)
+
+    def read_setting(self, key: str) -> str | None:
+        """See `Store.read_setting`."""
+        with self._snapshot() as db:
+            row = self._execute(db, "SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def write_setting(self, key: str, value: str) -> None:
+        """See `Store.write_setting`."""
+        with self._transaction() as db:
+            self._execute(
+                db,
+                "INSERT INTO settings(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def publication_count(self, agent: str, after: int = 0) -> tuple[int, int]:
+        """See `Store.publication_count`."""
+        with self._snapshot() as db:
+            count = self._execute(
+                db, "SELECT COUNT(*) FROM publications WHERE agent = ? AND seq > ?", (agent, after)
+            ).fetchone()[0]
+            latest = self._execute(db, "SELECT MAX(seq) FROM publications").fetchone()[0]
+        return int(count), int(latest or 0)
 
     def close(self) -> None:
         """See `Store.close`."""

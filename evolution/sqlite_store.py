@@ -11,11 +11,20 @@ Crash safety (kill -9 at any instruction):
   are fsynced, and are renamed to `params/<id>` inside the transaction that inserts the
   component's row, while holding the database's write lock. A crash before the commit
   leaves at most a folder without a row; a row never exists without its folder.
-- Opening the store removes, under the same write lock, folders no row references and
-  temporary folders of dead processes of this host, so concurrent agents never see
-  each other's work in progress removed.
-- Deleting components (staged ones an agent discards) commits the row deletion first
-  and removes folders after, for the same reason.
+- Before the rename, the component's id is committed as an orphan candidate (with the
+  writer's host and pid); the row's transaction clears it. Opening the store to write
+  removes, under the same write lock, only the folders the database proves orphaned:
+  candidates without a row whose writer is gone, and temporary folders of dead
+  processes of this host. A folder the database does not know is never removed
+  (`./run.sh store check` lists it), so a lost or re-created database cannot empty
+  `params/`.
+- Deleting components (staged ones an agent discards) commits the row deletion (and
+  the ids as orphan candidates) first and removes folders after.
+- A store is created only where there is nothing: a missing, empty or schema-less
+  database beside parameter folders is refused (`store.DamagedStoreError`). A
+  read-only open (`read_only=True`) creates, changes and deletes nothing.
+- A clean close checkpoints the write-ahead log into the database file; a live store
+  is copied with `backup_database` (SQLite's online backup API).
 
 Several processes may share one store directory on one machine (WAL allows readers
 during a write; writers queue on the lock with a busy timeout). The store's logic is
@@ -28,9 +37,11 @@ import contextlib
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
+from typing import Any
 
-from evolution import sql_store, store
+from evolution import param_files, sql_store, store
 from evolution.sql_store import SCHEMA_FORMAT, SCHEMA_VERSION
 
 DATABASE_NAME = "system.sqlite"
@@ -87,52 +98,115 @@ class SqliteStore(sql_store.SqlStore):
     """A store in a local directory: SQLite metadata plus atomic parameter folders.
 
     Args:
-      directory: the store directory; created (with a fresh schema) when absent or
-        empty.
+      directory: the store directory; a store is created only where there is nothing
+        (an absent or empty directory, or one with an empty `params/`).
+      read_only: open an existing store for reading only: nothing is created, changed
+        or deleted (exports, reports, `./run.sh store check`).
       busy_timeout_s: how long a write waits for another process's transaction.
 
     Attributes:
       directory: the absolute store directory.
-      removed_on_open: names of orphaned parameter folders removed when opening.
+      read_only: whether the store was opened read-only.
+      removed_on_open: names of parameter folders the database proved orphaned and
+        that opening removed (none when read-only).
 
     Raises:
       ForeignStoreError: the directory holds something else (a non-empty directory
-        without a database, a database that is not ours, or a damaged file).
+        without a database, a database that is not ours).
+      DamagedStoreError: the database is missing, empty, truncated or damaged beside
+        parameter folders (restore the store from a backup).
+      NoStoreError: `read_only` and there is no store.
       SchemaVersionError: the store was written by a newer schema version.
     """
 
-    def __init__(self, directory: str, *, busy_timeout_s: float = 60.0):
+    def __init__(self, directory: str, *, read_only: bool = False, busy_timeout_s: float = 60.0):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
+        self.removed_on_open: list[str] = []
         self._location = self.directory
         self._params_root = os.path.join(self.directory, PARAMS_FOLDER)
+        self._connection: sqlite3.Connection | None = None
         database = os.path.join(self.directory, DATABASE_NAME)
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise store.ForeignStoreError(f"{self.directory} is not a directory.")
-        os.makedirs(self.directory, exist_ok=True)
-        if not os.path.exists(database):
-            unexpected = [n for n in os.listdir(self.directory) if n != PARAMS_FOLDER]
-            if unexpected:
-                raise store.ForeignStoreError(
-                    f"{self.directory} is not empty ({sorted(unexpected)[:5]}) and holds no "
-                    f"{DATABASE_NAME}; refusing to create a store there."
-                )
-        self._connection: sqlite3.Connection | None = sqlite3.connect(
-            database, timeout=busy_timeout_s, isolation_level=None
-        )
+        fresh = self._check_location(database)
+        if fresh and not read_only:
+            os.makedirs(self.directory, exist_ok=True)
         try:
-            self._configure()
+            if read_only:
+                uri = f"file:{urllib.parse.quote(database)}?mode=ro"
+                self._connection = sqlite3.connect(
+                    uri, uri=True, timeout=busy_timeout_s, isolation_level=None
+                )
+            else:
+                self._connection = sqlite3.connect(
+                    database, timeout=busy_timeout_s, isolation_level=None
+                )
+            if not fresh or read_only:  # before anything writes to the file
+                self._refuse_missing_schema()
+            if not read_only:
+                self._configure()
             self._check_or_create_schema()
+            if not read_only:
+                os.makedirs(self._params_root, exist_ok=True)
+                with self._transaction() as db:
+                    self.removed_on_open = self._remove_orphans_locked(db)
         except sqlite3.DatabaseError as error:
             self.close()
-            raise store.ForeignStoreError(
-                f"{database} is not a usable SQLite database: {error}"
+            raise store.DamagedStoreError(
+                f"{database} is not a usable SQLite database: {error}. Nothing was changed; "
+                "restore the store from a backup."
             ) from error
         except BaseException:
             self.close()
             raise
-        os.makedirs(self._params_root, exist_ok=True)
-        with self._transaction() as db:
-            self.removed_on_open = self._remove_orphans_locked(db)
+
+    def _parameter_folders(self) -> list[str]:
+        if not os.path.isdir(self._params_root):
+            return []
+        return sorted(
+            n for n in os.listdir(self._params_root) if not n.startswith(param_files.TEMP_PREFIX)
+        )
+
+    def _check_location(self, database: str) -> bool:
+        """Refuses a location that is not a store; True when a new store may be created."""
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise store.ForeignStoreError(f"{self.directory} is not a directory.")
+        folders = self._parameter_folders()
+        found = f"{len(folders)} parameter folders in {self._params_root}"
+        recover = (
+            "Nothing was changed; restore the store (database and params/ together) from a "
+            "backup (`./run.sh store backup`), or move params/ away to start a new store."
+        )
+        if not os.path.exists(database):
+            if os.path.exists(f"{database}-wal"):
+                raise store.DamagedStoreError(
+                    f"{self.directory} holds {DATABASE_NAME}-wal but no {DATABASE_NAME}: the "
+                    f"database was deleted. {recover}"
+                )
+            if folders:
+                raise store.DamagedStoreError(
+                    f"{self.directory} has {found} but no {DATABASE_NAME}: the database was "
+                    f"lost or not copied. {recover}"
+                )
+            if self.read_only:
+                raise store.NoStoreError(f"No store at {self.directory} (no {DATABASE_NAME}).")
+            if os.path.isdir(self.directory):
+                unexpected = [n for n in os.listdir(self.directory) if n != PARAMS_FOLDER]
+                if unexpected:
+                    raise store.ForeignStoreError(
+                        f"{self.directory} is not empty ({sorted(unexpected)[:5]}) and holds "
+                        f"no {DATABASE_NAME}; refusing to create a store there."
+                    )
+            return True
+        if os.path.getsize(database) == 0 and not os.path.exists(f"{database}-wal"):
+            if folders:
+                raise store.DamagedStoreError(
+                    f"{database} is empty (0 bytes) beside {found}: a truncated or "
+                    f"half-copied database. {recover}"
+                )
+            if self.read_only:
+                raise store.NoStoreError(f"No store at {self.directory} ({database} is empty).")
+            return True
+        return not folders
 
     # -- connection and transactions --------------------------------------------------
 
@@ -147,29 +221,60 @@ class SqliteStore(sql_store.SqlStore):
     @contextlib.contextmanager
     def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
         """`BEGIN IMMEDIATE` (the write lock) by default; DEFERRED reads a snapshot."""
+        if mode == "IMMEDIATE":
+            self._check_writable()
         db = self._db()
-        db.execute(f"BEGIN {mode}")
         try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            db.execute(f"BEGIN {mode}")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from error
+
+    def _damaged(self, error: sqlite3.DatabaseError) -> store.StoreError:
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            return store.StoreError(f"The store at {self.directory} stayed locked: {error}.")
+        return store.DamagedStoreError(sql_store.damaged_database_message(self.directory, error))
+
+    def _execute(self, db: sqlite3.Connection, statement: str, values: tuple = ()) -> Any:
+        try:
+            return db.execute(statement, values)
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from error
 
     def _snapshot(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return self._transaction("DEFERRED")
 
+    def _tables(self, db: sqlite3.Connection) -> set[str]:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+        return {row[0] for row in rows} - {"sqlite_sequence"}
+
+    def _refuse_missing_schema(self) -> None:
+        """Refuses a database without tables where a store exists (or must exist)."""
+        with self._transaction("DEFERRED") as db:
+            if self._tables(db):
+                return
+        folders = self._parameter_folders()
+        raise store.DamagedStoreError(
+            f"{self.directory}/{DATABASE_NAME} has no tables (a copy made without its -wal "
+            f"file, or a truncated file?) beside {len(folders)} parameter folders. Nothing "
+            "was changed; restore the store from a backup (`./run.sh store backup` copies "
+            "a live store safely)."
+        )
+
     def _check_or_create_schema(self) -> None:
-        with self._transaction() as db:
-            tables = {
-                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            tables.discard("sqlite_sequence")
+        with self._transaction("DEFERRED" if self.read_only else "IMMEDIATE") as db:
+            tables = self._tables(db)
             if not tables:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                db.execute(sql_store.ORPHAN_CANDIDATES_TABLE)
                 db.executemany(
                     "INSERT INTO schema_info(key, value) VALUES (?, ?)",
                     [("format", SCHEMA_FORMAT), ("version", str(SCHEMA_VERSION))],
@@ -178,7 +283,56 @@ class SqliteStore(sql_store.SqlStore):
             info = None
             if "schema_info" in tables:
                 info = dict(db.execute("SELECT key, value FROM schema_info").fetchall())
-            sql_store.check_schema_info(f"{self.directory}/{DATABASE_NAME}", tables, info)
+            checked = sql_store.check_schema_info(f"{self.directory}/{DATABASE_NAME}", tables, info)
+            self.schema_version = int(checked["version"])
+            if self.schema_version < SCHEMA_VERSION and not self.read_only:
+                self.schema_version = SCHEMA_VERSION
+                db.execute(sql_store.ORPHAN_CANDIDATES_TABLE)
+                db.execute(
+                    "UPDATE schema_info SET value = ? WHERE key = 'version'", (str(SCHEMA_VERSION),)
+                )
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's `PRAGMA integrity_check` of the database: an empty list when sound.
+
+        Returns:
+          The problems it reports.
+        """
+        with self._snapshot() as db:
+            rows = [str(row[0]) for row in db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
+    def backup_database(self, destination: str) -> None:
+        """Copies the database to a new file with SQLite's online backup API.
+
+        Safe while other processes write: the copy is one consistent snapshot.
+
+        Args:
+          destination: the new database file (must not exist).
+        """
+        if os.path.exists(destination):
+            raise store.StoreError(f"{destination} exists; back up into a new location.")
+        target = sqlite3.connect(destination)
+        try:
+            self._db().backup(target)
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(error) from error
+        finally:
+            target.close()
+
+    def close(self) -> None:
+        """Checkpoints the write-ahead log into the database file (writers), then closes.
+
+        After a clean close the database file holds every commit, so copying it alone
+        (without `system.sqlite-wal`) loses nothing; other live connections may keep a
+        log, which is why a live store is backed up with `backup_database`.
+        """
+        if self._connection is not None and not self.read_only:
+            with contextlib.suppress(sqlite3.Error):
+                # Brief: a busy reader only delays truncation to the last close.
+                self._connection.execute("PRAGMA busy_timeout = 200")
+                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        super().close()
 
     def _insert_publication(self, db: sqlite3.Connection, agent: str) -> int:
         cursor = db.execute(

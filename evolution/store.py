@@ -51,6 +51,18 @@ class ForeignStoreError(StoreError):
     """The location holds something that is not a store of ours, or a damaged one."""
 
 
+class DamagedStoreError(ForeignStoreError):
+    """The store's database is missing, empty, truncated or damaged beside its parameters.
+
+    Nothing is created, repaired or deleted: the message says what was found; restore
+    the store from a backup (`./run.sh store backup`).
+    """
+
+
+class NoStoreError(StoreError, LookupError):
+    """A read-only open of a location that holds no store."""
+
+
 class Store(abc.ABC):
     """A transactional store of components (with parameters), paths and tasks."""
 
@@ -161,6 +173,41 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Releases the store's resources."""
 
+    def read_setting(self, key: str) -> str | None:
+        """A value of the store's settings (e.g. a run's recorded plan), or None.
+
+        Args:
+          key: the setting's name.
+
+        Returns:
+          The stored text, or None when unset.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no settings.")
+
+    def write_setting(self, key: str, value: str) -> None:
+        """Sets a value of the store's settings in one transaction.
+
+        Args:
+          key: the setting's name.
+          value: the text to store.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no settings.")
+
+    def publication_count(self, agent: str, after: int = 0) -> tuple[int, int]:
+        """How many publications `agent` committed after sequence number `after`.
+
+        Progress that must survive a crash (e.g. evolve's finished iterations) is counted
+        this way: a publication is one transaction, so it and its count commit together.
+
+        Args:
+          agent: the publishing agent.
+          after: a sequence number (0: from the start).
+
+        Returns:
+          (the count, the store's latest publication sequence number).
+        """
+        raise StoreError(f"{type(self).__name__} does not count publications.")
+
     def retire_path(self, agent: str, path_id: str) -> None:
         """Retires one of the agent's paths (a one-entry `publish`).
 
@@ -204,20 +251,28 @@ def local_folder_of(location: str) -> str:
     return location
 
 
-def open_store(location: str) -> Store:
-    """Opens (or creates) the store at `location`.
+def open_store(location: str, *, read_only: bool = False) -> Store:
+    """Opens the store at `location`, creating it only where there is nothing yet.
+
+    A store is created only in an absent or empty location (no database, no parameter
+    folders). A database that is missing, empty or damaged beside parameter folders is
+    refused (`DamagedStoreError`), never re-created.
 
     Args:
       location: a local directory, which holds an embedded SQLite store (the default),
         or `postgresql://user@host:port/dbname?params_dir=/shared/dir`: metadata in a
         PostgreSQL database, parameters in a directory every agent can reach (multi-
         machine runs; needs `pip install "psycopg[binary]"`).
+      read_only: open an existing store for reading only (exports, reports, checks):
+        nothing is created, changed or deleted, and writes raise `StoreError`.
 
     Returns:
       The store.
 
     Raises:
       ImportError: a PostgreSQL location without psycopg installed.
+      NoStoreError: `read_only` and there is no store at `location`.
+      DamagedStoreError: the database is missing, empty or damaged beside parameters.
     """
     if is_server_location(location):
         try:
@@ -227,7 +282,7 @@ def open_store(location: str) -> Store:
                 f"The store {location!r} is a PostgreSQL server store, which needs psycopg: "
                 'pip install "psycopg[binary]" (evogrow\'s [test] extra has it).'
             ) from error
-        return postgres_store.PostgresStore.from_location(location)
+        return postgres_store.PostgresStore.from_location(location, read_only=read_only)
     from evolution import sqlite_store
 
-    return sqlite_store.SqliteStore(location)
+    return sqlite_store.SqliteStore(location, read_only=read_only)

@@ -34,8 +34,20 @@ PATH_STATUSES = (ACTIVE, RETIRED)
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
+def is_valid_id(value: Any) -> bool:
+    """Whether `value` is a valid component or path id (safe as one folder name).
+
+    Args:
+      value: anything, e.g. an id read back from a database.
+
+    Returns:
+      True for 1-128 characters from [A-Za-z0-9_.:-] starting with a letter or digit.
+    """
+    return isinstance(value, str) and _ID_PATTERN.fullmatch(value) is not None
+
+
 def _check_id(value: str, what: str) -> None:
-    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+    if not is_valid_id(value):
         raise ValueError(
             f"{what} {value!r} is not a valid id: use 1-128 characters from "
             "[A-Za-z0-9_.:-], starting with a letter or digit."

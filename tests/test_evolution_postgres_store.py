@@ -95,8 +95,23 @@ def test_location_string(server, tmp_path):
 def test_foreign_or_damaged_locations_are_refused(pg, tmp_path, server):
     with pg.open() as db:
         seed_root(db)
+    empty_database = _new_database(server)
+    with pytest.raises(store.DamagedStoreError, match="no tables, but .* holds 4 entries"):
+        postgres_store.PostgresStore(empty_database, pg.params_dir)
+    with psycopg.connect(empty_database, autocommit=True) as connection:  # nothing created
+        assert (
+            connection.execute(
+                "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema()"
+            ).fetchone()[0]
+            == 0
+        )
+    with pg.open() as db:  # the parameters of the store are untouched
+        assert pg.folders() == set(db.load_state().components)
+    other = _new_database(server)
+    with postgres_store.PostgresStore(other, str(tmp_path / "other")):
+        pass
     with pytest.raises(store.ForeignStoreError, match="another|of store"):
-        postgres_store.PostgresStore(_new_database(server), pg.params_dir)
+        postgres_store.PostgresStore(other, pg.params_dir)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "checkpoint").write_text("x")
     with pytest.raises(store.ForeignStoreError, match="not empty"):

@@ -201,14 +201,28 @@ def test_orphans_removed_on_open_but_live_work_kept(backend):
     with backend.open() as db:
         seed_root(db)
         db.put_component(make_component("staged", agent="a", task="t"), make_params(1.0))
+        with db._transaction() as connection:  # writers killed after their renames
+            db._execute(
+                connection,
+                "INSERT INTO orphan_candidates(id, owner) VALUES (?, ?), (?, ?)",
+                (
+                    "dead-writer",
+                    f".tmp-{param_files._HOST}-{dead_pid()}-x",
+                    "live-writer",
+                    f".tmp-{param_files._HOST}-{os.getpid()}-x",
+                ),
+            )
     host = param_files._HOST
-    orphans = {"deadbeef", f".tmp-{host}-{dead_pid()}-abc"}
-    kept = {f".tmp-{host}-{os.getpid()}-abc", ".tmp-otherhost-1-abc"}
-    for name in orphans | kept:
+    orphans = {"dead-writer", f".tmp-{host}-{dead_pid()}-abc"}
+    # Unknown to the database (a lost row, a foreign folder): never removed, only listed.
+    unknown = {"deadbeef"}
+    kept = {f".tmp-{host}-{os.getpid()}-abc", ".tmp-otherhost-1-abc", "live-writer"}
+    for name in orphans | kept | unknown:
         os.makedirs(os.path.join(backend.params_dir, name))
     with backend.open() as db:
         assert sorted(db.removed_on_open) == sorted(orphans)
-        assert backend.folders() == {*kept, "staged", *(cid for _, cid in ROOT_SLOTS)}
+        assert backend.folders() == {*kept, *unknown, "staged", *(cid for _, cid in ROOT_SLOTS)}
+        assert db.unreferenced_folders() == ["deadbeef"]
         assert db.load_params("staged")["scale"].shape == (3,)
         with backend.open() as second:  # a second client sees publications, not staging
             assert "staged" not in second.load_state().components
