@@ -224,7 +224,8 @@ def run(argv: Sequence[str]) -> int:
     try:
         entry()
     except _user_errors(args.command) as error:
-        raise LaunchError(str(error)) from error
+        # Gin appends "In call to configurable ..." on a second line: the message is one.
+        raise LaunchError(str(error).split("\n  In call to configurable")[0]) from error
     if args.command == "main":
         print(f"main job wall time: {time.perf_counter() - start:.0f} s")
     return 0

@@ -15,8 +15,13 @@ scalars) in `output_dir`.
 - The root comes from `root_dir` (`evolution.root`, `./run.sh pretrain_root`) when the
   store has none yet.
 - Nothing is lost on a crash: every task iteration publishes its best path in one store
-  transaction, and the run records the iterations it finished in
-  `<output_dir>/evolve_progress.json`; running the same command again skips them.
+  transaction, and that publication is the iteration's progress record. The run's plan
+  is kept in the store's settings (`evolve_run:<agent>`), with the publication it
+  started after; the iterations done are the agent's publications since. Running the
+  same command again skips them; a new or re-created store has no record, so it is
+  never taken as finished. A task already in the system cannot be added again.
+- Nothing is created (no store, no root seeded, no report folder) before the task
+  names, the root and the request are checked.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from evolution import store as store_lib
 
 logger = logging.getLogger("evogrow")
 
-PROGRESS_FILE = "evolve_progress.json"
+RUN_SETTING = "evolve_run:{agent}"
 SUMMARY_FILE = "evolve_summary.json"
 
 
@@ -84,34 +89,50 @@ def _plan(known: Sequence[str], tasks: Sequence[str], add_tasks: Sequence[str], 
     return [t for _ in range(rounds) for t in order]
 
 
-def _recorded_plan(output_dir: str) -> list[str] | None:
-    """The plan of an earlier run recorded in `output_dir`, if any."""
-    path = os.path.join(output_dir, PROGRESS_FILE)
-    if not os.path.exists(path):
+def _recorded_run(store: store_lib.Store, agent: str) -> tuple[list[str], int, int] | None:
+    """The plan recorded by `agent`'s last run on this store: (plan, after, done), or None.
+
+    `done` counts the agent's publications after the run's start: each task iteration
+    publishes once, in the transaction that makes its result visible.
+    """
+    text = store.read_setting(RUN_SETTING.format(agent=agent))
+    if text is None:
         return None
-    with open(path) as f:
-        return list(json.load(f).get("plan", [])) or None
+    record = json.loads(text)
+    plan, after = [str(t) for t in record["plan"]], int(record["after"])
+    count, _ = store.publication_count(agent, after)
+    return plan, after, min(count, len(plan))
 
 
-def _read_progress(output_dir: str, plan: Sequence[str]) -> int:
-    """How many of `plan`'s iterations an earlier, interrupted run of it finished."""
-    path = os.path.join(output_dir, PROGRESS_FILE)
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        progress = json.load(f)
-    if progress.get("plan") != list(plan):
-        logger.info("evolve: %s belongs to another plan; starting this one afresh", path)
-        return 0
-    return int(progress.get("done", 0))
+def _record_run(store: store_lib.Store, agent: str, plan: Sequence[str]) -> None:
+    """Records a new run's plan and the publication it starts after."""
+    _, latest = store.publication_count(agent)
+    record = {"plan": list(plan), "after": latest}
+    store.write_setting(RUN_SETTING.format(agent=agent), json.dumps(record))
 
 
-def _write_progress(output_dir: str, plan: Sequence[str], done: int) -> None:
-    path = os.path.join(output_dir, PROGRESS_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"plan": list(plan), "done": done}, f)
-    os.replace(tmp, path)
+def _check_tasks(names: Sequence[str]) -> None:
+    """Refuses names that are not registered image or text tasks, before anything is created."""
+    for name in dict.fromkeys(names):
+        try:
+            task_data.check_task(name)
+        except ValueError as error:  # UnknownTaskError, a mixture, another modality
+            raise EvolveError(str(error)) from error
+
+
+def _existing_state(store_dir: str) -> system.SystemState | None:
+    """The published state of the store at `store_dir`, or None where there is no store."""
+    try:
+        with store_lib.open_store(store_dir, read_only=True) as store:
+            return store.load_state()
+    except store_lib.NoStoreError:
+        return None
+
+
+def _known_tasks(state: system.SystemState) -> list[str]:
+    """The system's tasks, without the root's."""
+    root_task = state.paths[state.root_path_id].task if state.root_path_id else None
+    return [t for t in state.task_order() if t != root_task]
 
 
 def test_accuracies(
@@ -210,37 +231,52 @@ def evolve(
       eval_batch_size: validation batch size.
       max_train_examples: cap on each task's training examples (None: all).
       max_eval_examples: cap on each task's validation examples (None: all).
-      output_dir: where the report and the run's progress go (default
-        `<store_dir>_report`).
+      output_dir: where the report goes (default `<store_dir>_report`); the run's
+        progress is in the store.
       agent: the publishing agent's name.
 
     Returns:
       The outcome.
 
     Raises:
-      EvolveError: nothing to evolve, a task added twice, or a bad `rounds`.
+      EvolveError: nothing to evolve, an unknown task, a task added twice, or a bad
+        `rounds` (nothing is created then).
+      RootNotFoundError: the store has no root and `root_dir` holds none.
     """
     if rounds < 1:
         raise EvolveError(f"evolve.rounds={rounds} must be >= 1.")
+    _check_tasks([*tasks, *add_tasks])
+    existing = _existing_state(store_dir)
+    if existing is None or existing.root_path_id is None:
+        if existing is None and not add_tasks:
+            _plan([], list(tasks), [], rounds)  # no store and no tasks: refuse now
+        root.load_root(root_dir)  # RootNotFoundError before the store is created
     # Beside the store, not in it: the store owns its folder.
     output_dir = output_dir or f"{os.path.normpath(store_dir)}_report"
-    os.makedirs(output_dir, exist_ok=True)
     store = store_lib.open_store(store_dir)
     try:
         state = store.load_state()
         if state.root_path_id is None:
             root.seed_store(store, root_dir)
             state = store.load_state()
-        root_task = state.paths[state.root_path_id].task if state.root_path_id else None
-        known = [t for t in state.task_order() if t != root_task]
-        resumed = _recorded_plan(output_dir)
-        if add_tasks and resumed and resumed[: len(add_tasks)] == list(add_tasks):
-            plan = resumed  # an interrupted introduction of these tasks: finish it
+        known = _known_tasks(state)
+        recorded = _recorded_run(store, agent)
+        done = 0
+        if (
+            recorded
+            and add_tasks
+            and recorded[2] < len(recorded[0])
+            and (recorded[0][: len(add_tasks)] == list(add_tasks))
+        ):
+            plan, _, done = recorded  # an interrupted introduction of these tasks: finish it
         else:
             plan = _plan(known, list(tasks), list(add_tasks), rounds)
-        done = _read_progress(output_dir, plan)
+            if recorded and recorded[0] == plan:
+                done = recorded[2]
         if done:
             logger.info("evolve: resuming; %d of %d iterations were done", done, len(plan))
+        else:
+            _record_run(store, agent, plan)
         data: dict[str, search.TaskData] = {}
         results: list[search.TaskResult] = []
         start = time.perf_counter()
@@ -265,7 +301,6 @@ def evolve(
                 metadata=item.metadata,
             )
             results.append(result)
-            _write_progress(output_dir, plan, index + 1)
             elapsed = time.perf_counter() - start
             finished = index + 1 - done
             eta = elapsed / finished * (len(plan) - index - 1)

@@ -197,7 +197,8 @@ class SqliteStore(sql_store.SqlStore):
                         f"no {DATABASE_NAME}; refusing to create a store there."
                     )
             return True
-        if os.path.getsize(database) == 0 and not os.path.exists(f"{database}-wal"):
+        wal = f"{database}-wal"
+        if os.path.getsize(database) == 0 and (not os.path.exists(wal) or not os.path.getsize(wal)):
             if folders:
                 raise store.DamagedStoreError(
                     f"{database} is empty (0 bytes) beside {found}: a truncated or "

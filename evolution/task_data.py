@@ -146,6 +146,19 @@ def load_task_arrays(
     )
 
 
+def check_task(task_name: str) -> None:
+    """Refuses a name that is not a registered image or text classification task.
+
+    Args:
+      task_name: the task's registered name.
+
+    Raises:
+      evogrow.data.UnknownTaskError: no task of that name (the message lists close names).
+      ValueError: a mixture, or a task of another modality.
+    """
+    _task_info(task_name)
+
+
 def search_task_data(
     task_name: str,
     *,

@@ -8,6 +8,8 @@ finished run (nothing re-run), and clear one-line errors for bad requests.
 """
 
 import json
+import os
+import shutil
 
 import gin
 import numpy as np
@@ -87,7 +89,9 @@ def test_evolve_then_add_task(tmp_path, root_dir, capsys):
     assert 0.0 <= summary["overhead_share"] < 1.0
     before = _digits_logits(store_dir)
 
-    # Running the finished plan again skips its iteration.
+    # Running the finished plan again skips its iteration: the progress is in the store,
+    # so it survives the loss of the report folder.
+    shutil.rmtree(report)
     assert _evolve(store_dir, root_dir) == 0
     again = json.loads((report / "evolve_summary.json").read_text())
     assert again["iterations"] == []
@@ -99,6 +103,30 @@ def test_evolve_then_add_task(tmp_path, root_dir, capsys):
     assert summary["plan"] == ["lfw_faces_rgb32_v1"]
     assert set(summary["test_accuracy"]) == {"digits_rgb32_v1", "lfw_faces_rgb32_v1"}
     np.testing.assert_array_equal(_digits_logits(store_dir), before)  # immunity
+
+    # Adding it again (even with the same report folder) is refused, not a silent no-op.
+    capsys.readouterr()
+    assert _evolve(store_dir, root_dir, *flags) == 2
+    err = capsys.readouterr().err
+    assert "already in the system" in err and err.count("\n") == 1
+
+
+def test_recreated_store_is_not_taken_as_finished(tmp_path, root_dir):
+    store_dir = tmp_path / "store"
+    assert _evolve(store_dir, root_dir) == 0
+    shutil.rmtree(store_dir)  # the report folder (and any old progress file) stays
+    assert _evolve(store_dir, root_dir) == 0
+    summary = json.loads((tmp_path / "store_report" / "evolve_summary.json").read_text())
+    assert [i["task"] for i in summary["iterations"]] == ["digits_rgb32_v1"]
+
+
+def test_unknown_task_creates_nothing(tmp_path, root_dir, capsys):
+    store_dir = tmp_path / "store"
+    assert _evolve(store_dir, root_dir, "--gin.TASKS=['digits_rgb32_v9']") == 2
+    assert "digits_rgb32_v9" in capsys.readouterr().err
+    assert _evolve(store_dir, root_dir, "--add_task", "nope_v1") == 2
+    assert "nope_v1" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []  # no store, no report folder
 
 
 def test_add_existing_task_is_refused(tmp_path, root_dir, capsys):
@@ -113,6 +141,7 @@ def test_add_existing_task_is_refused(tmp_path, root_dir, capsys):
 def test_missing_root_and_misplaced_flag_are_clear_errors(tmp_path, capsys):
     assert _evolve(tmp_path / "store", tmp_path / "no_root") == 2
     assert "pretrain_root" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # nothing created before the root was found
     assert _main(["train", "--add_task", "x", "--gin_file=gin/runs/train.gin"]) == 2
     assert "--add_task is a flag of 'evolve'" in capsys.readouterr().err
 
