@@ -129,6 +129,30 @@ def _existing_state(store_dir: str) -> system.SystemState | None:
         return None
 
 
+def introduction_state(store_dir: str, task: str, *, agent: str = "munet") -> str:
+    """How far the introduction of `task` (`evolve(add_tasks=[task])`) has come.
+
+    Args:
+      store_dir: the store (opened read-only).
+      task: the task.
+      agent: the evolving agent.
+
+    Returns:
+      "absent" (not in the system), "unfinished" (an interrupted introduction that
+      `evolve` resumes), or "done" (adding it again is refused).
+    """
+    try:
+        with store_lib.open_store(store_dir, read_only=True) as store:
+            if task not in store.load_state().tasks:
+                return "absent"
+            recorded = _recorded_run(store, agent)
+    except store_lib.NoStoreError:
+        return "absent"
+    if recorded and recorded[0][:1] == [task] and recorded[2] < len(recorded[0]):
+        return "unfinished"
+    return "done"
+
+
 def _known_tasks(state: system.SystemState) -> list[str]:
     """The system's tasks, without the root's."""
     root_task = state.paths[state.root_path_id].task if state.root_path_id else None
