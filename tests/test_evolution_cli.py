@@ -164,3 +164,7 @@ def test_main_job_tiny_through_real_entry_point(tmp_path, root_dir, capsys):
     assert "(reused:" in out  # the module's root, same settings: not pretrained again
     assert "test predictions are bit-identical after adding textures_rgb32_v1" in out
     assert (tmp_path / "demo" / "report" / "system.png").stat().st_size > 10_000
+    # Again on the same RUN_DIR: the store says the demonstration is done; only a report.
+    assert _main(argv) == 0
+    out = capsys.readouterr().out
+    assert "was added by an earlier run" in out and "== evolving" not in out
