@@ -125,14 +125,16 @@ def _use_compilation_cache() -> None:
 
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """Exceptions of `command` that mean bad input, reported in one line."""
-    from evogrow import data
+    from evogrow import checkpoints, data, settings
 
-    errors: tuple[type[Exception], ...] = (data.UnknownTaskError,)
+    errors: tuple[type[Exception], ...] = (data.UnknownTaskError, settings.SettingError)
+    errors += (checkpoints.CheckpointNotFoundError, checkpoints.CheckpointMetadataError)
     if COMMANDS[command].startswith("evolution."):
-        from evolution import agent_view, agents, evolve, root
+        from evolution import agent_view, agents, evolve, export, root, system_model
 
         errors += (evolve.EvolveError, root.RootNotFoundError)
         errors += (agents.AgentError, agent_view.AgentStateError)
+        errors += (export.ExportError, system_model.MissingTaskError)
         if command == "export_system_t5x":
             from evolution import t5x_export
 
@@ -189,7 +191,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         entry()
     except _user_errors(args.command) as error:
-        raise LaunchError(str(error)) from error
+        raise LaunchError(gin_utils.error_message(error)) from error
     if args.command == "main":
         print(f"main job wall time: {time.perf_counter() - start:.0f} s")
     return 0
