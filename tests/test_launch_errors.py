@@ -241,3 +241,12 @@ def test_export_of_a_system_without_a_task_of_the_mixture_is_one_line(tmp_path, 
     line = _one_line_error(capsys, argv)
     assert "['digits_rgb32_v1'] have no active path in the store" in line
     assert not (tmp_path / "system" / "checkpoints").exists()
+
+
+def test_store_location_errors_do_not_repeat_a_password():
+    postgres_store = pytest.importorskip("evolution.postgres_store")
+    with pytest.raises(ValueError) as raised:
+        postgres_store.split_location("postgresql://evogrow:s3cret@db:5432/evo")
+    assert "s3cret" not in str(raised.value) and "evogrow:***@db" in str(raised.value)
+    query = postgres_store.redacted("postgresql://db/evo?password=s3cret&params_dir=/d")
+    assert "s3cret" not in query and "params_dir=/d" in query
