@@ -168,6 +168,7 @@ def test_unused_lowercase_macro_is_refused_too(tmp_path, capsys):
         ('BATCH_SIZE="32"', "BATCH_SIZE='32' (or EVAL_BATCH_SIZE: the batch size of the"),
         ("EVAL_PERIOD=-1", "EVAL_PERIOD=-1"),
         ("CHECKPOINT_PERIOD=2.5", "CHECKPOINT_PERIOD=2.5"),
+        ("NUM_PARTITIONS=-1", "num_partitions=-1 (NUM_PARTITIONS)"),
     ],
 )
 def test_bad_setting_is_one_line_naming_it_and_creates_nothing(binding, expected, tmp_path, capsys):
@@ -258,3 +259,20 @@ def test_store_location_errors_do_not_repeat_a_password():
     assert "s3cret" not in str(raised.value) and "evogrow:***@db" in str(raised.value)
     query = postgres_store.redacted("postgresql://db/evo?password=s3cret&params_dir=/d")
     assert "s3cret" not in query and "params_dir=/d" in query
+
+
+def test_batch_size_not_dividing_over_the_devices_is_a_setting_error():
+    code = (
+        "from evogrow import partitioning, settings\n"
+        "try:\n"
+        "    partitioning.Partitioner().get_data_layout(30)\n"
+        "except settings.SettingError as error:\n"
+        "    print(error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "batch size 30 is not divisible by the 8 data replicas" in result.stdout, result.stderr
+    assert "use a multiple of 8" in result.stdout
