@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,41 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from evogrow import settings
+from models import decoder, encoder, vit
+
 logger = logging.getLogger("evogrow")
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# The architecture config classes a checkpoint may name. Rebuilding a config calls its
+# class with the checkpoint's values, so the class comes from this table, never from an
+# import of the name a file holds (a name like `subprocess.Popen` would run a command).
+# Keys are the names `architecture_metadata` writes.
+_ARCHITECTURE_CONFIGS: dict[str, type] = {
+    _class_name(cls): cls for cls in (vit.ViTConfig, decoder.DecoderConfig, encoder.EncoderConfig)
+}
+
+
+def register_architecture_config(cls: type) -> type:
+    """Allows checkpoints to name `cls` as their architecture config (usable as a decorator).
+
+    Args:
+      cls: a frozen dataclass of architecture sizes, defined in code (not named by data).
+
+    Returns:
+      `cls`.
+
+    Raises:
+      TypeError: `cls` is not a dataclass.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r} is not a dataclass; only config dataclasses can be registered")
+    _ARCHITECTURE_CONFIGS[_class_name(cls)] = cls
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +71,10 @@ class SaveCheckpointConfig:
     period: int = 1000
     keep: int | None = None
     async_save: bool = True
+
+    def __post_init__(self):
+        settings.whole_number(self.period, "CHECKPOINT_PERIOD", 0, "SaveCheckpointConfig.period")
+        settings.optional_whole_number(self.keep, "CHECKPOINTS_TO_KEEP", 1, "None keeps all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +108,14 @@ class CheckpointConfig:
 
 class CheckpointShapeError(ValueError):
     """A checkpoint's parameters do not match the model's shapes or structure."""
+
+
+class CheckpointMetadataError(ValueError):
+    """A checkpoint's metadata names something evogrow does not build (a foreign class)."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint directory, or no checkpoint at the requested step."""
 
 
 def _json_safe(value: Any) -> Any:
@@ -130,7 +175,9 @@ def architecture_config(metadata: Mapping[str, Any]) -> Any:
     """Rebuilds the config dataclass recorded by `architecture_metadata`.
 
     A run resumed after growth builds its model from this (the grown sizes), not from
-    the gin file it started with.
+    the gin file it started with. The recorded class must be one of the project's
+    architecture configs (`register_architecture_config`); the name is looked up, never
+    imported.
 
     Args:
       metadata: the "architecture" entry of a checkpoint's metadata.
@@ -140,19 +187,44 @@ def architecture_config(metadata: Mapping[str, Any]) -> Any:
 
     Raises:
       ValueError: the checkpoint recorded no config dataclass.
+      CheckpointMetadataError: the recorded class is not an allowed architecture config,
+        or its values are not that config's fields.
     """
-    if not metadata.get("config_class"):
+    name = metadata.get("config_class")
+    if not name:
         raise ValueError("the checkpoint recorded no architecture config dataclass")
-    module_name, _, class_name = metadata["config_class"].rpartition(".")
-    config_cls = getattr(importlib.import_module(module_name), class_name)
+    config_cls = _ARCHITECTURE_CONFIGS.get(str(name))
+    if config_cls is None:
+        raise CheckpointMetadataError(
+            f"the checkpoint names config_class {name!r}, which is not an evogrow "
+            f"architecture config (known: {', '.join(sorted(_ARCHITECTURE_CONFIGS))}); "
+            "refusing to build it: only checkpoints written by evogrow can be loaded"
+        )
+    return _build_config(config_cls, metadata.get("config", {}))
+
+
+def _build_config(config_cls: type, recorded: Any) -> Any:
+    """Calls `config_cls` with a checkpoint's recorded values (dtypes by name)."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if not isinstance(recorded, Mapping) or not set(recorded) <= fields:
+        unknown = sorted(set(recorded) - fields) if isinstance(recorded, Mapping) else recorded
+        raise CheckpointMetadataError(
+            f"the checkpoint's architecture config holds {unknown!r}, which are not fields "
+            f"of {config_cls.__name__}"
+        )
     values = {}
-    for key, value in metadata["config"].items():
+    for key, value in recorded.items():
         if isinstance(value, list):
             value = tuple(value)
         elif key.endswith("dtype") and isinstance(value, str):
             value = np.dtype(value) if value != "bfloat16" else jax.numpy.bfloat16
         values[key] = value
-    return config_cls(**values)
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointMetadataError(
+            f"the checkpoint's {config_cls.__name__} values are invalid: {error}"
+        ) from error
 
 
 def model_for_checkpoint(model: Any, metadata: Mapping[str, Any]) -> Any:
@@ -176,10 +248,10 @@ def model_for_checkpoint(model: Any, metadata: Mapping[str, Any]) -> Any:
         current = growth_hooks.model_config(model)
     except TypeError:
         return model
-    name = f"{type(current).__module__}.{type(current).__qualname__}"
-    if recorded.get("config_class") != name:
+    if recorded.get("config_class") != _class_name(type(current)):
         return model
-    config = architecture_config(recorded)
+    # The class is the gin-built model's own, not one named by the file.
+    config = _build_config(type(current), recorded.get("config", {}))
     if config == current:
         return model
     changed = {
@@ -242,6 +314,9 @@ class Checkpointer:
       directory: where the step folders live (created unless `read_only`).
       save_cfg: keep / async settings for saving; None when only reading.
       read_only: never write (eval, infer).
+
+    Raises:
+      CheckpointNotFoundError: `read_only` and no such directory.
     """
 
     def __init__(
@@ -251,20 +326,32 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = epath.Path(directory)
+        if read_only and not self.directory.is_dir():
+            raise CheckpointNotFoundError(f"no checkpoint directory at {directory}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=save_cfg.keep if save_cfg else None,
             enable_async_checkpointing=bool(save_cfg and save_cfg.async_save),
             create=not read_only,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
         )
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
             "opt_state": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
-        )
+        # orbax warns that the directory "is read only" on every read-only manager, which
+        # is what was asked for: the warning would be the only output of a clean eval.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         """Returns the latest saved step, or None when there is none."""
@@ -314,7 +401,7 @@ class Checkpointer:
 
         Raises:
           CheckpointShapeError: a stored tree does not fit its target.
-          FileNotFoundError: no such checkpoint in the directory.
+          CheckpointNotFoundError: no such checkpoint in the directory.
         """
         step = self._resolve(step)
         stored = self._manager.item_metadata(step)
@@ -357,10 +444,14 @@ class Checkpointer:
         return {name: jax.tree.map(np.asarray, restored[name]) for name in names}
 
     def _resolve(self, step: int | None) -> int:
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self._manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
-        return step
+        steps = self.all_steps()
+        if step is None and steps:
+            return steps[-1]
+        if step is None or step not in steps:
+            at = "" if step is None else f" at step {step}"
+            have = f"its steps: {', '.join(map(str, steps))}" if steps else "it holds none"
+            raise CheckpointNotFoundError(f"no checkpoint{at} in {self.directory} ({have})")
+        return int(step)
 
     def wait_until_finished(self) -> None:
         """Blocks until pending asynchronous saves are written."""
@@ -369,3 +460,50 @@ class Checkpointer:
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
         self._manager.close()
+
+
+def check_resumable(model_dir: str, total_steps: int) -> int | None:
+    """Checks that a training run can continue the checkpoints already in `model_dir`.
+
+    A run resumes from the latest checkpoint of `model_dir/checkpoints`. Checkpoints
+    that evogrow's trainer did not write (an exported system, another program's) have
+    no seed to resume with, and a checkpoint beyond `total_steps` would make the run
+    train nothing (or, below a later one, never save); both are refused.
+
+    Args:
+      model_dir: the run's directory (MODEL_DIR).
+      total_steps: the step the run stops at (TRAIN_STEPS), already checked.
+
+    Returns:
+      the latest checkpoint's step, or None when there is none.
+
+    Raises:
+      settings.SettingError: naming the directory and what it holds.
+    """
+    directory = os.path.join(model_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        latest = reader.latest_step()
+        if latest is None:
+            return None
+        try:
+            meta = reader.read_metadata(latest)
+        except (KeyError, ValueError, OSError) as error:
+            meta = {"unreadable": str(error)}
+    finally:
+        reader.close()
+    if "seed" not in meta:
+        what = "an exported system" if "system" in meta else "no training run's metadata"
+        raise settings.SettingError(
+            f"MODEL_DIR={model_dir!r} holds checkpoints not written by evogrow's trainer "
+            f"(step {latest} records {what}); train into a new MODEL_DIR."
+        )
+    if latest > total_steps:
+        raise settings.SettingError(
+            f"TRAIN_STEPS={total_steps} is below the latest checkpoint (step {latest}) in "
+            f"MODEL_DIR={model_dir!r}, which the run would resume from (valid: "
+            f"TRAIN_STEPS >= {latest}, or a new MODEL_DIR)."
+        )
+    return int(latest)

@@ -22,6 +22,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from evogrow import settings
+
 
 class UnknownTaskError(ValueError):
     """Raised for a mixture or task name that no imported module registered."""
@@ -89,6 +91,13 @@ class DatasetConfig:
     input_autotune: bool = False
 
     def __post_init__(self):
+        settings.whole_number(
+            self.batch_size,
+            "BATCH_SIZE",
+            1,
+            f"or EVAL_BATCH_SIZE: the batch size of the {self.split!r} split of "
+            f"{self.mixture_or_task_name!r}",
+        )
         if self.input_nice is not None and not 0 <= self.input_nice <= 19:
             raise ValueError(
                 f"DatasetConfig.input_nice={self.input_nice}: use 0..19 (how much to lower the "

@@ -6,9 +6,10 @@ files, for `summarize_gin_config`), mirroring t5x's gin_utils.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tokenize
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import gin
 import jax
@@ -80,10 +81,74 @@ def parse_gin(
             gin.parse_config(binding)
         except _GIN_ERRORS as error:
             raise GinConfigError(f"malformed gin binding {binding!r}: {error}") from error
+    check_macro_bindings(gin_bindings)
     try:
         gin.finalize()
     except ValueError as error:
         raise GinConfigError(f"incomplete gin configuration: {error}") from error
+
+
+def _macro_name(binding: str) -> str | None:
+    """The macro a "NAME = VALUE" binding sets (a name without '.' or '/'), else None."""
+    name = binding.partition("=")[0].strip()
+    return name if name.isidentifier() else None
+
+
+def _macros_of_parsed_config() -> tuple[set[str], set[str]]:
+    """(macros defined, macros referenced with %NAME) in gin's parsed configuration."""
+    # gin keeps its bindings in `gin.config._CONFIG` (scoped configurable -> arguments);
+    # a macro NAME is the configurable `gin.macro` in scope NAME, and `%NAME` is a
+    # reference to it. gin has no public query for who references a macro.
+    config = gin.config._CONFIG  # noqa: SLF001
+    defined = {scope for scope, selector in config if selector == "gin.macro"}
+    referenced = {
+        "/".join(ref.scopes)
+        for ref in gin.config.iterate_references(config)
+        if ref.configurable.selector == "gin.macro"
+    }
+    return defined, referenced
+
+
+def check_macro_bindings(gin_bindings: Iterable[str]) -> None:
+    """Refuses a binding of a macro that no gin file or binding references.
+
+    gin accepts `NAME = VALUE` for any NAME and defines a new macro; a misspelled
+    `--gin.TRAIN_STPES=20` would be ignored and the run would go on with the file's
+    value. Call after the files and bindings are parsed.
+
+    Args:
+      gin_bindings: the "NAME = VALUE" bindings of the command line.
+
+    Raises:
+      GinConfigError: naming the unreferenced macro and the close names that are.
+    """
+    defined, referenced = _macros_of_parsed_config()
+    for binding in gin_bindings:
+        name = _macro_name(binding)
+        if name is None or name in referenced:
+            continue
+        known = sorted((referenced | defined) - {name})
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "check its spelling"
+        raise GinConfigError(
+            f"gin binding {binding.strip()!r} sets the macro {name}, which no gin file or "
+            f"binding uses (it would be ignored); {hint}"
+        )
+
+
+def error_message(error: BaseException) -> str:
+    """`str(error)` without the "In call to configurable ..." lines gin appends.
+
+    gin re-raises an exception from a configurable with its call context added to the
+    message; a user error (bad setting) is reported in one line without it.
+
+    Args:
+      error: an exception, possibly re-raised by gin.
+
+    Returns:
+      the message of the original exception.
+    """
+    return str(error).split("\n  In call to configurable", 1)[0]
 
 
 def summarize_gin_config(

@@ -157,15 +157,17 @@ def _store_command(argv: Sequence[str]) -> int:
 
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """Exceptions of `command` that mean bad input, reported in one line."""
-    from evogrow import data
+    from evogrow import checkpoints, data, settings
 
-    errors: tuple[type[Exception], ...] = (data.UnknownTaskError,)
+    errors: tuple[type[Exception], ...] = (data.UnknownTaskError, settings.SettingError)
+    errors += (checkpoints.CheckpointNotFoundError, checkpoints.CheckpointMetadataError)
     if COMMANDS[command].startswith("evolution."):
-        from evolution import agent_view, agents, evolve, root
+        from evolution import agent_view, agents, evolve, export, root, system_model
         from evolution import store as store_lib
 
         errors += (evolve.EvolveError, root.RootNotFoundError, store_lib.StoreError)
         errors += (agents.AgentError, agent_view.AgentStateError)
+        errors += (export.ExportError, system_model.MissingTaskError)
         if command == "export_system_t5x":
             from evolution import t5x_export
 
@@ -224,8 +226,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         entry()
     except _user_errors(args.command) as error:
-        # Gin appends "In call to configurable ..." on a second line: the message is one.
-        raise LaunchError(str(error).split("\n  In call to configurable")[0]) from error
+        raise LaunchError(gin_utils.error_message(error)) from error
     if args.command == "main":
         print(f"main job wall time: {time.perf_counter() - start:.0f} s")
     return 0

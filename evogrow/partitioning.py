@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+from evogrow import settings
 
 LogicalRules = Sequence[tuple[str, str | None]]
 
@@ -60,6 +63,9 @@ class Partitioner:
       logical_axis_rules: (logical name, mesh axis) pairs; None uses the models' standard
         rules.
       devices: devices of the mesh; None uses all global devices.
+
+    Raises:
+      settings.SettingError: the 'model' size does not divide the devices.
     """
 
     def __init__(
@@ -74,9 +80,14 @@ class Partitioner:
             model_size = math.prod(model_parallel_submesh)
         else:
             model_size = num_partitions or 1
-        if len(devices) % model_size:
-            raise ValueError(
-                f"num_partitions={model_size} does not divide the {len(devices)} devices"
+        if (
+            not isinstance(model_size, numbers.Integral)
+            or model_size < 1
+            or len(devices) % model_size
+        ):
+            raise settings.SettingError(
+                f"num_partitions={model_size!r} (NUM_PARTITIONS) does not divide the "
+                f"{len(devices)} devices (valid: a divisor of {len(devices)})"
             )
         auto = (jax.sharding.AxisType.Auto,) * 2
         self.mesh = jax.make_mesh(
@@ -101,11 +112,15 @@ class Partitioner:
 
         Returns:
           the `DataLayout` of this process.
+
+        Raises:
+          settings.SettingError: `batch_size` does not divide over the 'data' axis.
         """
         data_size = self.mesh.shape["data"]
         if batch_size % data_size:
-            raise ValueError(
-                f"batch size {batch_size} is not divisible by the {data_size} data replicas"
+            raise settings.SettingError(
+                f"batch size {batch_size} is not divisible by the {data_size} data replicas "
+                f"(BATCH_SIZE / EVAL_BATCH_SIZE: use a multiple of {data_size})"
             )
         rows_by_process: dict[int, set[int]] = {}
         for row, device_row in enumerate(self.mesh.devices):

@@ -23,7 +23,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from evogrow import checkpoints as checkpoints_lib
-from evogrow import curves, partitioning, reporting, state_growth
+from evogrow import curves, partitioning, reporting, settings, state_growth
 from evogrow import data as data_lib
 from evogrow import evaluation as evaluation_lib
 from evogrow import growth_schedule as growth_schedule_lib
@@ -133,11 +133,16 @@ def train(
     Returns:
       (last step, final train state).
     """
-    if steps_per_execution is not None and steps_per_execution < 1:
-        raise ValueError(
-            f"train.steps_per_execution={steps_per_execution}: use a positive number of steps "
-            "per dispatch (1 dispatches every step), or None to choose by platform."
-        )
+    # Every setting is checked before anything is created in model_dir.
+    total_steps = settings.whole_number(total_steps, "TRAIN_STEPS", 1, "train.total_steps")
+    eval_steps = settings.whole_number(eval_steps, "train.eval_steps", 1)
+    eval_period = settings.whole_number(eval_period, "EVAL_PERIOD", 0, "train.eval_period")
+    stats_period = settings.optional_whole_number(stats_period, "train.stats_period", 1)
+    steps_per_execution = settings.optional_whole_number(
+        steps_per_execution, "train.steps_per_execution", 1, "None: chosen by platform"
+    )
+    if checkpoints_lib.check_resumable(model_dir, total_steps) == total_steps:
+        logger.info("%s is at step %d already; nothing to train", model_dir, total_steps)
     os.makedirs(model_dir, exist_ok=True)
     save_cfg = checkpoint_cfg.save
     schedule = growth_schedule or growth_schedule_lib.GrowthSchedule()

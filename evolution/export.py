@@ -41,6 +41,10 @@ EXPORT_STEP = 0
 METADATA_KEY = "system"
 
 
+class ExportError(ValueError):
+    """The export's target cannot take the system (it holds checkpoints already)."""
+
+
 def task_ids_of(mixture_or_task_name: str, module: str | None = "tasks") -> dict[str, int]:
     """Each task's `task_id`, as the first example of its data carries it.
 
@@ -92,12 +96,14 @@ def export_system(
       The checkpoint directory.
 
     Raises:
-      ValueError: `model_dir` holds checkpoints already, a task of the mixture has no
-        active path in the store, or the stored parameters do not fit the paths.
+      ExportError: `model_dir` holds checkpoints already.
+      system_model.MissingTaskError: a task of the mixture has no active path in the
+        store.
+      ValueError: the stored parameters do not fit the paths.
     """
     directory = os.path.join(model_dir, "checkpoints")
     if os.path.isdir(directory) and os.listdir(directory):
-        raise ValueError(f"{directory} is not empty; export the system to a fresh model_dir.")
+        raise ExportError(f"{directory} is not empty; export the system to a fresh model_dir.")
     if not os.path.isdir(store_dir):
         raise ValueError(f"No store at {store_dir!r}.")
     task_ids = task_ids_of(mixture_or_task_name, module)

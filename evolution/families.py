@@ -251,6 +251,21 @@ def architecture_of(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _dtype_named(name: Any) -> Any:
+    """The jnp scalar type of a stored dtype name; refuses names that are not dtypes.
+
+    The name comes from a store, so it is checked to be a numeric dtype before it is
+    looked up on `jnp` (any other attribute of `jnp` is refused).
+    """
+    try:
+        kind = jnp.dtype(str(name)).kind
+    except TypeError as error:
+        raise ValueError(f"The architecture's dtype {name!r} is not a dtype.") from error
+    if kind not in "biufV" or not hasattr(jnp, str(name)):  # V: bfloat16 and kin
+        raise ValueError(f"The architecture's dtype {name!r} is not a numeric dtype name.")
+    return getattr(jnp, str(name))
+
+
 def config_from_architecture(architecture: Mapping[str, Any]) -> ModelConfig:
     """Rebuilds a config from `architecture_of`'s JSON ("model" defaults to "vit").
 
@@ -263,7 +278,7 @@ def config_from_architecture(architecture: Mapping[str, Any]) -> ModelConfig:
     fields = dict(architecture["config"])
     for name in ("dtype", "param_dtype"):
         if name in fields:
-            fields[name] = getattr(jnp, str(fields[name]))
+            fields[name] = _dtype_named(fields[name])
     for name, value in fields.items():
         if isinstance(value, list):  # JSON has no tuples; configs hold tuples only
             fields[name] = tuple(value)

@@ -45,8 +45,16 @@ def _key_name(key: Any) -> str:
 
 
 def _dtype_from_name(name: str) -> np.dtype:
-    special = getattr(ml_dtypes, name, None)
-    return np.dtype(special) if special is not None else np.dtype(name)
+    # The name comes from the file's manifest: only numeric dtypes are accepted (an
+    # object dtype would reinterpret the bytes as references).
+    special = getattr(ml_dtypes, str(name), None)
+    try:
+        dtype = np.dtype(special) if special is not None else np.dtype(str(name))
+    except TypeError as error:
+        raise ValueError(f"the manifest's dtype {name!r} is not a dtype") from error
+    if dtype.kind not in "biufcV" or dtype.hasobject:
+        raise ValueError(f"the manifest's dtype {name!r} is not a numeric dtype")
+    return dtype
 
 
 def _fsync(path: str) -> None:

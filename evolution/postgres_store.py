@@ -93,6 +93,32 @@ CREATE INDEX path_components_by_component ON path_components(component_id)
 """
 
 
+def redacted(location: str) -> str:
+    """`location` with any password in it (`user:PASSWORD@`, `password=`) replaced by ***.
+
+    Messages and logs name a store by its location; a password written into the URL
+    (instead of ~/.pgpass or PGPASSWORD) must not be repeated there.
+
+    Args:
+      location: a store location or libpq URI.
+
+    Returns:
+      the location without its password.
+    """
+    parts = urllib.parse.urlsplit(location)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = [
+        (key, "***" if key == "password" else value)
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    query_text = urllib.parse.urlencode(query, safe="*/") if query else parts.query
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query_text))
+
+
 def split_location(location: str) -> tuple[str, str]:
     """Splits an `open_store` location into a libpq DSN and the parameter directory.
 
@@ -108,11 +134,11 @@ def split_location(location: str) -> tuple[str, str]:
     """
     parts = urllib.parse.urlsplit(location)
     if parts.scheme not in LOCATION_SCHEMES:
-        raise ValueError(f"{location!r} is not a postgresql:// location.")
+        raise ValueError(f"{redacted(location)!r} is not a postgresql:// location.")
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     params_dirs = [value for key, value in query if key == "params_dir"]
     if len(params_dirs) != 1 or not params_dirs[0]:
-        raise ValueError(f"{location!r} needs exactly one params_dir=<shared directory>.")
+        raise ValueError(f"{redacted(location)!r} needs exactly one params_dir=<shared directory>.")
     rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "params_dir"])
     return urllib.parse.urlunsplit(parts._replace(query=rest)), params_dirs[0]
 

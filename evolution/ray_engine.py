@@ -19,14 +19,19 @@ says how to install it.
 On several machines (each with this repository at the same path and the same Python
 environment):
 
-    # machine 1 (the head):
-    ray start --head --port=6379 --num-cpus=8
+    # machine 1 (the head), using its address on the cluster's private network:
+    ray start --head --port=6379 --num-cpus=8 --node-ip-address=HEAD_HOST
     # every other machine:
     ray start --address=HEAD_HOST:6379 --num-cpus=8
-    # then, from any machine of the cluster:
+    # then, from any machine of the cluster (database password in ~/.pgpass or
+    # PGPASSWORD, never in the URL):
     RAY_ADDRESS=HEAD_HOST:6379 ./run.sh agents_ray --gin_file=gin/runs/agents_ray.gin \
       --gin.STORE="'postgresql://evogrow@DB_HOST:5432/evogrow?params_dir=/shared/dir'" \
       --gin.TASKS="['digits_rgb32_v1', 'fashion_rgb32_v1']"
+
+A Ray cluster has no authentication and its head listens on every interface, so whoever
+reaches its ports can run code on the cluster: HEAD_HOST must be an address of a private
+network, and a firewall must admit only the cluster's machines to Ray's ports.
 
 The store location must be reachable from every machine: metadata in PostgreSQL
 (`postgresql://user@host:port/db?params_dir=/shared/dir`, `evolution.postgres_store`)

@@ -49,6 +49,10 @@ Batch = Mapping[str, jax.Array]
 UNROUTED_PREDICTION = -1
 
 
+class MissingTaskError(ValueError):
+    """A task to route is unknown to the store or has no active path there."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One task of the system: where its examples go.
@@ -215,7 +219,7 @@ def system_config_from_state(
       The config.
 
     Raises:
-      ValueError: a named task is unknown to the store or has no active path.
+      MissingTaskError: a named task is unknown to the store or has no active path.
     """
     routes, missing = [], []
     for task, task_id in task_ids.items():
@@ -226,7 +230,7 @@ def system_config_from_state(
         routes.append(Route(task_id, task, path.id, path.components, json.dumps(path.architecture)))
     if missing:
         known = [t for t in state.task_order() if state.best_path(t) is not None]
-        raise ValueError(
+        raise MissingTaskError(
             f"Tasks {missing} have no active path in the store (tasks with one: {known})."
         )
     return SystemConfig(tuple(routes))
@@ -291,7 +295,7 @@ class SystemModel(base.BaseModel):
           (model, params).
 
         Raises:
-          ValueError: a named task has no active path.
+          MissingTaskError: a named task has no active path.
         """
         config = system_config_from_state(store.load_state(), task_ids)
         return cls(config), load_pool(store, config)

@@ -19,6 +19,8 @@ import seqio
 import tensorflow as tf
 from clu import metrics as clu_metrics
 
+from evogrow import checkpoints
+
 TOY_TASK = "trainer_toy_v1"
 TOY_RULES = (("batch", "data"), ("embed", None), ("mlp", "model"), ("classes", None))
 _SIZES = {"train": 512, "validation": 96, "test": 100}
@@ -81,6 +83,7 @@ def register_toy_task() -> None:
 register_toy_task()
 
 
+@checkpoints.register_architecture_config
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
     """Sizes of the toy MLP (recorded in checkpoints as the architecture)."""
