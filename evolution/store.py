@@ -279,7 +279,8 @@ def open_store(location: str, *, read_only: bool = False) -> Store:
             from evolution import postgres_store
         except ImportError as error:
             raise ImportError(
-                f"The store {location!r} is a PostgreSQL server store, which needs psycopg: "
+                # The location is not repeated: it may hold a password.
+                "A PostgreSQL server store (postgresql://...) needs psycopg: "
                 'pip install "psycopg[binary]" (evogrow\'s [test] extra has it).'
             ) from error
         return postgres_store.PostgresStore.from_location(location, read_only=read_only)
