@@ -207,7 +207,8 @@ def run(argv: Sequence[str]) -> int:
     try:
         entry()
     except _user_errors(args.command) as error:
-        raise LaunchError(str(error)) from error
+        # gin appends the configurable it was calling on a line of its own: not news.
+        raise LaunchError(str(error).split("\n  In call to configurable")[0]) from error
     if args.command == "main":
         print(f"main job wall time: {time.perf_counter() - start:.0f} s")
     return 0
