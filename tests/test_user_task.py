@@ -15,7 +15,6 @@ task is refused in one line; and an unknown name is one line too.
 import json
 import logging
 import sys
-import textwrap
 
 import flax.linen as nn
 import gin
@@ -25,14 +24,15 @@ import pytest
 
 import tasks
 from evogrow import checkpoints, main
-from evolution import inference, root, seeding, sqlite_store, task_data
-from models import encoder
+from evolution import inference, seeding, sqlite_store, task_data
+from models import encoder, vit
 
 REPO = str(main.__file__).rsplit("/evogrow/", 1)[0]
 MODULE = "user_tasks_e2e"
 IMAGE_TASK = "user_channels_v1"
 TEXT_TASKS = ("user_marks_a_v1", "user_marks_b_v1")
 TEXT_ROOT = encoder.tiny(num_classes=2, max_len=16)
+IMAGE_ROOT = vit.vit_tiny(image_shape=(32, 32, 3), patch_size=8, num_classes=10)
 
 MODULE_SOURCE = '''
 """A user's tasks: plain seqio registrations on synthetic in-memory data."""
@@ -154,6 +154,16 @@ def _logits(store_dir, task):
         return inference.predict(store, task, inputs)
 
 
+def _seed_root(store_dir, config, sample):
+    """A root of random parameters (what the search starts from; pretraining aside)."""
+    module = (
+        encoder.Encoder(config) if isinstance(config, encoder.EncoderConfig) else vit.ViT(config)
+    )
+    params = nn.unbox(module.init(jax.random.key(0), sample)["params"])
+    with sqlite_store.SqliteStore(str(store_dir)) as store:
+        seeding.seed_root(store, config, params, agent="root")
+
+
 def _evolve(user_dir, store_dir, root_dir, *extra):
     argv = [
         "evolve",
@@ -189,17 +199,9 @@ def test_image_task_trains_by_name_and_evolves_in(user_dir, tmp_path, caplog, ca
     config = _architecture(model_dir)
     assert (tuple(config["image_shape"]), config["num_classes"]) == ((32, 32, 3), 3)
 
-    root_dir = tmp_path / "root"
-    root.pretrain_root(
-        root_dir=str(root_dir),
-        steps=2,
-        batch_size=16,
-        learning_rate=2e-3,
-        warmup_steps=1,
-        weight_decay=0.05,
-        max_train_examples=64,
-    )
     store_dir = tmp_path / "store"
+    _seed_root(store_dir, IMAGE_ROOT, np.zeros((1, 32, 32, 3), np.float32))
+    root_dir = tmp_path / "unused_root"  # the store has its root already
     limits = ["--gin.MAX_TRAIN_EXAMPLES=64", "--gin.MAX_EVAL_EXAMPLES=48"]
     first = ["--gin.TASKS=['digits_rgb32_v1']", *limits]
     assert _evolve(user_dir, store_dir, root_dir, *first) == 0
@@ -228,9 +230,7 @@ def test_text_tasks_train_by_name_and_evolve_in(user_dir, tmp_path, capsys):
     assert _architecture(model_dir)["num_classes"] == 2
 
     store_dir = tmp_path / "store"
-    with sqlite_store.SqliteStore(str(store_dir)) as store:
-        params = encoder.Encoder(TEXT_ROOT).init(jax.random.key(0), np.ones((1, 8), np.int32))
-        seeding.seed_root(store, TEXT_ROOT, nn.unbox(params["params"]), agent="root")
+    _seed_root(store_dir, TEXT_ROOT, np.ones((1, 8), np.int32))
     no_root = tmp_path / "unused_root"  # the store has its root already
     first = [f"--gin.TASKS=['{TEXT_TASKS[0]}']"]
     assert _evolve(user_dir, store_dir, no_root, *first) == 0
