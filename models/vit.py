@@ -31,9 +31,9 @@ class ViTConfig(layers.TransformerConfig):
       head_zero_init: start the head at zero (as big_vision does).
     """
 
-    image_shape: tuple[int, int, int] = (32, 32, 3)  # type: ignore[assignment]
+    image_shape: tuple[int, int, int] = (32, 32, 3)
     patch_size: int = 4
-    num_classes: int = 10  # type: ignore[assignment]
+    num_classes: int = 10
     pooling: str = "cls"
     head_zero_init: bool = True
 
@@ -53,6 +53,11 @@ class ViTConfig(layers.TransformerConfig):
     @property
     def num_patches(self) -> int:
         """Number of patch tokens."""
+        if self.image_shape is None:
+            raise ValueError(
+                "ViTConfig.image_shape is None (the task's): the trainer fills it in from "
+                "the task (models.task_shapes.fit_to_task) before the model is built."
+            )
         height, width, _ = self.image_shape
         return (height // self.patch_size) * (width // self.patch_size)
 

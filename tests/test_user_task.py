@@ -275,3 +275,21 @@ def test_unknown_task_is_one_line(user_dir, tmp_path, capsys):
     assert _main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"close matches: {IMAGE_TASK}" in err
+
+
+def test_derived_metadata_is_read_once_then_from_the_store(user_dir, tmp_path, monkeypatch):
+    __import__(MODULE)
+    task_data._FROM_CACHE.clear()
+    derived = tasks.info(IMAGE_TASK)
+    reads = []
+    monkeypatch.setattr(tasks, "info", lambda name, **kw: reads.append(name) or derived)
+    first = task_data.task_info(IMAGE_TASK, str(tmp_path))
+    assert reads == [IMAGE_TASK] and (tmp_path / task_data.INFO_CACHE_FILE).exists()
+    task_data._FROM_CACHE.clear()  # as a fresh process: only the store's file is left
+    again = task_data.task_info(IMAGE_TASK, str(tmp_path))
+    assert reads == [IMAGE_TASK]  # not read again
+    assert (again.modality, again.image_shape, again.num_classes) == (
+        first.modality,
+        first.image_shape,
+        first.num_classes,
+    )
