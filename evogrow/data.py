@@ -9,8 +9,6 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import os
 import queue
 import sys
@@ -23,10 +21,10 @@ import seqio
 import tensorflow as tf
 
 from evogrow import settings
+from tasks import registry
 
-
-class UnknownTaskError(ValueError):
-    """Raised for a mixture or task name that no imported module registered."""
+# The one error of an unknown task or mixture name (a KeyError and a ValueError).
+UnknownTaskError = registry.UnknownTaskError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +116,7 @@ def get_mixture_or_task(name: str, module: str | None = "tasks") -> Any:
     Raises:
       UnknownTaskError: no task or mixture of that name; the message lists close names.
     """
-    if module:
-        importlib.import_module(module)
-    if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
-        return seqio.get_mixture_or_task(name)
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    hint = f"did you mean: {', '.join(close)}?" if close else f"registered: {', '.join(known)}"
-    raise UnknownTaskError(
-        f"unknown seqio task or mixture {name!r} (after importing {module!r}); {hint}"
-    )
+    return registry.lookup(name, module)
 
 
 def subtask_names(cfg: DatasetConfig) -> list[str]:

@@ -6,7 +6,9 @@ files, for `summarize_gin_config`), mirroring t5x's gin_utils.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import tokenize
 from collections.abc import Iterable, Sequence
@@ -54,6 +56,28 @@ def rewrite_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, bindings
 
 
+class _QuietPathNotFound(logging.Filter):
+    """Drops gin's "Path not found" errors, logged for each search path that lacks a file.
+
+    gin tries every search path in turn; a file found under a later path is no error,
+    and a file found under none fails the parse with a `GinConfigError` naming it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_search_misses():
+    quiet = _QuietPathNotFound()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def parse_gin(
     gin_search_paths: Sequence[str],
     gin_files: Sequence[str],
@@ -73,7 +97,8 @@ def parse_gin(
         gin.add_config_file_search_path(path)
     for gin_file in gin_files:
         try:
-            gin.parse_config_file(gin_file)
+            with _quiet_search_misses():
+                gin.parse_config_file(gin_file)
         except _GIN_ERRORS as error:
             raise GinConfigError(f"gin file {gin_file!r}: {error}") from error
     for binding in gin_bindings:

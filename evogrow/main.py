@@ -2,12 +2,14 @@
 
     python -m evogrow.main COMMAND --gin_file=F ... --gin.NAME=VALUE ...
         [--gin_search_paths=DIR,DIR] [--coordinator_address=HOST:PORT
-        --process_count=N --process_index=I] [--add_task NAME ...] [--task NAME]
+        --process_count=N --process_index=I] [--add_task NAME ...
+        [--no_immunity_check]] [--task NAME]
     python -m evogrow.main grow --checkpoint DIR --expand REQUESTS --out DIR
     python -m evogrow.main store check STORE_DIR | store backup STORE_DIR DEST
 
 COMMAND: train, eval, infer (the trainer), pretrain_root, evolve (--add_task NAME
-introduces a task), baseline (the evolution's baselines), export_system, agent (--task
+introduces a task and checks that the earlier tasks' test predictions stay bit-identical,
+unless --no_immunity_check), baseline (the evolution's baselines), export_system, agent (--task
 NAME: one asynchronous agent on a stored system), agents_ray (several agents as Ray
 tasks), or main (the default): the
 embedded demonstration (gin/experiments/munet_demo.gin) that reuses or pretrains the
@@ -72,6 +74,11 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--add_task", action="append", default=[], help="evolve: introduce this task (repeat)"
     )
+    parser.add_argument(
+        "--no_immunity_check",
+        action="store_true",
+        help="evolve --add_task: skip checking the earlier tasks' predictions",
+    )
     parser.add_argument("--task", default=None, help="agent: the task the agent works on")
     parsed = parser.parse_args(args)
     bindings = [*parsed.gin_bindings, *bindings]
@@ -83,6 +90,12 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         if parsed.command != "evolve":
             raise LaunchError(f"--add_task is a flag of 'evolve', not of {parsed.command!r}.")
         bindings.append(f"ADD_TASKS = {list(parsed.add_task)!r}")
+    if parsed.no_immunity_check:
+        if parsed.command != "evolve":
+            raise LaunchError(
+                f"--no_immunity_check is a flag of 'evolve', not of {parsed.command!r}."
+            )
+        bindings.append("IMMUNITY_CHECK = False")
     return parsed, bindings
 
 
@@ -157,10 +170,18 @@ def _store_command(argv: Sequence[str]) -> int:
 
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """Exceptions of `command` that mean bad input, reported in one line."""
-    from evogrow import checkpoints, data, settings
+    from evogrow import checkpoints, settings
+    from models import task_shapes
+    from tasks import registry
 
-    errors: tuple[type[Exception], ...] = (data.UnknownTaskError, settings.SettingError)
-    errors += (checkpoints.CheckpointNotFoundError, checkpoints.CheckpointMetadataError)
+    errors: tuple[type[Exception], ...] = (
+        registry.UnknownTaskError,
+        registry.TaskMetadataError,
+        task_shapes.TaskShapeError,
+        settings.SettingError,
+        checkpoints.CheckpointNotFoundError,
+        checkpoints.CheckpointMetadataError,
+    )
     if COMMANDS[command].startswith("evolution."):
         from evolution import agent_view, agents, evolve, export, root, system_model
         from evolution import store as store_lib

@@ -29,6 +29,8 @@ from evogrow import evaluation as evaluation_lib
 from evogrow import growth_schedule as growth_schedule_lib
 from evogrow import trainer as trainer_lib
 from evogrow.partitioning import Partitioner
+from models import growth_hooks, task_shapes
+from tasks import registry
 
 logger = logging.getLogger("evogrow")
 
@@ -184,6 +186,7 @@ def train(
             )
 
         spec = train_stream(0).element_spec
+        model = _fit_to_task(model, train_dataset_cfg, spec)
         input_shapes = {k: (layout.batch_size, *v.shape[1:]) for k, v in spec.items()}
         input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
         trainer = trainer_lib.Trainer(model, partitioner, input_shapes, input_types, dropout_rng)
@@ -291,6 +294,29 @@ def train(
 CPU_STEPS_PER_EXECUTION = 10
 
 
+def _fit_to_task(model: Any, cfg: data_lib.DatasetConfig, spec: Any) -> Any:
+    """`model` with the sizes its config leaves open (None) set to the train task's.
+
+    The image shape comes from the train stream itself, the classes from the task's
+    metadata (`tasks.registry.info`: registered, or derived once from its data).
+    """
+    try:
+        config = growth_hooks.model_config(model)
+    except TypeError:
+        return model
+    num_classes = None
+    if any(f.name == "num_classes" for f in dataclasses.fields(config)):
+        info = registry.info(cfg.mixture_or_task_name, count_examples=False)
+        num_classes = info.num_classes
+    image = spec.get("image")
+    return task_shapes.fit_to_task(
+        model,
+        task_name=cfg.mixture_or_task_name,
+        input_shape=None if image is None else tuple(image.shape[1:]),
+        num_classes=num_classes,
+    )
+
+
 def default_steps_per_execution(platforms: list[str]) -> int:
     """Steps per dispatch when `train.steps_per_execution` is None.
 
@@ -343,10 +369,13 @@ def dispatch_sizes(
 def _check_applied_growth(
     schedule: growth_schedule_lib.GrowthSchedule, applied: list[dict], step: int
 ) -> None:
-    """Warns when a resumed run's checkpoint grew differently from the schedule."""
+    """Notes when a resumed run's checkpoint grew differently from the schedule.
+
+    Normal for staged training across runs (`./run.sh grow` between them), so info.
+    """
     expected = [e.to_json() for e in schedule.events if e.step <= step]
     if applied != expected:
-        logger.warning(
+        logger.info(
             "the checkpoint at step %d records growth events %s but the schedule has %s "
             "up to that step; continuing with the checkpoint's architecture",
             step,

@@ -11,7 +11,8 @@ scalars) in `output_dir`.
   followed by `tasks` it does not hold yet, round-robin as in the papers).
 - Dynamic task introduction (--add_task NAME): each new task gets `rounds` iterations;
   the tasks already in the store are not iterated and, because their components are
-  locked, their predictions stay bit-identical.
+  locked, their predictions stay bit-identical: the run checks this on their test
+  splits and prints the result (`immunity_check`).
 - The root comes from `root_dir` (`evolution.root`, `./run.sh pretrain_root`) when the
   store has none yet.
 - Nothing is lost on a crash: every task iteration publishes its best path in one store
@@ -61,6 +62,8 @@ class EvolveOutcome:
         summary, tensorboard).
       overhead_share: the evolution's own share of the iterations' wall time
         (everything but training, validation and compilation).
+      immune: after introducing tasks, whether every earlier task's test predictions
+        stayed bit-identical; None when not checked.
     """
 
     results: tuple[search.TaskResult, ...]
@@ -68,6 +71,7 @@ class EvolveOutcome:
     table: str
     files: dict[str, str]
     overhead_share: float
+    immune: bool | None = None
 
 
 def _plan(known: Sequence[str], tasks: Sequence[str], add_tasks: Sequence[str], rounds: int):
@@ -186,6 +190,26 @@ def test_accuracies(
     return out
 
 
+def test_predictions(store: store_lib.Store, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each task's logits on its seqio task's test split, from the published system.
+
+    Args:
+      store: the store.
+      names: tasks of the system (their stored metadata names the seqio task; default:
+        the task's own name).
+
+    Returns:
+      task -> logits [N, classes].
+    """
+    state = store.load_state()
+    out = {}
+    for name in names:
+        seqio_task = (state.tasks[name].metadata or {}).get("seqio_task", name)
+        images, _ = task_data.load_task_arrays(seqio_task, "test")
+        out[name] = inference.predict(store, name, images)
+    return out
+
+
 def write_report(
     store: store_lib.Store,
     output_dir: str,
@@ -240,6 +264,7 @@ def evolve(
     max_eval_examples: int | None = None,
     output_dir: str | None = None,
     agent: str = "munet",
+    immunity_check: bool = True,
 ) -> EvolveOutcome:
     """Runs task iterations on a stored system, then reports on the whole system.
 
@@ -258,6 +283,8 @@ def evolve(
       output_dir: where the report goes (default `<store_dir>_report`); the run's
         progress is in the store.
       agent: the publishing agent's name.
+      immunity_check: with `add_tasks`, score the earlier tasks' test splits before and
+        after and report whether their predictions stayed bit-identical.
 
     Returns:
       The outcome.
@@ -301,6 +328,9 @@ def evolve(
             logger.info("evolve: resuming; %d of %d iterations were done", done, len(plan))
         else:
             _record_run(store, agent, plan)
+        # Earlier tasks with a seqio task to score: the immunity check's subjects.
+        earlier = [t for t in known if (state.tasks[t].metadata or {}).get("seqio_task")]
+        before = test_predictions(store, earlier) if add_tasks and immunity_check else None
         data: dict[str, search.TaskData] = {}
         results: list[search.TaskResult] = []
         start = time.perf_counter()
@@ -312,6 +342,7 @@ def evolve(
                     eval_batch_size=eval_batch_size,
                     max_train_examples=max_train_examples,
                     max_eval_examples=max_eval_examples,
+                    cache_dir=store_lib.local_folder_of(store_dir),
                 )
             item = data[task]
             result = search.evolve_task(
@@ -360,7 +391,15 @@ def evolve(
                 f"evolution overhead: {100 * share:.1f}% of {wall:.0f} s of task iterations "
                 "(everything but training, validation and compilation)"
             )
-        return EvolveOutcome(tuple(results), accuracy, table, files, share)
+        immune = None
+        if before is not None:
+            after = test_predictions(store, earlier)
+            immune = all(np.array_equal(before[t], after[t]) for t in earlier)
+            print(
+                f"immunity: the {len(earlier)} earlier tasks' test predictions are "
+                f"{'bit-identical' if immune else 'CHANGED'} after adding {', '.join(add_tasks)}"
+            )
+        return EvolveOutcome(tuple(results), accuracy, table, files, share, immune)
     finally:
         store.close()
 

@@ -10,6 +10,9 @@ t5x users evaluate a checkpoint directory, so the system is exported once:
     ./run.sh eval --gin_file=gin/evolution/eval_system.gin \
         --gin.CHECKPOINT_PATH="'M'" --gin.EVAL_OUTPUT_DIR="'E'"
 
+By default the export routes every task the system has, and eval / infer score the
+tasks the checkpoint routes (`system_mixture`); naming a mixture narrows either.
+
 The checkpoint (M/checkpoints/0) holds the pool {component_id: parameters}, each shared
 component once, and in its metadata the routes (`SystemConfig.to_json()`: for each task of
 the mixture its `task_id`, best path, slots and architecture), so the model is rebuilt
@@ -19,9 +22,11 @@ the tasks' own data: the `task_id` feature their examples carry.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import types
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -35,7 +40,9 @@ from evolution import system_model
 
 logger = logging.getLogger("evogrow")
 
+# The six-task mixture `evolution.t5x_export` routes by default.
 DEFAULT_MIXTURE = "evolution_image_rgb32_v1"
+
 EXPORT_STEP = 0
 # The checkpoint metadata key holding `SystemConfig.to_json()`.
 METADATA_KEY = "system"
@@ -45,12 +52,14 @@ class ExportError(ValueError):
     """The export's target cannot take the system (it holds checkpoints already)."""
 
 
-def task_ids_of(mixture_or_task_name: str, module: str | None = "tasks") -> dict[str, int]:
+def task_ids_of(
+    mixture_or_task_name: str | Sequence[str], module: str | None = "tasks"
+) -> dict[str, int]:
     """Each task's `task_id`, as the first example of its data carries it.
 
     Args:
-      mixture_or_task_name: a seqio mixture (each of its tasks) or task.
-      module: imported first to register the name.
+      mixture_or_task_name: a seqio mixture (each of its tasks) or task, or task names.
+      module: imported first to register the names.
 
     Returns:
       task name -> task_id, in the mixture's order.
@@ -59,8 +68,14 @@ def task_ids_of(mixture_or_task_name: str, module: str | None = "tasks") -> dict
       evogrow.data.UnknownTaskError: an unknown name.
       ValueError: a task without a `task_id` feature or without examples.
     """
-    provider = data_lib.get_mixture_or_task(mixture_or_task_name, module)
-    members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    if isinstance(mixture_or_task_name, str):
+        names: Sequence[str] = [mixture_or_task_name]
+    else:
+        names = mixture_or_task_name
+    members: list[seqio.Task] = []
+    for name in names:
+        provider = data_lib.get_mixture_or_task(name, module)
+        members += provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     ids = {}
     for task in members:
         if "task_id" not in task.output_features:
@@ -81,7 +96,7 @@ def export_system(
     *,
     store_dir: str,
     model_dir: str,
-    mixture_or_task_name: str = DEFAULT_MIXTURE,
+    mixture_or_task_name: str | None = None,
     module: str | None = "tasks",
 ) -> str:
     """Writes the system of a store's best paths, one route per task, as a checkpoint.
@@ -89,8 +104,9 @@ def export_system(
     Args:
       store_dir: the store (`evolution.store.open_store`).
       model_dir: a new model directory; the checkpoint goes to `model_dir/checkpoints`.
-      mixture_or_task_name: the tasks to route (each needs a best active path).
-      module: imported to register `mixture_or_task_name`.
+      mixture_or_task_name: the tasks to route (each needs a best active path); None:
+        every task of the system with a path (the root's task aside).
+      module: imported to register the tasks.
 
     Returns:
       The checkpoint directory.
@@ -106,9 +122,9 @@ def export_system(
         raise ExportError(f"{directory} is not empty; export the system to a fresh model_dir.")
     if not os.path.isdir(store_dir):
         raise ValueError(f"No store at {store_dir!r}.")
-    task_ids = task_ids_of(mixture_or_task_name, module)
     store = store_lib.open_store(store_dir, read_only=True)
     try:
+        task_ids = task_ids_of(mixture_or_task_name or _system_tasks(store, store_dir), module)
         model, params = system_model.SystemModel.from_store(store, task_ids)
     finally:
         store.close()
@@ -117,7 +133,10 @@ def export_system(
     metadata = {
         "architecture": checkpoints_lib.architecture_metadata(model),
         METADATA_KEY: model.config.to_json(),
-        "export": {"store_dir": os.path.abspath(store_dir), "mixture": mixture_or_task_name},
+        "export": {
+            "store_dir": os.path.abspath(store_dir),
+            "mixture": mixture_or_task_name or list(task_ids),
+        },
     }
     # No optimizer state: a zero counter stands in, as orbax refuses an empty item.
     state = types.SimpleNamespace(params=params, opt_state={"count": np.zeros((), np.int32)})
@@ -137,6 +156,21 @@ def export_system(
         directory,
     )
     return directory
+
+
+def _system_tasks(store: store_lib.Store, store_dir: str) -> list[str]:
+    """The system's tasks with a path, in the order they joined (the root's task aside)."""
+    system_state = store.load_state()
+    root_id = system_state.root_path_id
+    root_task = system_state.paths[root_id].task if root_id else None
+    names = [
+        t
+        for t in system_state.task_order()
+        if t != root_task and system_state.best_path(t) is not None
+    ]
+    if not names:
+        raise ValueError(f"The store {store_dir!r} has no evolved task to export.")
+    return names
 
 
 def _check_fits(model: system_model.SystemModel, params: dict) -> None:
@@ -175,6 +209,26 @@ def read_system_config(model_dir: str, step: int | None = None) -> system_model.
             "metadata); write one with evolution.export.export_system."
         )
     return system_model.SystemConfig.from_json(metadata[METADATA_KEY])
+
+
+def system_mixture(*, model_dir: str, step: int | None = None) -> str:
+    """A seqio mixture of the tasks a system checkpoint routes (eval's default data).
+
+    Registered in this process under a name derived from the tasks, once.
+
+    Args:
+      model_dir: the model directory written by `export_system`.
+      step: the checkpoint step; None takes the latest.
+
+    Returns:
+      The mixture's name.
+    """
+    tasks = read_system_config(model_dir, step).tasks
+    digest = hashlib.sha1(",".join(tasks).encode()).hexdigest()[:10]
+    name = f"exported_system_{digest}"
+    if name not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add(name, [(task, 1.0) for task in tasks])
+    return name
 
 
 def load_system_model(

@@ -13,7 +13,10 @@ sequence length, under "inputs" (the text encoder's input).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 
 import numpy as np
 import seqio
@@ -31,24 +34,93 @@ TASKS_MODULE = "tasks"
 _READ_BATCH = 1024
 # modality -> the batch feature the search's model reads (`evolution.families`).
 FEATURES = {"image": "image", "text": "inputs"}
+# In a store's folder: the metadata derived from the data of tasks registered with plain
+# seqio, so that later runs on the store do not read a task's data again to learn it.
+INFO_CACHE_FILE = "task_info.json"
+_CACHED_FIELDS = ("modality", "num_classes", "image_shape", "text_max_length", "vocabulary_name")
+# task -> metadata read from a store's cache by this process.
+_FROM_CACHE: dict[str, tasks.TaskInfo] = {}
 
 
-def _task_info(task_name: str) -> tasks.TaskInfo:
-    """The registered `tasks.TaskInfo` of an image or text classification task."""
+def _read_cache(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, INFO_CACHE_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return dict(json.load(f))
+
+
+def _write_cache(cache_dir: str, entries: dict) -> None:
+    path = os.path.join(cache_dir, INFO_CACHE_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def task_info(task_name: str, cache_dir: str | None = None) -> tasks.TaskInfo:
+    """What the search needs to know about an image or text classification task.
+
+    The task's own metadata when it has some (`tasks.add_task`, `tasks.set_info`);
+    otherwise the metadata cached in `cache_dir`, or, the first time, what `tasks.info`
+    derives from the task's data (then written to the cache).
+
+    Args:
+      task_name: a seqio task (registered by `import tasks` or a module imported before).
+      cache_dir: a store's folder holding `INFO_CACHE_FILE` (None: no cache).
+
+    Returns:
+      The task's metadata.
+
+    Raises:
+      evogrow.data.UnknownTaskError: no such task (the message lists close names).
+      ValueError: a mixture.
+      tasks.TaskMetadataError: a task that is neither image nor text classification, or
+        whose features or data do not say what the search needs (the message names
+        what is missing).
+    """
     provider = data_lib.get_mixture_or_task(task_name, TASKS_MODULE)  # UnknownTaskError
     if isinstance(provider, seqio.Mixture):
         raise ValueError(
             f"{task_name!r} is a mixture; the search reads one task at a time: use one of "
             f"{', '.join(task.name for task in provider.tasks)}."
         )
-    info = tasks.info(task_name)
+    cached = _read_cache(cache_dir).get(task_name) if cache_dir else None
+    if task_name in tasks.registered_names():
+        info = tasks.info(task_name)
+    elif task_name in _FROM_CACHE:
+        info = _FROM_CACHE[task_name]
+    elif cached is not None:
+        shape = cached.get("image_shape")
+        info = tasks.TaskInfo(
+            name=task_name,
+            **{**cached, "image_shape": tuple(shape) if shape else None},
+            splits=tuple(provider.splits),
+        )
+        _FROM_CACHE[task_name] = info
+    else:
+        info = tasks.info(task_name)  # reads the task's data once
+        if cache_dir:
+            entries = _read_cache(cache_dir)
+            entries[task_name] = {k: getattr(info, k) for k in _CACHED_FIELDS}
+            _write_cache(cache_dir, entries)
+        _FROM_CACHE[task_name] = dataclasses.replace(info, num_examples=None)
     if not ((info.modality == "image" and info.image_shape is not None) or info.modality == "text"):
-        raise ValueError(
+        raise tasks.TaskMetadataError(
             f"{task_name!r} is a {info.modality} task; the search needs an image task "
-            "(e.g. one of tasks.offline_image.evolution_members()) or a text "
-            "classification task (e.g. sms_spam_v1)."
+            "(an 'image' feature [H, W, C] and an integer 'label') or a text "
+            "classification task ('inputs' word-piece ids and an integer 'label')."
+        )
+    if info.num_classes < 1:
+        raise tasks.TaskMetadataError(
+            f"{task_name!r}: its 'label' feature gives no classes to learn."
         )
     return info
+
+
+def _task_info(task_name: str) -> tasks.TaskInfo:
+    """The metadata of an image or text classification task (`task_info`, no cache)."""
+    return task_info(task_name)
 
 
 def feature_of(task_name: str) -> str:
@@ -167,8 +239,9 @@ def search_task_data(
     max_eval_examples: int | None = None,
     validation_split: str = "validation",
     sequence_length: int | None = None,
+    cache_dir: str | None = None,
 ) -> TaskData:
-    """What `search.evolve_task` / `evolve_round_robin` need for one registered task.
+    """What `search.evolve_task` / `evolve_round_robin` need for one seqio task.
 
     Args:
       task_name: a registered image or text task, e.g. "digits_rgb32_v1", "trec6_v1".
@@ -177,17 +250,18 @@ def search_task_data(
       max_eval_examples: use only the first this many validation examples (None: all).
       validation_split: the split candidates are scored on.
       sequence_length: text tasks: token ids per example (see `load_task_arrays`).
+      cache_dir: a store's folder caching metadata derived from data (`task_info`).
 
     Returns:
       TaskData: shuffled, augmentable train batches (`batches.array_train_batches`),
       fixed validation batches (`batches.array_eval_batches`), under "image" or
-      "inputs" (`feature_of`), the task's registered class count, and metadata
+      "inputs" (`feature_of`), the task's class count (`task_info`), and metadata
       {"seqio_task", "num_classes", "image_shape"} ("sequence_length" for text).
 
     Raises:
       As `load_task_arrays`.
     """
-    info = _task_info(task_name)
+    info = task_info(task_name, cache_dir)
     feature = FEATURES[info.modality]
     train_inputs, train_labels = load_task_arrays(
         task_name, "train", max_examples=max_train_examples, sequence_length=sequence_length

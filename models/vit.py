@@ -23,9 +23,10 @@ class ViTConfig(layers.TransformerConfig):
     """ViT architecture.
 
     Attributes:
-      image_shape: (H, W, C) of the input images.
+      image_shape: (H, W, C) of the input images; None: the task's, filled in by the
+        trainer (`models.task_shapes.fit_to_task`) before the model is built.
       patch_size: side of the square patches (must divide H and W).
-      num_classes: classes of the head.
+      num_classes: classes of the head; None: the task's, filled in likewise.
       pooling: "cls" (a learned class token) or "gap" (mean over patches).
       head_zero_init: start the head at zero (as big_vision does).
     """
@@ -38,18 +39,25 @@ class ViTConfig(layers.TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.pooling not in ("cls", "gap"):
+            raise ValueError(f"ViTConfig.pooling={self.pooling!r}; expected 'cls' or 'gap'.")
+        if self.image_shape is None:  # the task's, filled in before the model is built
+            return
         height, width, _ = self.image_shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
                 f"ViTConfig.patch_size={self.patch_size} must divide "
                 f"image_shape {self.image_shape}."
             )
-        if self.pooling not in ("cls", "gap"):
-            raise ValueError(f"ViTConfig.pooling={self.pooling!r}; expected 'cls' or 'gap'.")
 
     @property
     def num_patches(self) -> int:
         """Number of patch tokens."""
+        if self.image_shape is None:
+            raise ValueError(
+                "ViTConfig.image_shape is None (the task's): the trainer fills it in from "
+                "the task (models.task_shapes.fit_to_task) before the model is built."
+            )
         height, width, _ = self.image_shape
         return (height // self.patch_size) * (width // self.patch_size)
 

@@ -322,14 +322,21 @@ def test_gin_files_parse(gin_file):
     try:
         gin.add_config_file_search_path(gin_utils.REPO_ROOT)
         gin.parse_config_file(os.path.join(gin_utils.REPO_ROOT, "gin", "evolution", gin_file))
-        assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "evolution_image_rgb32_v1"
+        # By default the system's own tasks: export all, evaluate what the checkpoint routes.
+        name = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
+        if gin_file == "export_system.gin":
+            assert name is None
+        else:
+            assert "system_mixture" in repr(name)
     finally:
         gin.clear_config()
 
 
 def test_export_then_eval_the_whole_system_in_one_run(world, expected, tmp_path):
+    # Neither names a mixture: the export routes the system's tasks with a path (A and B;
+    # C has none) and eval scores the tasks the checkpoint routes.
     model_dir, eval_dir = str(tmp_path / "system"), str(tmp_path / "eval")
-    common = {"MIXTURE_OR_TASK_NAME": MIXTURE_AB, "MIXTURE_OR_TASK_MODULE": None}
+    common = {"MIXTURE_OR_TASK_MODULE": None}
     try:
         _parse(
             "gin/evolution/export_system.gin",
@@ -351,15 +358,15 @@ def test_export_then_eval_the_whole_system_in_one_run(world, expected, tmp_path)
             "--gin_file=gin/evolution/eval_system.gin",
             f"--gin.CHECKPOINT_PATH='{model_dir}'",
             f"--gin.EVAL_OUTPUT_DIR='{eval_dir}'",
-            f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE_AB}'",
             "--gin.MIXTURE_OR_TASK_MODULE=None",
             "--gin.BATCH_SIZE=8",
         ]
         assert main.run(argv) == 0
     finally:
         gin.clear_config()
+    assert export.read_system_config(model_dir).tasks == (TASK_A, TASK_B)
     records = {r["task"]: r for r in reporting.read_history(eval_dir)}
-    assert set(records) >= {TASK_A, TASK_B}
+    assert set(records) >= {TASK_A, TASK_B} and TASK_C not in records
     for task, (_, classes) in expected.items():
         labels = _arrays(task)[1]
         assert records[task]["num_examples"] == NUM_TEST[task]
