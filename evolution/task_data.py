@@ -88,23 +88,24 @@ def task_info(task_name: str, cache_dir: str | None = None) -> tasks.TaskInfo:
     cached = _read_cache(cache_dir).get(task_name) if cache_dir else None
     if task_name in tasks.registered_names():
         info = tasks.info(task_name)
-    elif task_name in _FROM_CACHE:
-        info = _FROM_CACHE[task_name]
-    elif cached is not None:
-        shape = cached.get("image_shape")
-        info = tasks.TaskInfo(
-            name=task_name,
-            **{**cached, "image_shape": tuple(shape) if shape else None},
-            splits=tuple(provider.splits),
-        )
-        _FROM_CACHE[task_name] = info
     else:
-        info = tasks.info(task_name)  # reads the task's data once
-        if cache_dir:
+        if task_name in _FROM_CACHE:
+            info = _FROM_CACHE[task_name]
+        elif cached is not None:
+            shape = cached.get("image_shape")
+            info = tasks.TaskInfo(
+                name=task_name,
+                **{**cached, "image_shape": tuple(shape) if shape else None},
+                splits=tuple(provider.splits),
+            )
+        else:
+            info = tasks.info(task_name)  # reads the task's data once per process
+        _FROM_CACHE[task_name] = dataclasses.replace(info, num_examples=None)
+        # A store that has not cached it yet gets it, whichever of the above found it.
+        if cache_dir and cached is None:
             entries = _read_cache(cache_dir)
             entries[task_name] = {k: getattr(info, k) for k in _CACHED_FIELDS}
             _write_cache(cache_dir, entries)
-        _FROM_CACHE[task_name] = dataclasses.replace(info, num_examples=None)
     if not ((info.modality == "image" and info.image_shape is not None) or info.modality == "text"):
         raise tasks.TaskMetadataError(
             f"{task_name!r} is a {info.modality} task; the search needs an image task "
