@@ -90,7 +90,7 @@ class Partitioner:
                 f"{len(devices)} devices (valid: a divisor of {len(devices)})"
             )
         auto = (jax.sharding.AxisType.Auto,) * 2
-        self.mesh = jax.make_mesh(
+        self.mesh: jax.sharding.Mesh = jax.make_mesh(
             (len(devices) // model_size, model_size),
             ("data", "model"),
             axis_types=auto,
@@ -98,7 +98,9 @@ class Partitioner:
         )
         if logical_axis_rules is None:
             logical_axis_rules = default_logical_axis_rules()
-        self.logical_axis_rules = tuple((name, axis) for name, axis in logical_axis_rules)
+        self.logical_axis_rules: tuple[tuple[str, str | None], ...] = tuple(
+            (name, axis) for name, axis in logical_axis_rules
+        )
 
     # ----------------------------------------------------------------------- data layout
     def get_data_layout(self, batch_size: int) -> DataLayout:
