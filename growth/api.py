@@ -153,7 +153,8 @@ class Expansion:
           The lowered program (its compiled form gives ``memory_analysis()``).
         """
         key_data, key_impl = _key_parts(rng)
-        return self._jitted(key_impl, out_shardings, donate).lower(params, opt_state, key_data)
+        jitted = self._jitted(key_impl, out_shardings, donate)
+        return jitted.lower(self._program(key_impl), params, opt_state, key_data)
 
     def apply(
         self,
@@ -183,14 +184,20 @@ class Expansion:
           ``opt_state`` is).
         """
         key_data, key_impl = _key_parts(rng)
-        return self._jitted(key_impl, out_shardings, donate)(params, opt_state, key_data)
+        jitted = self._jitted(key_impl, out_shardings, donate)
+        return jitted(self._program(key_impl), params, opt_state, key_data)
 
     def _jitted(self, key_impl: str | None, out_shardings: Any, donate: bool) -> Any:
+        jitted = jax.jit(
+            _grow_state,
+            static_argnums=0,
+            out_shardings=out_shardings,
+            donate_argnums=(1, 2) if donate else (),
+        )
         # A new jit wrapper per call: JAX caches the trace and the executable by the
         # function, the static program and the shardings, so an equal expansion of
         # equally shaped arrays compiles once.
-        fn = functools.partial(_grow_state, self._program(key_impl))
-        return jax.jit(fn, out_shardings=out_shardings, donate_argnums=(0, 1) if donate else ())
+        return jitted
 
 
 def plan_expansion(
