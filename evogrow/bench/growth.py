@@ -336,10 +336,9 @@ class Setup:
         self.config = MODELS[name]()
         self.partitioner = partitioning.Partitioner(num_partitions=devices)
         self.host_params = random_params(self.config)
-        self.host_state = adam_state(self.host_params)
         self.shardings = self.state_shardings(self.config)
         self.params = jax.device_put(self.host_params, self.shardings[0])
-        self.state = jax.device_put(self.host_state, self.shardings[1])
+        self.state = jax.device_put(adam_state(self.host_params), self.shardings[1])
 
     def state_shardings(self, config: Any) -> tuple[Any, Any]:
         """Shardings of (params, Adam state) of `config`, from its logical axis names."""
@@ -428,7 +427,12 @@ def _refused(config: Any) -> str:
 
 
 def measure_model(
-    name: str, devices: int, repeats: int, results: dict[str, Any], min_seconds: float = 0.0
+    name: str,
+    devices: int,
+    repeats: int,
+    results: dict[str, Any],
+    min_seconds: float = 0.0,
+    cases: tuple[str, ...] = CASES,
 ) -> None:
     """Measures every case of one model on this process's devices, a row per case.
 
@@ -438,6 +442,7 @@ def measure_model(
       repeats: timed runs per case, at least.
       results: the JSON results, updated in place.
       min_seconds: see `measure_case`.
+      cases: which of CASES to measure.
     """
     setup = Setup(name, devices)
     config = setup.config
@@ -455,6 +460,8 @@ def measure_model(
         flush=True,
     )
     for case, requests in requests_for(config).items():
+        if case not in cases:
+            continue
         if requests is None:
             print(f"{name:10} {case:9} {devices:3d} refused: {_refused(config)}", flush=True)
             continue
@@ -525,6 +532,9 @@ def main(argv: list[str]) -> int:
         default="1,8",
         help="comma-separated device counts (simulated CPU devices, state sharded over them)",
     )
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated cases from {','.join(CASES)}"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case, at least")
     parser.add_argument(
         "--min-seconds",
@@ -534,23 +544,26 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
-    unknown = [s for s in sizes if s not in MODELS]
+    cases = tuple(c for c in args.cases.split(",") if c)
+    unknown = [s for s in sizes if s not in MODELS] + [c for c in cases if c not in CASES]
     try:
         devices = [int(d) for d in args.devices.split(",") if d]
     except ValueError:
         devices = []
     if unknown or args.repeats < 1 or not devices or min(devices) < 1:
         parser.error(
-            f"unknown sizes {unknown}; choose from {list(MODELS)}; repeats >= 1; "
+            f"unknown sizes or cases {unknown}; choose from {list(MODELS)} and "
+            f"{list(CASES)}; repeats >= 1; "
             "devices: positive integers"
         )
     results: dict[str, Any] = {}
     print(HEADER, flush=True)
     if len(devices) == 1 and jax.device_count() == devices[0]:
         for name in sizes:
-            measure_model(name, devices[0], args.repeats, results, args.min_seconds)
+            measure_model(name, devices[0], args.repeats, results, args.min_seconds, cases)
     else:
-        child_args = ["--sizes", args.sizes, "--repeats", str(args.repeats)]
+        child_args = ["--sizes", args.sizes, "--cases", args.cases]
+        child_args += ["--repeats", str(args.repeats)]
         child_args += ["--min-seconds", str(args.min_seconds)]
         for count_ in devices:
             results.update(_run_child(count_, child_args))
