@@ -1,23 +1,23 @@
 """Growing a live, partitioned training state (parameters and optimizer state) mid-run.
 
-`grow_train_state` gathers the state to the host, applies `growth.expand` to the params
-and the optax state together, builds the grown model (models/growth_hooks.py) and its
-`Trainer` (new abstract state, shardings derived again from the logical axis names, steps
-compiled on first use), and places the grown arrays in the new shardings. Works on one
-device, on a simulated or real mesh, and across processes (every process computes the
-same grown host arrays and keeps its own shards).
+`grow_train_state` plans the growth from the trainer's abstract state (shapes only),
+builds the grown model (models/growth_hooks.py) and its `Trainer` (new abstract state,
+shardings derived again from the logical axis names, steps compiled on first use), and
+grows the params and the optax state together in one jitted program whose outputs have
+the new trainer's shardings. Each device computes its own shards of the grown state from
+the shards it holds: nothing is gathered to a host, on one device, on a mesh, or across
+processes. A growth event is that one compiled program plus the recompile of the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 import growth
 from evogrow import trainer as trainer_lib
@@ -35,7 +35,8 @@ class GrowthResult:
       config_after: the architecture after.
       num_params_before: parameter count before.
       num_params_after: parameter count after.
-      seconds: wall time of gather, expansion and placement (compilation excluded).
+      seconds: wall time of planning and of the grown state's program (its compilation
+        included; the train step's is not).
     """
 
     trainer: trainer_lib.Trainer
@@ -47,63 +48,35 @@ class GrowthResult:
     seconds: float
 
 
-def to_host(tree: Any) -> Any:
-    """Copies a tree of (possibly multi-process sharded) arrays to host numpy arrays.
+def check_grown(grown: Any, expected: Any, what: str) -> None:
+    """Checks the grown abstract tree against the grown model's abstract state.
 
     Args:
-      tree: a pytree of jax arrays.
-
-    Returns:
-      the same tree of full numpy arrays (gathered across processes where needed).
-    """
-
-    def fetch(leaf: Any) -> np.ndarray:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        return np.asarray(jax.device_get(leaf))
-
-    return jax.tree.map(fetch, tree)
-
-
-def place(tree: Any, abstract: Any, shardings: Any, what: str) -> Any:
-    """Places full host arrays into shardings, checking them against the abstract tree.
-
-    Args:
-      tree: host arrays (numpy or jax).
-      abstract: ShapeDtypeStructs of the same structure (the model's expected state).
-      shardings: a sharding per leaf.
+      grown: ShapeDtypeStructs of what growth produces.
+      expected: ShapeDtypeStructs of the grown model's state (its trainer's).
       what: name of the tree for error messages.
 
-    Returns:
-      the tree as global jax arrays in `shardings`, cast to the abstract dtypes.
-
     Raises:
-      ValueError: the trees differ in structure or a shape differs (a growth rule and
-        the model disagree).
+      ValueError: the trees differ in structure, or a shape or dtype differs (a growth
+        rule and the model disagree).
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    expected, expected_def = jax.tree.flatten(abstract)
+    leaves, treedef = jax.tree.flatten(grown)
+    expected_leaves, expected_def = jax.tree.flatten(expected)
     if treedef != expected_def:  # type: ignore[operator]
         raise ValueError(
             f"grown {what} do not have the grown model's structure:\n  grown: {treedef}\n"
             f"  model: {expected_def}"
         )
-    placed = []
-    for leaf, spec, sharding in zip(leaves, expected, jax.tree.leaves(shardings), strict=True):
-        host = np.asarray(leaf, dtype=spec.dtype)
-        if host.shape != tuple(spec.shape):
-            raise ValueError(f"grown {what}: shape {host.shape} but the model has {spec.shape}")
-        placed.append(jax.make_array_from_callback(host.shape, sharding, _slicer(host)))
-    return jax.tree.unflatten(treedef, placed)
-
-
-def _slicer(host: np.ndarray) -> Any:
-    """Returns index -> host[index], the per-shard callback of `make_array_from_callback`."""
-    return lambda index: host[index]
+    for leaf, spec in zip(leaves, expected_leaves, strict=True):
+        if (tuple(leaf.shape), leaf.dtype) != (tuple(spec.shape), spec.dtype):
+            raise ValueError(
+                f"grown {what}: {leaf.shape} {leaf.dtype} but the model has "
+                f"{spec.shape} {spec.dtype}"
+            )
 
 
 def _count(params: Any) -> int:
-    return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params)))
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
 def grow_train_state(
@@ -116,7 +89,8 @@ def grow_train_state(
 
     Args:
       trainer: the trainer of the current model.
-      state: its train state (not donated; still valid afterwards).
+      state: its train state (not donated; still valid afterwards), on the trainer's
+        shardings.
       requests: growth requests (growth/requests.py), applied in order.
       rng: PRNG key of the new free entries (`growth_schedule.growth_rng`).
 
@@ -128,23 +102,28 @@ def grow_train_state(
     """
     start = time.perf_counter()
     config = growth_hooks.model_config(trainer.model)
-    params, opt_state = to_host((state.params, state.opt_state))
-    new_config, new_params, new_opt_state = growth.expand(
-        config, params, requests, rng=rng, opt_state=opt_state
-    )
-    new_trainer = trainer.for_model(growth_hooks.with_config(trainer.model, new_config))
+    old = trainer.abstract_state
+    expansion = growth.plan_expansion(config, old.params, requests, opt_state=old.opt_state)
+    new_trainer = trainer.for_model(growth_hooks.with_config(trainer.model, expansion.config))
     abstract, shardings = new_trainer.abstract_state, new_trainer.state_shardings
-    new_state = trainer_lib.TrainState(
-        step=state.step,
-        params=place(new_params, abstract.params, shardings.params, "params"),
-        opt_state=place(new_opt_state, abstract.opt_state, shardings.opt_state, "optimizer state"),
+    grown_params, grown_opt_state = expansion.abstract_state(old.params, old.opt_state)
+    check_grown(grown_params, abstract.params, "params")
+    check_grown(grown_opt_state, abstract.opt_state, "optimizer state")
+    params, opt_state = expansion.apply(
+        state.params,
+        state.opt_state,
+        rng=rng,
+        out_shardings=(shardings.params, shardings.opt_state),
     )
+    new_state = trainer_lib.TrainState(step=state.step, params=params, opt_state=opt_state)
+    jax.block_until_ready(new_state)
+    new_config = expansion.config
     return GrowthResult(
         trainer=new_trainer,
         state=new_state,
         config_before=config,
         config_after=new_config,
-        num_params_before=_count(params),
-        num_params_after=_count(new_params),
+        num_params_before=_count(old.params),
+        num_params_after=_count(abstract.params),
         seconds=time.perf_counter() - start,
     )

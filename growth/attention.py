@@ -20,11 +20,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
-from growth.draws import Fill, Free
 from growth.layout import default_free, is_attention, leaf_shape_at, modules
-from growth.ops import Op, Pad, Scale, Step, Zero, plan_step
+from growth.ops import Free, Op, Pad, Scale, Step, WidthGrowth, Zero
 from growth.rules import QK_RESCALE, GrowthError, check_grows, traits_of
 
 
@@ -59,17 +56,13 @@ def _free_pad(params, path, axis: int, new_size: int) -> Pad:
     return Pad(axis, new_size, value)
 
 
-def grow_num_heads(
-    config: Any, params: Mapping, new_size: int, *, key: jax.Array, fill: Fill
-) -> Step:
+def grow_num_heads(config: Any, params: Mapping, new_size: int) -> Step:
     """Plans the growth of the number of attention heads to ``new_size``.
 
     Args:
       config: model config with ``num_heads``.
-      params: the model parameters.
+      params: the model parameters (their shapes suffice).
       new_size: the new number of heads E'.
-      key: PRNG key for the new free entries.
-      fill: constant, callable or None for the default initializers.
 
     Returns:
       The step (new config and the map for parameters and optimizer moments).
@@ -90,18 +83,16 @@ def grow_num_heads(
         if path[-1] == "kernel":
             _check(params, path, 0, old, "num_heads")
             plan[path] = (Pad(0, new_size, Zero()),)
-    return plan_step(dataclasses.replace(config, num_heads=new_size), plan, key, fill)
+    return Step(dataclasses.replace(config, num_heads=new_size), WidthGrowth(tuple(plan.items())))
 
 
-def grow_v_dim(config: Any, params: Mapping, new_size: int, *, key: jax.Array, fill: Fill) -> Step:
+def grow_v_dim(config: Any, params: Mapping, new_size: int) -> Step:
     """Plans the growth of the per-head value size to ``new_size``.
 
     Args:
       config: model config with ``v_dim``.
-      params: the model parameters.
+      params: the model parameters (their shapes suffice).
       new_size: the new value size v'.
-      key: PRNG key for the new free entries.
-      fill: constant, callable or None for the default initializers.
 
     Returns:
       The step (new config and the map for parameters and optimizer moments).
@@ -121,18 +112,16 @@ def grow_v_dim(config: Any, params: Mapping, new_size: int, *, key: jax.Array, f
         if path[-1] == "kernel":
             _check(params, path, 1, old, "v_dim")
             plan[path] = (Pad(1, new_size, Zero()),)
-    return plan_step(dataclasses.replace(config, v_dim=new_size), plan, key, fill)
+    return Step(dataclasses.replace(config, v_dim=new_size), WidthGrowth(tuple(plan.items())))
 
 
-def grow_qk_dim(config: Any, params: Mapping, new_size: int, *, key: jax.Array, fill: Fill) -> Step:
+def grow_qk_dim(config: Any, params: Mapping, new_size: int) -> Step:
     """Plans the growth of the per-head key/query size to ``new_size``.
 
     Args:
       config: model config with ``qk_dim`` and ``attention_scaling``.
-      params: the model parameters.
+      params: the model parameters (their shapes suffice).
       new_size: the new key/query size k'.
-      key: PRNG key for the new free entries.
-      fill: constant, callable or None for the default initializers.
 
     Returns:
       The step (new config and the map for parameters and optimizer moments).
@@ -154,4 +143,4 @@ def grow_qk_dim(config: Any, params: Mapping, new_size: int, *, key: jax.Array, 
         _check(params, path, axis, old, "qk_dim")
         scale = (Scale(math.sqrt(new_size / old)),) if rescale else ()
         plan[path] = (*scale, Pad(axis, new_size, Zero()))
-    return plan_step(dataclasses.replace(config, qk_dim=new_size), plan, key, fill)
+    return Step(dataclasses.replace(config, qk_dim=new_size), WidthGrowth(tuple(plan.items())))

@@ -10,44 +10,33 @@ position are renumbered ``block_{i+1}``. Post-norm blocks are refused (``growth.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from growth.draws import (
-    Fill,
-    Free,
-    LeafKey,
-    draw_free,
-    leaf_keys,
-    path_seed,
-    write_new,
-    writes_every_entry,
-)
 from growth.layout import block_index, block_names, default_free, is_attention, is_mlp, modules
 from growth.ops import (
-    FIRST_MOMENT,
     PARAM,
-    SECOND_MOMENT,
+    ROLES,
+    Fill,
     Path,
     Step,
-    flatten,
-    leaf_shape,
-    run_tasks,
-    unflatten,
+    draw_free,
+    is_array,
+    path_seed,
+    rebox,
+    unbox,
 )
 from growth.rules import GrowthError, choose, traits_of
-from growth.transfer import aligned_empty, aligned_zeros, to_device
+
+_TEMPLATE = "block_0"
 
 
-def _zero_paths(block: Mapping) -> set[tuple[str, ...]]:
+def _zero_paths(block: Mapping) -> set[Path]:
     """Paths (inside a block) that must be zero for the block to be the identity."""
-    zero: set[tuple[str, ...]] = set()
+    zero: set[Path] = set()
     for apath in modules(block, is_attention):
         zero.update(apath + ("out", leaf) for leaf in ("kernel", "bias"))
     for mpath in modules(block, is_mlp):
@@ -57,73 +46,74 @@ def _zero_paths(block: Mapping) -> set[tuple[str, ...]]:
     return zero
 
 
-def _new_block(template: Mapping, role: str, key: jax.Array, fill: Fill) -> dict:
-    """A block shaped like ``template``: free entries drawn (PARAM), fixed ones zero.
+@dataclasses.dataclass(frozen=True)
+class DepthGrowth:
+    """An identity block inserted as ``block_{position}``, shaped like ``block_0``.
 
-    Each free leaf draws from ``LeafKey(key, path_seed(path)).leaf_rng()`` (a callable
-    ``fill`` gets its ``leaf_key()``); leaves are drawn on the thread pool when there is
-    enough work, into aligned buffers, and all of them go to JAX in one transfer.
+    Attributes:
+      position: the index of the new block; blocks at or after it are renumbered.
+      zero: paths inside the block that must be zero (its residual output projections).
     """
-    zero = _zero_paths(template)
-    out: dict[Path, Any] = {}
-    boxes: dict[Path, Any] = {}
-    drawn: list[Path] = []  # free leaves drawn by the tasks
-    tasks: list[functools.partial[np.ndarray]] = []
-    sizes: list[int] = []
-    for path, leaf in flatten(template).items():
-        boxed = hasattr(leaf, "replace_boxed")
-        value = leaf.unbox() if boxed else leaf
-        if not hasattr(value, "shape"):  # e.g. optax.MaskedNode
-            out[path] = leaf
-            continue
-        shape, dtype = leaf_shape(value), value.dtype
-        if boxed:
-            boxes[path] = leaf
-        if role != PARAM or path in zero:
-            out[path] = aligned_zeros(shape, dtype)
-            continue
-        free = default_free(path, shape)
-        if callable(fill) or isinstance(key, jax.core.Tracer):  # in order, as JAX values
-            new = draw_free(LeafKey(key, path_seed(path)).leaf_key(), shape, dtype, free, fill)
-            out[path] = jnp.asarray(new, dtype).reshape(shape)
-            continue
-        drawn.append(path)
-        tasks.append(functools.partial(_free_leaf, shape, dtype, free, fill))
-        sizes.append(math.prod(shape))
-    keys = leaf_keys(key, [path_seed(path) for path in drawn], words=fill is None)
-    tasks = [functools.partial(task, leaf_key) for task, leaf_key in zip(tasks, keys, strict=True)]
-    out.update(zip(drawn, run_tasks(tasks, sizes), strict=True))
-    host = [path for path, leaf in out.items() if isinstance(leaf, np.ndarray)]
-    out.update(zip(host, to_device([out[path] for path in host]), strict=True))
-    for path, box in boxes.items():
-        out[path] = box.replace_boxed(out[path])
-    return unflatten(out)
+
+    position: int
+    zero: frozenset[Path]
+
+    def apply(
+        self, flats: Sequence[dict[Path, Any]], roles: Sequence[str], key: jax.Array, fill: Fill
+    ) -> list[dict[Path, Any]]:
+        """Inserts the block into flattened parameter-shaped trees.
+
+        New parameters: the zero paths are 0, every other leaf is free and draws from
+        ``fold_in(key, path_seed(path in the block))``. New moments are 0.
+
+        Args:
+          flats: ``flatten`` of the parameters and their moments (traced arrays).
+          roles: the role of each tree.
+          key: the step's key.
+          fill: constant, callable or None for the default initializers.
+
+        Returns:
+          The grown flat trees.
+        """
+        outs = []
+        for flat, role in zip(flats, roles, strict=True):
+            if role not in ROLES:
+                raise ValueError(f"Unknown role {role!r}.")
+            out: dict[Path, Any] = {}
+            new: dict[Path, Any] = {}
+            for path, leaf in flat.items():
+                index = block_index(path[0])
+                if index is not None and index >= self.position:
+                    out[(f"block_{index + 1}", *path[1:])] = leaf
+                else:
+                    out[path] = leaf
+                if path[0] == _TEMPLATE:
+                    new[(f"block_{self.position}", *path[1:])] = self._new_leaf(
+                        path[1:], leaf, role, key, fill
+                    )
+            out.update(new)
+            outs.append(out)
+        return outs
+
+    def _new_leaf(self, path: Path, like: Any, role: str, key: jax.Array, fill: Fill) -> Any:
+        if not is_array(like):  # e.g. optax.MaskedNode
+            return like
+        value = unbox(like)
+        shape = tuple(value.shape)
+        if role != PARAM or path in self.zero:
+            return rebox(like, jnp.zeros(shape, value.dtype))
+        leaf_key = jax.random.fold_in(key, path_seed(path))
+        return rebox(like, draw_free(leaf_key, shape, value.dtype, default_free(path, shape), fill))
 
 
-def _free_leaf(
-    shape: tuple[int, ...], dtype: Any, value: Free, fill: Fill, leaf_key: LeafKey
-) -> np.ndarray:
-    """A new free leaf in an aligned buffer: a constant ``fill`` or the default initializer.
-
-    The default draws come from ``leaf_key.leaf_rng()``.
-    """
-    allocate = aligned_empty if writes_every_entry(value, fill) else aligned_zeros
-    out = allocate(shape, dtype)
-    write_new(out, value, fill, leaf_key.leaf_key, leaf_key.leaf_rng)
-    return out
-
-
-def grow_depth(
-    config: Any, params: Mapping, position: int | None, *, key: jax.Array, fill: Fill
-) -> Step:
+def grow_depth(config: Any, params: Mapping, position: int | None) -> Step:
     """Plans the insertion of an identity block so that it becomes ``block_{position}``.
 
     Args:
       config: model config with ``num_layers`` and ``norm_placement`` "pre".
-      params: the model parameters (the new block copies the structure of ``block_0``).
+      params: the model parameters (their shapes suffice; the new block copies the
+        structure of ``block_0``).
       position: 0..L (0 = before the first block, L or None = after the last).
-      key: PRNG key for the new block's free parameters.
-      fill: constant, callable or None for the default initializers (free entries only).
 
     Returns:
       The step (new config and the map for parameters and optimizer state, whose new
@@ -145,17 +135,6 @@ def grow_depth(
     if not 0 <= position <= num_layers:
         raise GrowthError(f"add_layer@{position}: position must be in 0..{num_layers}.")
 
-    def grow(tree: Mapping, role: str) -> dict:
-        if role not in (PARAM, FIRST_MOMENT, SECOND_MOMENT):
-            raise ValueError(f"Unknown role {role!r}.")
-        out = {}
-        for name, value in tree.items():
-            index = block_index(name)
-            if index is not None and index >= position:
-                name = f"block_{index + 1}"
-            out[name] = value
-        out[f"block_{position}"] = _new_block(tree["block_0"], role, key, fill)
-        return out
-
+    zero = frozenset(_zero_paths(params[_TEMPLATE]))
     new_config = dataclasses.replace(config, num_layers=num_layers + 1)
-    return Step(new_config, grow)
+    return Step(new_config, DepthGrowth(position, zero))

@@ -30,9 +30,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
-from growth.draws import Fill, Free, leaf_keys, path_seed, random_split, split_from
 from growth.layout import (
     INPUT,
     NORM_BIAS,
@@ -43,16 +40,17 @@ from growth.layout import (
     classify,
 )
 from growth.ops import (
+    Free,
     Op,
     Pad,
     Path,
     Scale,
     Step,
     Tile,
+    WidthGrowth,
     Zero,
     flatten,
     leaf_shape,
-    plan_step,
 )
 from growth.rules import PAD, REPLICATE, GrowthError, check_grows, choose, traits_of
 
@@ -92,29 +90,13 @@ def _pad_ops(path: Path, where: EmbedAxis, shape: tuple, old: int, new: int) -> 
 
 
 def _replicate_plan(
-    leaves: Mapping[Path, tuple[EmbedAxis, tuple]], copies: int, key: jax.Array
+    leaves: Mapping[Path, tuple[EmbedAxis, tuple]], copies: int
 ) -> dict[Path, tuple[Op, ...]]:
-    """Tile ops for every leaf; input-side leaves get random split proportions.
-
-    The split of a leaf is drawn from ``LeafKey(key, path_seed(path)).split_rng()``
-    (from ``random_split(fold_in(key, path_seed(path)), ...)`` for a traced key).
-    """
-    plan: dict[Path, tuple[Op, ...]] = {
-        path: (Tile(where.axis, copies),)
+    """Tile ops for every leaf; input-side leaves get random split proportions."""
+    return {
+        path: (Tile(where.axis, copies, split=where.side == INPUT),)
         for path, (where, _) in leaves.items()
-        if where.side != INPUT
     }
-    inputs = [path for path, (where, _) in leaves.items() if where.side == INPUT]
-    keys = leaf_keys(key, [path_seed(path) for path in inputs]) if inputs else []
-    for path, leaf_key in zip(inputs, keys, strict=True):
-        where, shape = leaves[path]
-        size = shape[where.axis]
-        if leaf_key.words is None:  # traced key
-            split = random_split(leaf_key.leaf_key(), copies, size)
-        else:
-            split = split_from(leaf_key.split_rng(), copies, size)
-        plan[path] = (Tile(where.axis, copies, split),)
-    return {path: plan[path] for path in leaves}
 
 
 def grow_hidden(
@@ -122,18 +104,14 @@ def grow_hidden(
     params: Mapping,
     new_size: int,
     *,
-    key: jax.Array,
-    fill: Fill,
     method: str | None = None,
 ) -> Step:
     """Plans the growth of the hidden size to ``new_size``.
 
     Args:
       config: model config with ``hidden``, ``norm``, ``norm_eps``, ``norm_placement``.
-      params: the model parameters.
+      params: the model parameters (their shapes suffice).
       new_size: the new hidden size h'.
-      key: PRNG key for new free entries and for the random split proportions.
-      fill: constant, callable or None for the default initializers (free entries only).
       method: ``"pad"`` or ``"replicate"``; None for the model's default rule.
 
     Returns:
@@ -163,17 +141,15 @@ def grow_hidden(
         for path in tied:
             where, shape = leaves[path]
             leaves[path] = (EmbedAxis(INPUT, where.axis), shape)
-    # Split proportions and new entries draw from different streams of the same key
-    # (``LeafKey.split_rng`` and ``op_rng``), so one key serves both.
     if rule.method == PAD:
         plan = {
             path: _pad_ops(path, where, shape, old, new_size)
             for path, (where, shape) in leaves.items()
         }
     else:
-        plan = _replicate_plan(leaves, new_size // old, key)
+        plan = _replicate_plan(leaves, new_size // old)
     changes: dict[str, Any] = {"hidden": new_size}
     if rule.method == PAD:
         changes["norm_eps"] = config.norm_eps * old / new_size
     new_config = dataclasses.replace(config, **changes)
-    return plan_step(new_config, plan, key, fill)
+    return Step(new_config, WidthGrowth(tuple(plan.items())))

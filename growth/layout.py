@@ -24,8 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from growth.draws import Free
-from growth.ops import TREE_NODES, Path
+from growth.ops import TREE_NODES, Free, Path
 from growth.rules import GrowthError
 
 INPUT = "input"

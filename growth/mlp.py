@@ -11,25 +11,18 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
-from growth.draws import Fill, Free
 from growth.layout import default_free, is_mlp, leaf_shape_at, modules
-from growth.ops import Pad, Step, Zero, plan_step
+from growth.ops import Free, Pad, Step, WidthGrowth, Zero
 from growth.rules import GrowthError, check_grows
 
 
-def grow_mlp_dim(
-    config: Any, params: Mapping, new_size: int, *, key: jax.Array, fill: Fill
-) -> Step:
+def grow_mlp_dim(config: Any, params: Mapping, new_size: int) -> Step:
     """Plans the growth of every MLP's hidden width to ``new_size``.
 
     Args:
       config: model config with ``mlp_dim``.
-      params: the model parameters.
+      params: the model parameters (their shapes suffice).
       new_size: the new MLP width p'.
-      key: PRNG key for the new free entries.
-      fill: constant, callable or None for the default initializers.
 
     Returns:
       The step (new config and the map for parameters and optimizer moments).
@@ -57,4 +50,5 @@ def grow_mlp_dim(
         plan[mpath + ("wo", "kernel")] = (Pad(0, new_size, Zero()),)
     if not plan:
         raise GrowthError("No MLP found in the parameters (expected wi/wo kernels).")
-    return plan_step(dataclasses.replace(config, mlp_dim=new_size), plan, key, fill)
+    new_config = dataclasses.replace(config, mlp_dim=new_size)
+    return Step(new_config, WidthGrowth(tuple(plan.items())))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from growth.ops import FIRST_MOMENT, SECOND_MOMENT, Step, flatten, leaf_shape
+from growth.ops import FIRST_MOMENT, SECOND_MOMENT, flatten, is_array, leaf_shape
 
 # Named-tuple fields of optax states holding squared-gradient statistics.
 SECOND_MOMENT_FIELDS = frozenset(
@@ -37,7 +37,7 @@ def _mirrors(node: Any, shapes: dict) -> bool:
     if set(flat) != set(shapes):
         return False
     for path, leaf in flat.items():
-        shape = leaf_shape(leaf) if hasattr(leaf, "shape") or hasattr(leaf, "unbox") else None
+        shape = leaf_shape(leaf) if is_array(leaf) else None
         if shape is not None and shape != shapes[path]:
             raise NotImplementedError(
                 f"Optimizer state mirrors the parameters' paths but {'/'.join(path)} has "
@@ -51,26 +51,6 @@ def _is_namedtuple(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "_fields")
 
 
-def grow_opt_state(opt_state: Any, params: Mapping, step: Step) -> Any:
-    """Grows an optimizer state together with its parameters.
-
-    Args:
-      opt_state: the optax state for ``params`` (before the step).
-      params: the parameters *before* the step (to recognise mirrored sub-trees).
-      step: the planned step (``growth.ops.Step``).
-
-    Returns:
-      The optimizer state for the grown parameters: moments of new entries 0, moments of
-      rescaled entries scaled by c (first) or c^2 (second), counters unchanged.
-
-    Raises:
-      NotImplementedError: for state that mirrors the parameters' paths with other
-        shapes (e.g. Adafactor's factored moments).
-    """
-    moments = MomentTrees(opt_state, params)
-    return moments.rebuild(step.grow_trees(moments.trees))
-
-
 class _Slot:
     """Where the ``index``-th moment tree sits in an optimizer state's skeleton."""
 
@@ -81,8 +61,9 @@ class _Slot:
 class MomentTrees:
     """The sub-trees of an optimizer state that mirror the parameters, with their roles.
 
-    ``trees`` lists ``(tree, role)`` pairs (grow them with ``Step.grow_trees``, together
-    with the parameters); ``rebuild`` puts grown trees back into the state.
+    ``trees`` lists ``(tree, role)`` pairs (grown together with the parameters, by the
+    same steps); ``rebuild`` puts grown trees back into the state. Only structure and
+    shapes are read: the state may be abstract or traced.
 
     Raises:
       NotImplementedError: for state that mirrors the parameters' paths with other

@@ -3,9 +3,13 @@
 The device count is fixed when JAX starts, so the body runs in a subprocess (this file
 run as a script) with XLA_FLAGS=--xla_force_host_platform_device_count=8. There, for a
 4 x 2 and a 2 x 4 (data x model) mesh: parameters and Adam state are placed with the
-partitioner's shardings, `growth.expand` grows the sharded arrays, the shardings of the
-grown state are derived again from the new config's boxed abstract variables, the grown
-arrays are placed in them (each shard checked), one optimizer step runs, and the jitted
+partitioner's shardings, the expansion is planned from shapes, the shardings of the grown
+state are derived from the new config's boxed abstract variables by the partitioner, and
+one compiled program grows the sharded arrays straight into them: no gather (every
+output has exactly the derived sharding, and the program's temporaries per device stay
+below what growth adds per device: old + new state + the new entries' draws at most,
+where a gather would hold whole arrays), the same bits as growing on one device
+(threefry draws do not depend on the sharding), one optimizer step runs, and the jitted
 forward under the mesh matches the logits before growth: width growth within 1e-5
 (relative), depth growth bit for bit.
 """
@@ -48,6 +52,8 @@ def test_growth_on_a_sharded_mesh():
 
 # ------------------------------------------------------------ the subprocess's body
 def _child() -> None:
+    import math
+
     import flax.linen as nn
     import jax
     import numpy as np
@@ -76,6 +82,13 @@ def _child() -> None:
         params = nn.unbox(boxed_params)
         state_specs = partitioner.state_specs(jax.eval_shape(tx.init, params), specs, params)
         return partitioner.shardings(specs), partitioner.shardings(state_specs)
+
+    def per_device_bytes(tree, tree_shardings):
+        leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings), strict=True)
+        return sum(
+            math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+            for leaf, sharding in leaves
+        )
 
     def check_placed(tree, expected):
         for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(expected), strict=True):
@@ -122,13 +135,49 @@ def _child() -> None:
         before = forward(partitioner, config, params, param_sh)
 
         for name, requests in (("width", WIDTH), ("depth", DEPTH)):
-            new_config, new_params, new_state = growth.expand(
-                config, params, requests, rng=jax.random.key(2), opt_state=state
-            )
+            expansion = growth.plan_expansion(config, params, requests, opt_state=state)
+            new_config = expansion.config
             new_param_sh, new_state_sh = shardings(partitioner, abstract(new_config))
-            new_params = jax.device_put(new_params, new_param_sh)
-            new_state = jax.device_put(new_state, new_state_sh)
-            check_placed((new_params, new_state), (new_param_sh, new_state_sh))
+            out_shardings = (new_param_sh, new_state_sh)
+            key = jax.random.key(2)
+            compiled = expansion.lower(
+                params, state, rng=key, out_shardings=out_shardings
+            ).compile()
+            stats = compiled.memory_analysis()
+            memory = {
+                name: getattr(stats, f"{name}_size_in_bytes")
+                for name in ("argument", "output", "temp", "alias")
+            }
+            # The arguments are the old state's shards and the key's two words.
+            key_bytes = jax.random.key_data(key).nbytes
+            old_bytes = per_device_bytes((params, state), (param_sh, state_sh)) + key_bytes
+            grown_abstract = expansion.abstract_state(params, state)
+            new_bytes = per_device_bytes(grown_abstract, out_shardings)
+            assert memory["argument"] == old_bytes, (memory, old_bytes)
+            # Outputs: the new state's shards (and a table of pointers to them).
+            pointers = 8 * len(jax.tree.leaves(grown_abstract))
+            assert new_bytes <= memory["output"] <= new_bytes + pointers, (memory, new_bytes)
+            assert memory["alias"] == 0  # not donated: the old state stays valid
+            assert memory["temp"] <= new_bytes - old_bytes, (memory, old_bytes, new_bytes)
+            print(f"memory {data}x{model} {name}: {memory}, old {old_bytes}, new {new_bytes}")
+            new_params, new_state = expansion.apply(
+                params, state, rng=key, out_shardings=out_shardings
+            )
+            check_placed((new_params, new_state), out_shardings)
+            # The same bits as growing host copies on one device.
+            _, one_params, one_state = growth.expand(
+                config,
+                jax.device_get(params),
+                requests,
+                rng=key,
+                opt_state=jax.device_get(state),
+            )
+            for a, b in zip(
+                jax.tree.leaves((one_params, one_state)),
+                jax.tree.leaves((new_params, new_state)),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
             assert int(new_state[0].count) == 1
             after = forward(partitioner, new_config, new_params, new_param_sh)
             if name == "depth":
