@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from evogrow.bench import growth as bench
+
+pytestmark = pytest.mark.slow  # runs a benchmark end to end
 
 
 def test_tiny_model_every_case_is_exact_and_timed(capsys):
