@@ -266,7 +266,7 @@ class Trainer:
           state: the train state.
           acc: the metrics accumulator.
           batch: feature -> global array sharded along 'data' (or a numpy array of the
-            global batch, which the step places at dispatch: `evogrow.data.HostBatches`).
+            global batch, which the step places at dispatch).
 
         Returns:
           (new state, accumulator with this step's metrics merged in).
