@@ -20,6 +20,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 _SLOW_KINDS = ("ray", "postgres", "multiprocess")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     """Marks every Ray, PostgreSQL and multi-process test slow as well."""
     for item in items:
