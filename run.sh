@@ -83,7 +83,7 @@ lint() {
   done
   "$VENV/bin/mypy" "${packages[@]}"
   # The import contracts of pyproject.toml ([tool.importlinter]): imports go one way.
-  "$VENV/bin/lint-imports"
+  "$VENV/bin/lint-imports" --no-cache  # its cache goes by modification times and can miss an edit
 }
 
 cmd="${1:-main}"
