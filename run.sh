@@ -3,7 +3,7 @@
 #
 #   ./run.sh                      the main job: evolve a muNet system on offline image tasks
 #   ./run.sh test [PYTEST ARGS]   lint, type check and the test suite
-#   ./run.sh lint                 ruff (lint + format check) and mypy only
+#   ./run.sh lint                 ruff (lint + format check), mypy and the import contracts only
 #   ./run.sh train|eval|infer --gin_file=... --gin.KEY=VALUE
 #   ./run.sh grow --checkpoint DIR --expand "mlp_dim=256,add_layer@2" --out DIR
 #   ./run.sh store check STORE_DIR | store backup STORE_DIR DEST
@@ -83,6 +83,8 @@ lint() {
     [[ -f "$pkg/__init__.py" ]] && packages+=(-p "$pkg")
   done
   "$VENV/bin/mypy" "${packages[@]}"
+  # The import contracts of pyproject.toml ([tool.importlinter]): imports go one way.
+  "$VENV/bin/lint-imports" --no-cache  # its cache goes by modification times and can miss an edit
 }
 
 cmd="${1:-main}"

@@ -37,6 +37,7 @@ EXTRAS_REQUIRE = {
         "hypothesis==6.170.17",
         "ruff==0.17.6",
         "mypy==2.4.1",
+        "import-linter==2.17",
         # Multi-machine evolution (issue 6): the PostgreSQL store and Ray scheduling.
         "psycopg[binary]==3.3.9",
         "ray==2.60.0",

@@ -9,11 +9,9 @@ same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,36 +40,6 @@ class DatasetConfig:
       use_cached: read seqio's offline cache.
       pack: pack examples (passed to the feature converter).
       module: module to import before looking up the name (registers the tasks).
-      input_threads: tf.data threads of the train stream; None takes a quarter of the
-        host's cores (at least 1), leaving the rest to XLA: on small hosts, TF's
-        default of one thread per core competes with the training step itself.
-      device_prefetch: read the train stream and put its batches on device in a
-        background thread (`DevicePrefetcher`). None (default) chooses
-        (`uses_device_prefetch`): yes on accelerators and in several processes; no when
-        every device of a single process is the host's CPU, where the trainer's thread
-        reads the stream (tf.data reads ahead in its own threads) and hands numpy
-        batches to the step, which XLA's CPU client takes at dispatch: a transfer
-        thread would only add Python work per step that competes with the step for the
-        host's cores (tiny ViT, one CPU device, 2 cores: about 3% more steps a second
-        in A/B runs; on 8 simulated devices no worse).
-      input_nice: how much lower the scheduling priority (Linux niceness) of the
-        threads that read the train stream is than the trainer's: the device prefetch
-        thread (with `device_prefetch`), or the short-lived thread that makes the first
-        read (`HostBatches`); the tf.data threads either starts inherit it. None
-        (default) chooses (`prefetch_nice`): `SEVERAL_CPU_DEVICES_NICE` when
-        the step runs on several CPU devices of this process, whose threads meet in
-        every collective, so that the input pipeline fills idle cores instead of
-        preempting one of them and stalling all; 0 otherwise (on one CPU device a
-        lower-priority input thread falls behind the step; on accelerators the host's
-        cores are the input pipeline's).
-      input_autotune: let tf.data's autotuning model tune the train stream. Off by
-        default: its bookkeeping costs CPU on every element of every stage (on the
-        offline digits task, batches of 32: ~130 against ~60 us of CPU a batch with it
-        off), which the step pays for on a small host. Off, parallel stages still run
-        on the `input_threads` threads and prefetch buffers still grow when the
-        consumer waits (tf.data's legacy prefetch tuning), and the train stream is
-        read in chunks of batches (`numpy_steps`); turn it on for heavy per-example
-        work (e.g. image decoding) whose best parallelism is unknown.
     """
 
     mixture_or_task_name: str
@@ -83,10 +51,6 @@ class DatasetConfig:
     use_cached: bool = False
     pack: bool = False
     module: str | None = "tasks"
-    input_threads: int | None = None
-    device_prefetch: bool | None = None
-    input_nice: int | None = None
-    input_autotune: bool = False
 
     def __post_init__(self):
         settings.whole_number(
@@ -96,11 +60,6 @@ class DatasetConfig:
             f"or EVAL_BATCH_SIZE: the batch size of the {self.split!r} split of "
             f"{self.mixture_or_task_name!r}",
         )
-        if self.input_nice is not None and not 0 <= self.input_nice <= 19:
-            raise ValueError(
-                f"DatasetConfig.input_nice={self.input_nice}: use 0..19 (how much to lower the "
-                "input thread's priority; raising it above the trainer's needs privileges)."
-            )
 
 
 def get_mixture_or_task(name: str, module: str | None = "tasks") -> Any:
@@ -153,47 +112,6 @@ def _dataset(
     )
 
 
-# Measured with `bench trainer`'s tiny model on a 2-core host (median 100-step windows
-# against the same baseline): 8 CPU devices (six rounds) 1.006 at niceness 10 vs 0.951
-# at 0; one CPU device (eight rounds) 0.909 vs 0.933.
-SEVERAL_CPU_DEVICES_NICE = 10
-
-
-def prefetch_nice(cfg: DatasetConfig, platforms: Sequence[str]) -> int:
-    """How much lower the train stream's input threads run than the trainer.
-
-    Args:
-      cfg: the train dataset config (`input_nice`; None chooses).
-      platforms: the platform of each device of this process ("cpu", "gpu", "tpu").
-
-    Returns:
-      `cfg.input_nice`, or for None `SEVERAL_CPU_DEVICES_NICE` on several CPU devices
-      and 0 otherwise.
-    """
-    if cfg.input_nice is not None:
-        return cfg.input_nice
-    several_cpu = len(platforms) > 1 and all(platform == "cpu" for platform in platforms)
-    return SEVERAL_CPU_DEVICES_NICE if several_cpu else 0
-
-
-def uses_device_prefetch(cfg: DatasetConfig, platforms: Sequence[str], process_count: int) -> bool:
-    """Whether the train stream is put on device by a background thread (`DevicePrefetcher`).
-
-    Args:
-      cfg: the train dataset config (`device_prefetch`; None chooses).
-      platforms: the platform of each device of this process ("cpu", "gpu", "tpu").
-      process_count: the number of processes of the run.
-
-    Returns:
-      `cfg.device_prefetch`, or for None: False when every device is the host's CPU and
-      the run has one process (the step takes numpy batches: `HostBatches`), else True.
-    """
-    if cfg.device_prefetch is not None:
-        return cfg.device_prefetch
-    host_only = process_count == 1 and all(platform == "cpu" for platform in platforms)
-    return not host_only
-
-
 def get_train_dataset(
     cfg: DatasetConfig,
     *,
@@ -231,12 +149,7 @@ def get_train_dataset(
     ds = ds.batch(per_host_batch_size, drop_remainder=True)
     if start_step:
         ds = ds.skip(start_step)
-    threads = cfg.input_threads or max(1, (os.cpu_count() or 1) // 4)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    options.autotune.enabled = cfg.input_autotune
-    options.autotune.cpu_budget = threads
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def get_eval_batches(
@@ -360,67 +273,6 @@ def empty_batch_like(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: np.zeros_like(value) for key, value in batch.items()}
 
 
-class HostBatches:
-    """Iterates host batches on the trainer's own thread, as the steps' inputs.
-
-    For a single process whose devices are the host's CPU (`uses_device_prefetch`): the
-    jitted step takes the numpy batches and XLA's CPU client places them at dispatch,
-    sharded like the step's inputs. Reading ahead happens in tf.data's own threads.
-
-    Args:
-      host_batches: yields the step inputs, e.g. (steps, feature -> numpy array of the
-        global batch) from `numpy_steps`.
-      nice: run the threads that read ahead this much lower than the trainer (Linux;
-        ignored elsewhere). tf.data starts them at the first read, so that read happens
-        in a short-lived thread of lower priority, whose priority they inherit.
-    """
-
-    def __init__(self, host_batches: Iterator[Any], nice: int = 0):
-        self._batches = iter(host_batches)
-        self._first: list[Any] = []  # the first batch, or the error reading it raised
-        if nice and sys.platform == "linux":
-            reader = threading.Thread(target=self._read_first, args=(nice,))
-            reader.start()
-            reader.join()
-
-    def _read_first(self, nice: int) -> None:
-        lower_thread_priority(nice)
-        try:
-            self._first.append(next(self._batches))
-        except StopIteration:
-            pass
-        except Exception as error:  # noqa: BLE001 - re-raised on the trainer's thread
-            self._first.append(error)
-
-    def __iter__(self) -> HostBatches:
-        return self
-
-    def __next__(self) -> Any:
-        if self._first:
-            item = self._first.pop()
-            if isinstance(item, Exception):
-                raise item
-            return item
-        return next(self._batches)
-
-    def close(self) -> None:
-        """Stops reading (closes the source when it is a generator)."""
-        close = getattr(self._batches, "close", None)
-        if close is not None:
-            close()
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Lowers the calling thread's scheduling priority by `nice`.
-
-    On Linux a thread has its own niceness, which the threads it starts inherit;
-    elsewhere nothing happens.
-    """
-    if nice and sys.platform == "linux":  # elsewhere the id would name a process
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice)
-
-
 class DevicePrefetcher:
     """Iterates host batches and puts them on device in a background thread.
 
@@ -432,9 +284,6 @@ class DevicePrefetcher:
         process's rows) from `numpy_steps`.
       to_device: turns a host item into its device form (global arrays).
       depth: how many device batches to keep ready.
-      nice: lower the thread's scheduling priority by this much (Linux, where a thread
-        has its own niceness, which the threads it starts inherit, e.g. tf.data's;
-        ignored elsewhere).
     """
 
     _DONE = object()
@@ -444,18 +293,16 @@ class DevicePrefetcher:
         host_batches: Iterator[Any],
         to_device: Callable[[Any], Any],
         depth: int = 2,
-        nice: int = 0,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._fill, args=(host_batches, to_device, nice), daemon=True
+            target=self._fill, args=(host_batches, to_device), daemon=True
         )
         self._thread.start()
 
-    def _fill(self, host_batches: Iterator, to_device: Callable, nice: int) -> None:
+    def _fill(self, host_batches: Iterator, to_device: Callable) -> None:
         try:
-            lower_thread_priority(nice)
             for batch in host_batches:
                 item = to_device(batch)
                 while not self._stop.is_set():

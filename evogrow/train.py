@@ -234,19 +234,13 @@ def train(
             dispatch_sizes(step, total_steps, per_execution, stops_at),
             chunk=per_execution if per_execution > 1 else 16,
         )
-        nice = data_lib.prefetch_nice(train_dataset_cfg, platforms)
-        batches: data_lib.HostBatches | data_lib.DevicePrefetcher
-        if data_lib.uses_device_prefetch(train_dataset_cfg, platforms, jax.process_count()):
-            batches = data_lib.DevicePrefetcher(
-                host_batches,
-                lambda item: (
-                    item[0],
-                    partitioner.shard_batch(item[1], layout.batch_size, stacked=item[0] > 1),
-                ),
-                nice=nice,
-            )
-        else:
-            batches = data_lib.HostBatches(host_batches, nice=nice)
+        batches = data_lib.DevicePrefetcher(
+            host_batches,
+            lambda item: (
+                item[0],
+                partitioner.shard_batch(item[1], layout.batch_size, stacked=item[0] > 1),
+            ),
+        )
         cleanup.callback(batches.close)
         logger.info(
             "training steps %d..%d of %s (%d steps per dispatch)",

@@ -2,14 +2,11 @@
 
 The host loop only dispatches: each train step merges its clu metrics into an
 accumulator that stays on device (inside the same jitted call), so nothing is fetched
-until a log or eval point asks for it (`compute_metrics`). The accumulator packs the
-metrics' fields into as few vectors as their dtypes allow (`MetricsLayout`).
+until a log or eval point asks for it (`compute_metrics`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,9 +14,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from clu import metrics as clu_metrics
 
 Metrics = Mapping[str, Any]  # name -> clu metric (a pytree)
 
@@ -39,174 +34,41 @@ class TrainState:
     opt_state: Any
 
 
-_WORD = "int32"  # storage of every 4-byte field: float32 fields ride as their bits
-
-
-def _storage(dtype: str) -> str:
-    """The packed vector a field of `dtype` rides in: one for all 4-byte types."""
-    return _WORD if jnp.dtype(dtype).itemsize == 4 else dtype
-
-
-def _view(x: Any, dtype: str) -> Any:
-    """Reinterprets the bits of `x` (numpy or jax) as `dtype` (same item size)."""
-    if jnp.dtype(x.dtype) == jnp.dtype(dtype):
-        return x
-    if isinstance(x, np.ndarray):
-        return x.view(dtype)
-    return jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricsLayout:
-    """Where each leaf of a metrics tree sits in an accumulator's packed vectors.
-
-    Fields of 4-byte types (float32, int32, uint32) share one int32 vector, float32 ones
-    as their bits, so a step merges them in one fused kernel and passes one buffer;
-    fields of other types get a vector per type. In a vector, fields of one dtype form one
-    contiguous segment, which merging views back as that dtype.
-
-    Attributes:
-      treedef: the tree structure of the metrics (name -> clu metric).
-      storage: the dtype of each packed vector, in order (`int32` first).
-      segments: per vector, its (dtype, offset, size) runs; the int32 run of the int32
-        vector ends with the step count.
-      leaves: per leaf, (vector index, offset, shape, dtype).
-      additive: every metric merges by adding its fields (clu's `Average` and
-        subclasses such as `Accuracy`), so merging into zeros gives the metric itself.
-    """
-
-    treedef: Any
-    storage: tuple[str, ...]
-    segments: tuple[tuple[tuple[str, int, int], ...], ...]
-    leaves: tuple[tuple[int, int, tuple[int, ...], str], ...]
-    additive: bool
-
-    @classmethod
-    def of(cls, metrics: Metrics) -> MetricsLayout:
-        """Returns the layout of `metrics` (arrays or ShapeDtypeStructs)."""
-        leaves, treedef = jax.tree.flatten(dict(metrics))
-        dtypes = [str(jnp.dtype(leaf.dtype)) for leaf in leaves]
-        # The step count is an int32 field, so the int32 vector and run always exist.
-        sizes: dict[str, int] = {_WORD: 1}
-        for leaf, dtype in zip(leaves, dtypes, strict=True):
-            sizes[dtype] = sizes.get(dtype, 0) + math.prod(leaf.shape)
-        storage = tuple(sorted({_storage(d) for d in sizes}, key=lambda s: (s != _WORD, s)))
-        segments: list[list[tuple[str, int, int]]] = [[] for _ in storage]
-        starts: dict[str, int] = {}
-        for dtype in sorted(sizes):
-            runs = segments[storage.index(_storage(dtype))]
-            starts[dtype] = sum(size for _, _, size in runs)
-            runs.append((dtype, starts[dtype], sizes[dtype]))
-        placed = []
-        for leaf, dtype in zip(leaves, dtypes, strict=True):
-            placed.append((storage.index(_storage(dtype)), starts[dtype], tuple(leaf.shape), dtype))
-            starts[dtype] += math.prod(leaf.shape)
-        additive = all(
-            type(metric).merge is clu_metrics.Average.merge for metric in dict(metrics).values()
-        )
-        return cls(treedef, storage, tuple(map(tuple, segments)), tuple(placed), additive)
-
-    def _runs(self, metrics: Metrics, num_steps: Any) -> dict[str, jax.Array]:
-        """Returns dtype -> that dtype's fields, concatenated (int32's end with `num_steps`)."""
-        parts: dict[str, list[jax.Array]] = {}
-        for (_, _, _, dtype), leaf in zip(self.leaves, jax.tree.leaves(dict(metrics)), strict=True):
-            parts.setdefault(dtype, []).append(jnp.ravel(leaf).astype(dtype))
-        parts.setdefault(_WORD, []).append(jnp.reshape(num_steps, (1,)).astype(jnp.int32))
-        return {dtype: jnp.concatenate(part) for dtype, part in parts.items()}
-
-    def pack(self, metrics: Metrics, num_steps: Any) -> tuple[jax.Array, ...]:
-        """Packs `metrics` and a step count into the layout's vectors (traceable)."""
-        runs = self._runs(metrics, num_steps)
-        return tuple(
-            jnp.concatenate([_view(runs[dtype], store) for dtype, _, _ in segs])
-            for store, segs in zip(self.storage, self.segments, strict=True)
-        )
-
-    def add(self, vectors: tuple[jax.Array, ...], metrics: Metrics) -> tuple[jax.Array, ...]:
-        """Adds `metrics` and one step to packed vectors, each run in its own dtype (traceable).
-
-        Elementwise over each whole vector (a select between its runs' sums), so the add
-        updates the donated accumulator in place.
-        """
-        runs = self._runs(metrics, jnp.ones((), jnp.int32))
-        out = []
-        for vector, store, segs in zip(vectors, self.storage, self.segments, strict=True):
-            position = jnp.arange(vector.shape[0])
-            total = vector
-            for dtype, start, size in segs:
-                pad = (start, vector.shape[0] - start - size)
-                summed = _view(_view(vector, dtype) + jnp.pad(runs[dtype], pad), store)
-                if len(segs) == 1:
-                    total = summed
-                else:
-                    in_run = (position >= start) & (position < start + size)
-                    total = jnp.where(in_run, summed, total)
-            out.append(total)
-        return tuple(out)
-
-    def unpack(self, vectors: tuple[Any, ...]) -> tuple[Any, Any]:
-        """Returns (metrics tree, step count) of packed vectors (numpy or jax)."""
-        leaves = [
-            _view(vectors[index][offset : offset + math.prod(shape)], dtype).reshape(shape)
-            for index, offset, shape, dtype in self.leaves
-        ]
-        _, start, size = next(s for s in self.segments[0] if s[0] == _WORD)
-        return jax.tree.unflatten(self.treedef, leaves), vectors[0][start + size - 1]
-
-
 @flax.struct.dataclass
 class MetricsAccumulator:
-    """Metrics merged over steps, on device, packed as `MetricsLayout` says.
-
-    A step's outputs and the next step's inputs are then one buffer (float32 and int32
-    fields) instead of one per metric field, and an additive merge compiles to one fused
-    kernel that updates it in place.
+    """Metrics merged over steps, kept on device until a report asks for them.
 
     Attributes:
-      vectors: the packed metric fields; the first (int32) holds the step count.
-      layout: where each metric field sits (static).
+      metrics: name -> clu metric, the merge of every step so far (zeros before the first).
+      num_steps: how many steps were merged (int32 scalar).
     """
 
-    vectors: tuple[jax.Array, ...]
-    layout: MetricsLayout = flax.struct.field(pytree_node=False)
+    metrics: dict[str, Any]
+    num_steps: jax.Array
 
     @classmethod
-    def empty(cls, layout: MetricsLayout) -> MetricsAccumulator:
-        """Returns a zero-step accumulator of `layout` (traceable)."""
-        return cls(
-            vectors=tuple(
-                jnp.zeros((sum(size for _, _, size in segs),), store)
-                for store, segs in zip(layout.storage, layout.segments, strict=True)
-            ),
-            layout=layout,
-        )
-
-    @property
-    def num_steps(self) -> Any:
-        """How many steps were merged."""
-        return self.layout.unpack(self.vectors)[1]
+    def empty(cls, abstract_metrics: Metrics) -> MetricsAccumulator:
+        """Returns a zero-step accumulator shaped like `abstract_metrics` (traceable)."""
+        zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), dict(abstract_metrics))
+        return cls(metrics=zeros, num_steps=jnp.zeros((), jnp.int32))
 
 
 def merge_metrics(acc: MetricsAccumulator, new: Metrics) -> MetricsAccumulator:
-    """Merges one step's metrics into the accumulator (traceable, any clu metric kind).
+    """Merges one step's metrics into the accumulator with clu's `merge` (traceable).
 
     Args:
       acc: the accumulator so far; its values are ignored when it has no step.
-      new: this step's metrics, with the accumulator's layout.
+      new: this step's metrics, shaped like the accumulator's.
 
     Returns:
       the updated accumulator.
     """
-    layout = acc.layout
-    if layout.additive:
-        # Merging adds every field and the empty accumulator is zeros: one fused add.
-        return MetricsAccumulator(vectors=layout.add(acc.vectors, new), layout=layout)
-    metrics, num_steps = layout.unpack(acc.vectors)
-    merged = {name: metrics[name].merge(metric) for name, metric in new.items()}
-    # A select, not lax.cond: a conditional in the step costs more than the merge itself.
-    first = num_steps == 0
+    merged = {name: acc.metrics[name].merge(metric) for name, metric in new.items()}
+    # Zeros are the identity of additive metrics (Average, Accuracy) only, so the first
+    # step's metrics replace them; a select rather than lax.cond keeps the step one kernel.
+    first = acc.num_steps == 0
     merged = jax.tree.map(lambda m, n: jnp.where(first, n, m), merged, dict(new))
-    return MetricsAccumulator(vectors=layout.pack(merged, num_steps + 1), layout=layout)
+    return MetricsAccumulator(metrics=merged, num_steps=acc.num_steps + 1)
 
 
 def compute_metrics(acc: MetricsAccumulator) -> dict[str, float]:
@@ -218,7 +80,7 @@ def compute_metrics(acc: MetricsAccumulator) -> dict[str, float]:
     Returns:
       name -> float value.
     """
-    metrics, _ = acc.layout.unpack(jax.device_get(acc.vectors))
+    metrics = jax.device_get(acc.metrics)
     return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
@@ -280,7 +142,7 @@ class Trainer:
         abstract_metrics = jax.eval_shape(
             self._loss_and_grads, abstract_params, self._abstract_batch(), jax.random.key(0)
         )[0][1]
-        self._metrics_layout = MetricsLayout.of(abstract_metrics)
+        self._abstract_metrics = abstract_metrics
         replicated = partitioner.replicated
         self._init_state = partitioner.partition(
             self._init_state_fn, in_shardings=(replicated,), out_shardings=self.state_shardings
@@ -352,7 +214,7 @@ class Trainer:
         return merge_metrics(acc, metrics)
 
     def _empty_fn(self) -> MetricsAccumulator:
-        return MetricsAccumulator.empty(self._metrics_layout)
+        return MetricsAccumulator.empty(self._abstract_metrics)
 
     # ----------------------------------------------------------------------- host API
     def for_model(self, model: Any) -> Trainer:
@@ -404,7 +266,7 @@ class Trainer:
           state: the train state.
           acc: the metrics accumulator.
           batch: feature -> global array sharded along 'data' (or a numpy array of the
-            global batch, which the step places at dispatch: `evogrow.data.HostBatches`).
+            global batch, which the step places at dispatch).
 
         Returns:
           (new state, accumulator with this step's metrics merged in).

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evolution import families, mutations
+from evolution import families, mutations, timing
 from models import adapters
 
 Params = Any
@@ -313,12 +312,12 @@ class StepCache:
     dtypes of the trainable and frozen trees and of the batch, and the
     `OptimizerSettings`; an eval step by the config, the slots and the shapes of the
     merged parameters and of the batch. Each key is lowered and compiled once (ahead of
-    time, so the counters are exact); `clear` drops them.
+    time, so the counters are exact, and timed as the "compile" phase of the calling
+    thread's `timing.Timer`); `clear` drops them.
 
     Attributes:
       train_compilations: train steps compiled so far.
       eval_compilations: eval steps compiled so far.
-      compile_seconds: wall time spent compiling.
     """
 
     def __init__(self) -> None:
@@ -327,15 +326,9 @@ class StepCache:
         self._eval: dict[Any, Any] = {}
         self.train_compilations = 0
         self.eval_compilations = 0
-        self.compile_seconds = 0.0
         # Candidates of a generation train in threads (one per device): compilation is
-        # serialised, and each thread counts the compile time it spent itself.
+        # serialised.
         self._lock = threading.RLock()
-        self._local = threading.local()
-
-    def thread_compile_seconds(self) -> float:
-        """Wall time this thread has spent compiling steps of this cache."""
-        return float(getattr(self._local, "seconds", 0.0))
 
     def clear(self) -> None:
         """Drops every compiled step (counters are kept)."""
@@ -399,12 +392,8 @@ class StepCache:
             return self._eval[key]
 
     def _compile(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        seconds = time.perf_counter() - start
-        self.compile_seconds += seconds
-        self._local.seconds = self.thread_compile_seconds() + seconds
-        return compiled
+        with timing.phase("compile"):
+            return jax.jit(fn).lower(*args).compile()
 
 
 _DEFAULT_CACHE = StepCache()
@@ -427,9 +416,9 @@ class CandidateResult:
         (what the candidate's children inherit, `inherit_opt_state`).
       validations: (step, accuracy) for every validation, in order.
       train_losses: mean training loss of each interval of B steps.
-      train_seconds: wall time of the training steps (compilation excluded).
-      eval_seconds: wall time of the validations (compilation excluded).
-      compile_seconds: wall time spent compiling new steps for this candidate.
+      seconds: wall time by phase (`timing.Timer`): "train" (the training steps),
+        "eval" (the validations), "compile" (new steps compiled for this candidate);
+        train and eval exclude the compilation inside them.
     """
 
     params: dict[str, Params]
@@ -438,9 +427,22 @@ class CandidateResult:
     opt_state: Any
     validations: tuple[tuple[int, float], ...]
     train_losses: tuple[float, ...]
-    train_seconds: float
-    eval_seconds: float
-    compile_seconds: float
+    seconds: Mapping[str, float]
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time of the training steps (compilation excluded)."""
+        return self.seconds.get("train", 0.0)
+
+    @property
+    def eval_seconds(self) -> float:
+        """Wall time of the validations (compilation excluded)."""
+        return self.seconds.get("eval", 0.0)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time spent compiling new steps for this candidate."""
+        return self.seconds.get("compile", 0.0)
 
 
 def _train_batch(batch: Batch) -> dict[str, np.ndarray]:
@@ -560,7 +562,7 @@ def train_candidate(
     if num_validations < 1 or steps_per_validation < 1:
         raise ValueError(f"V={num_validations} and B={steps_per_validation} must be >= 1.")
     cache = cache or _DEFAULT_CACHE
-    compile_before = cache.thread_compile_seconds()
+    timer = timing.Timer()
     slots = tuple(slot for slot, _ in components)
     trainable_set = set(trainable_ids)
     slot_of: dict[str, str] = {}
@@ -596,31 +598,28 @@ def train_candidate(
     best_params, best_quality, best_step = trainable, -1.0, 0
     validations: list[tuple[int, float]] = []
     losses: list[float] = []
-    train_seconds = eval_seconds = 0.0
     for validation in range(num_validations):
         loss_sum = _to_device(np.zeros((), np.float32), device)
-        start = time.perf_counter()
-        for _ in range(steps_per_validation):
-            try:
-                batch = _to_device(_train_batch(next(train_batches)), device)
-            except StopIteration as error:
-                raise ValueError("The train batches ran out.") from error
-            args = (trainable, frozen, opt_state, batch, lr, momentum, loss_sum)
-            compile_start = cache.thread_compile_seconds()
-            step = cache.train_step(config, slots, settings, args)
-            start += cache.thread_compile_seconds() - compile_start
-            trainable, opt_state, loss_sum = step(*args)
-        losses.append(float(loss_sum) / steps_per_validation)
-        train_seconds += time.perf_counter() - start
+        with timer.phase("train"):
+            for _ in range(steps_per_validation):
+                try:
+                    batch = _to_device(_train_batch(next(train_batches)), device)
+                except StopIteration as error:
+                    raise ValueError("The train batches ran out.") from error
+                args = (trainable, frozen, opt_state, batch, lr, momentum, loss_sum)
+                step = cache.train_step(config, slots, settings, args)
+                trainable, opt_state, loss_sum = step(*args)
+            losses.append(float(loss_sum) / steps_per_validation)
 
-        start = time.perf_counter()
-        compile_start = cache.thread_compile_seconds()
-        quality = validate(
-            config, slots, {**frozen, **trainable}, validation_batches, cache=cache, device=device
-        )
-        eval_seconds += (
-            time.perf_counter() - start - (cache.thread_compile_seconds() - compile_start)
-        )
+        with timer.phase("eval"):
+            quality = validate(
+                config,
+                slots,
+                {**frozen, **trainable},
+                validation_batches,
+                cache=cache,
+                device=device,
+            )
         step_number = (validation + 1) * steps_per_validation
         validations.append((step_number, quality))
         if quality > best_quality:
@@ -633,7 +632,5 @@ def train_candidate(
         opt_state=jax.device_get(rekey_opt_state(opt_state, slot_of.values(), id_of)),
         validations=tuple(validations),
         train_losses=tuple(losses),
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
-        compile_seconds=cache.thread_compile_seconds() - compile_before,
+        seconds=dict(timer.seconds),
     )

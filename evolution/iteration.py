@@ -155,9 +155,6 @@ class CandidateRecord:
       accounted_params: the parameters it pays for.
       accepted: whether it joined the population.
       applied: the mutations applied.
-      train_seconds: wall time of its training steps.
-      eval_seconds: wall time of its validations.
-      compile_seconds: wall time spent compiling steps for it.
     """
 
     path_id: str
@@ -170,9 +167,6 @@ class CandidateRecord:
     accounted_params: float
     accepted: bool
     applied: tuple[str, ...]
-    train_seconds: float
-    eval_seconds: float
-    compile_seconds: float
 
 
 class Population:
@@ -511,9 +505,6 @@ class TaskIteration:
             accounted_params=accounted,
             accepted=accepted,
             applied=plan.applied,
-            train_seconds=result.train_seconds,
-            eval_seconds=result.eval_seconds,
-            compile_seconds=result.compile_seconds,
         )
         return Judged(child, child_records, record, result)
 

@@ -2,10 +2,10 @@
 
 A component is one named piece of a model (patch embedding, a block, an adapter, a
 head) with its own stored parameters. A path is one task's model: hyperparameters plus
-an ordered list of (slot, component id) references, the same contract as
-`models.paths.Path`. Many paths share components. A component is locked by every task
-with an active path that uses it; it is trainable for a task only while no other task
-holds a lock, so publishing a new path can never change another task's model.
+an ordered list of (slot, component id) references. Many paths share components. A
+component is locked by every task with an active path that uses it; it is trainable for
+a task only while no other task holds a lock, so publishing a new path can never change
+another task's model.
 
 Everything here is an immutable value; the store (evolution/store.py) persists it.
 Free-form fields (configs, hyperparameters, metrics, metadata) are kept in canonical
@@ -154,8 +154,8 @@ class Path:
     Attributes:
       id: unique id.
       task: the task it solves.
-      components: ordered (slot, component_id) pairs, as in `models.paths.Path`
-        (slots such as "embed", "block_3", "head").
+      components: ordered (slot, component_id) pairs (slots such as "embed",
+        "block_3", "head").
       agent: the agent that published it.
       hparams: its hyperparameters, JSON-safe (e.g. indices into allowed values).
       parent: the path it was mutated from, or None (the root).

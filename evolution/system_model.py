@@ -7,7 +7,7 @@ the store (slots, component ids, architecture). Its parameters are the pool itse
 runs on the whole batch (`evolution.candidate.forward`, the function
 `evolution.inference.predict` runs, so a task's logits are those of its path alone) and
 each example keeps the logits of the route its `task_id` names; heads narrower than the
-widest are padded with `models.routing.ABSENT_CLASS_LOGIT`, which changes neither the
+widest are padded with `ABSENT_CLASS_LOGIT`, which changes neither the
 argmax nor the log-softmax of the real classes.
 
 Unknown tasks. A route exists only for a task with a published path. Declared tasks are
@@ -42,11 +42,12 @@ from evolution import architecture as architecture_lib
 from evolution import candidate, mutations, system
 from evolution import store as store_lib
 from models import adapters, base, feature_converters, vit
-from models.routing import ABSENT_CLASS_LOGIT
 
 Batch = Mapping[str, jax.Array]
 
 UNROUTED_PREDICTION = -1
+# Logit of the classes a task's head lacks: far below any real logit, still finite.
+ABSENT_CLASS_LOGIT = -1e9
 
 
 class MissingTaskError(ValueError):

@@ -39,7 +39,6 @@ from evolution import store as store_lib
 from evolution.architecture import ROOT_TASK
 from models import encoder, minilm
 
-MINILM_LAYERS = 6
 # The default space's image augmentations and their no-op values (token ids are never
 # augmented).
 NO_AUGMENTATION = {"flip": False, "brightness": 0.0}

@@ -2,7 +2,7 @@
 
 The model is the composition embed -> cls -> pos -> block_0 .. block_{L-1} ->
 final_norm -> head, each a small Linen module of its own, so that a task's model can be
-assembled as a path through shared components (models/paths.py) and growth can address
+assembled from components shared between tasks and growth can address
 each piece by name. Pre-norm blocks from models/layers.py.
 """
 

@@ -17,6 +17,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+_SLOW_KINDS = ("ray", "postgres", "multiprocess")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """Marks every Ray, PostgreSQL and multi-process test slow as well."""
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in _SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_compilation_cache():
     """Deletes the session's compilation cache when the tests end."""

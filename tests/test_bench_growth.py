@@ -3,8 +3,11 @@
 import json
 
 import jax
+import pytest
 
 from evogrow.bench import growth as bench
+
+pytestmark = pytest.mark.slow  # runs a benchmark end to end
 
 
 def test_tiny_model_every_case_is_exact_timed_and_sized(capsys):

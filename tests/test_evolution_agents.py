@@ -44,6 +44,8 @@ from evolution import mutations as mut
 from evolution import store as store_lib
 from evolution.architecture import architecture_of, model_config_of
 
+pytestmark = pytest.mark.multiprocess  # agents run as processes
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS_DIR = os.path.join(REPO_ROOT, "tests")
 

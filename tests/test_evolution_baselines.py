@@ -34,6 +34,8 @@ from evolution import task_data as task_data_lib
 from evolution.architecture import config_of
 from models import vit
 
+pytestmark = pytest.mark.slow  # trains every baseline method
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = dataclasses.replace(TINY_VIT, num_layers=2)
 TASKS = ("tex_a", "tex_b")

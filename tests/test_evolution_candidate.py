@@ -271,9 +271,10 @@ def test_compiled_steps_are_reused_across_candidates(trained, cache):
     first, pool1, src1 = _child(root, slots, "a")
     second, pool2, src2 = _child(root, slots, "b")
     # Other ids, parameters, learning rate and momentum: the same executables.
-    _train(pool1, first, src1.keys(), cache=cache, values={**VALUES, "lr": 0.02})
+    reused = _train(pool1, first, src1.keys(), cache=cache, values={**VALUES, "lr": 0.02})
     _train(pool2, second, src2.keys(), cache=cache, values={**VALUES, "momentum": 0.5})
     assert (cache.train_compilations, cache.eval_compilations) == before
+    assert reused.compile_seconds == 0 and reused.train_seconds > 0
     # Another set of trainable slots is another signature (evaluation is shared).
     third, pool3, src3 = _child(root, ("final_norm", "head"), "c")
     result = _train(pool3, third, src3.keys(), cache=cache)

@@ -18,6 +18,8 @@ import pytest
 from evogrow import main
 from evolution import inference, root, sqlite_store, task_data
 
+pytestmark = pytest.mark.slow  # pretrains a root and evolves end to end
+
 TINY_SEARCH = [
     "--gin.GENERATIONS=1",
     "--gin.CANDIDATES=1",

@@ -25,6 +25,8 @@ from tiny_vit_testlib import TINY_VIT, random_params
 from evolution import agent_run, agent_view, agents, multipath_agent, seeding, sqlite_store
 from evolution import mutations as mut
 
+pytestmark = pytest.mark.slow  # muNet agents publish first
+
 SETTINGS = multipath_agent.MultipathSettings(
     num_paths=2, steps=8, steps_per_validation=4, batch_size=16, wait_seconds=0.0
 )

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from evolution import candidate as cand
 from evolution import hparams as hp
 from evolution import mutations as mut
 from evolution import system
-from models import adapters, paths, vit
+from models import adapters, vit
 
 CONFIG = vit.vit_tiny(image_shape=(8, 8, 3), patch_size=4, head_zero_init=False)
 SPACE = hp.default_space(patch_size=4, image_size=8, image_size_steps=1)
@@ -47,11 +48,9 @@ def world():
     t3's path has an adapter before block_1 (frozen for everyone else).
     """
     params = _random_params(vit.ViT(CONFIG), jnp.zeros((1, 8, 8, 3)), seed=0)
-    root_model_path = paths.path_for_model("root", CONFIG, "root")
-    pool = paths.split_into_components(root_model_path, params)
-    components = {
-        cid: _component(cid, slot, pool[cid], "root") for slot, cid in root_model_path.components
-    }
+    root_components = tuple((slot, f"root:{slot}") for slot in vit.component_slots(CONFIG))
+    pool = {cid: params[slot] for slot, cid in root_components}
+    components = {cid: _component(cid, slot, pool[cid], "root") for slot, cid in root_components}
     t1_ids = {"block_1": "t1:block_1", "final_norm": "t1:final_norm", "head": "t1:head"}
     for slot, cid in t1_ids.items():
         pool[cid] = jax.tree_util.tree_map(lambda x: x + 0.5, params[slot])
@@ -61,7 +60,7 @@ def world():
     components["t3:adapter_1"] = _component(
         "t3:adapter_1", "adapter_1", pool["t3:adapter_1"], "t3", {"size": 16}
     )
-    root_pairs = root_model_path.components
+    root_pairs = root_components
     t1_pairs = tuple((slot, t1_ids.get(slot, cid)) for slot, cid in root_pairs)
     t3_pairs = root_pairs[:4] + (("adapter_1", "t3:adapter_1"),) + root_pairs[4:]
     arch = {"num_layers": CONFIG.num_layers}
@@ -264,17 +263,19 @@ def test_grown_child_computes_the_parent_function_bit_for_bit(world):
     child_config, created = mut.materialize(plan, pool, CONFIG)
     assert child_config.num_layers == CONFIG.num_layers + 1
     assert set(created) == set(plan.trainable_ids)
-    parent = paths.Path(task, CONFIG, state.paths[parent_id].components)
-    child = paths.Path(task, child_config, plan.path.components)
+    parent = dict(state.paths[parent_id].components)
+    child = dict(plan.path.components)
     child_pool = {**pool, **created}
+    tree = {slot: child_pool[cid] for slot, cid in child.items()}  # keyed by slot
     images = np.random.default_rng(2).uniform(size=(3, 8, 8, 3)).astype(np.float32)
-    parent_logits = jax.jit(lambda p, x: paths.apply_path(parent, p, x))(pool, images)
+    parent_logits = jax.jit(
+        lambda x: cand.forward(CONFIG, list(parent), {s: pool[c] for s, c in parent.items()}, x)
+    )(images)
     assert float(jnp.max(jnp.abs(parent_logits))) > 0  # a meaningful comparison
-    child_logits = jax.jit(lambda p, x: paths.apply_path(child, p, x))(child_pool, images)
+    child_logits = jax.jit(lambda t, x: cand.forward(child_config, list(child), t, x))(tree, images)
     np.testing.assert_array_equal(child_logits, parent_logits)
 
-    # The grown child as one plain ViT model (assembled parameters), too.
-    tree = paths.assemble_params(child, child_pool)
+    # The grown child as one plain ViT model (its parameters keyed by slot), too.
     whole = jax.jit(lambda t, x: vit.ViT(child_config).apply({"params": t}, x))(tree, images)
     np.testing.assert_array_equal(whole, parent_logits)
     # The new block is not trivially zero: only its output projections are.

@@ -61,6 +61,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_candidates_on_two_devices_match_one_device(tmp_path):
     env = dict(
         os.environ,

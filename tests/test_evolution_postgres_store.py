@@ -32,6 +32,8 @@ from store_testlib import (  # noqa: E402
 
 from evolution import param_files, postgres_store, seeding, store, system  # noqa: E402
 
+pytestmark = pytest.mark.postgres  # a throw-away PostgreSQL server
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
 

@@ -20,6 +20,8 @@ from evolution import architecture as arch_lib
 from evolution import batches, inference, root, sqlite_store, task_data
 from models import vit
 
+pytestmark = pytest.mark.slow  # pretrains and resumes a root
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIN_FILE = "gin/runs/pretrain_root.gin"
 TASK = "digits_rgb32_v1"

@@ -198,6 +198,7 @@ def _seeded_store(tmp_path):
     return directory
 
 
+@pytest.mark.multiprocess
 def test_store_survives_kill_9_at_random_moments(tmp_path):
     directory = _seeded_store(tmp_path)
     rng = np.random.default_rng(2024)
@@ -222,6 +223,7 @@ def test_store_survives_kill_9_at_random_moments(tmp_path):
         ("mid_publish", None, True),  # component staged, publication half-done
     ],
 )
+@pytest.mark.multiprocess
 def test_store_survives_kill_9_at_each_critical_moment(
     tmp_path, crash_point, expect_removed, expect_discarded
 ):

@@ -41,7 +41,7 @@ def server():
         yield port
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def backend(request, tmp_path):
     """A store location of each backend."""
     if request.param == "sqlite":

@@ -35,7 +35,9 @@ from evolution import (
     system,
     system_model,
 )
-from models import adapters, routing, vit
+from models import adapters, vit
+
+pytestmark = pytest.mark.slow  # evolves, exports and evaluates a system
 
 AGENT = "munet"
 TASK_A, TASK_B, TASK_C = (
@@ -268,7 +270,7 @@ def test_routing_equals_per_task_inference(run_all, expected):
         k = NUM_CLASSES[task]
         mine = np.asarray(aux["logits"])[rows[task]]
         np.testing.assert_allclose(mine[:, :k], logits, rtol=1e-6, atol=1e-6)
-        assert np.all(mine[:, k:] == routing.ABSENT_CLASS_LOGIT)
+        assert np.all(mine[:, k:] == system_model.ABSENT_CLASS_LOGIT)
         np.testing.assert_array_equal(np.asarray(predictions)[rows[task]], classes)
         labels = batch["label"][rows[task]]
         log_p = jax.nn.log_softmax(logits)[np.arange(len(labels)), labels]

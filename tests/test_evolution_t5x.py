@@ -39,6 +39,8 @@ from evolution import architecture as arch_lib  # noqa: E402
 from evolution import inference, mutations, seeding, sqlite_store, system, t5x_export  # noqa: E402
 from models import adapters, vit  # noqa: E402
 
+pytestmark = pytest.mark.slow  # evolves and exports a store first
+
 ROOT = Path(__file__).resolve().parents[1]
 THIS_MODULE = Path(__file__).stem
 AGENT = "munet"
@@ -288,6 +290,7 @@ def test_export_refusals(store_dir, exported, tmp_path, monkeypatch):
         )
 
 
+@pytest.mark.multiprocess
 def test_t5x_eval_reports_each_tasks_accuracy_of_its_path(exported, expected, tmp_path):
     _, checkpoint_dir, _ = exported
     _run("eval", *_bindings(checkpoint_dir), f"EVAL_OUTPUT_DIR='{tmp_path}'")
@@ -301,6 +304,7 @@ def test_t5x_eval_reports_each_tasks_accuracy_of_its_path(exported, expected, tm
         assert metrics["log_likelihood"] < 0.0
 
 
+@pytest.mark.multiprocess
 def test_t5x_infer_writes_the_routed_prediction_of_every_example(exported, expected, tmp_path):
     _, checkpoint_dir, _ = exported
     _run("infer", *_bindings(checkpoint_dir), f"INFER_OUTPUT_DIR='{tmp_path}'")

@@ -25,6 +25,8 @@ from evolution import candidate as cand
 from evolution import mutations as mut
 from models import adapters, encoder, minilm
 
+pytestmark = pytest.mark.slow  # evolves two text tasks
+
 CONFIG = encoder.tiny(num_classes=2, max_len=16)
 LENGTH = 12
 SEARCH = search.SearchConfig(

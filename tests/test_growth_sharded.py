@@ -18,6 +18,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.multiprocess  # 8 simulated devices in a subprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
 MESHES = ((4, 2), (2, 4))  # (data, model)

@@ -23,6 +23,8 @@ from evogrow import checkpoints, curves, data, growth_schedule, main, partitioni
 from evogrow import train as train_lib
 from models import classifier, growth_hooks, vit
 
+pytestmark = pytest.mark.slow  # trains and grows a ViT several times
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULE = {
     3: ["mlp_dim=48", "num_heads=4", "qk_dim=12"],  # qk_dim rescales the queries
@@ -171,6 +173,7 @@ def _final_params(model_dir):
     return ckpt.restore_on_host(["params"])["params"]
 
 
+@pytest.mark.multiprocess
 def test_growth_on_eight_devices_matches_one_device(tmp_path):
     """The gin schedule of tests/gin/growth_vit.gin on a 4 x 2 mesh and on one device."""
     args = ["train", "--gin_file=tests/gin/growth_vit.gin"]

@@ -1,4 +1,4 @@
-"""ViT, its components, paths and routing; the image classifier's t5x contract."""
+"""ViT and its components; the image classifier's t5x contract."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from models import base, classifier, paths, routing, vit
+from models import base, classifier, vit
 
 
 def tiny(**kw):
@@ -105,54 +105,19 @@ def test_components_compose_to_the_model():
     config = tiny()
     model, variables = init_model(config)
     params = nn.unbox(variables["params"])
-    path = paths.path_for_model("digits_v1", config, "root")
-    pool = paths.split_into_components(path, params)
     b = batch()
-    np.testing.assert_array_equal(
-        paths.apply_path(path, pool, b["image"]), model.module.apply({"params": params}, b["image"])
-    )
-    prelogits = paths.apply_path(path, pool, b["image"], return_prelogits=True)
-    assert prelogits.shape == (4, config.hidden)
 
+    def run(return_prelogits=False):
+        x = b["image"]
+        for slot in vit.component_slots(config):
+            module = vit.make_component(config, slot)
+            x = vit.apply_component(
+                module, slot, params[slot], x, return_prelogits=return_prelogits
+            )
+        return x
 
-def test_routing_selects_each_task_path():
-    config_a, config_b = tiny(), tiny(num_classes=3, num_layers=1)
-    params_a = nn.unbox(
-        vit.ViT(config_a).init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))["params"]
-    )
-    params_b = nn.unbox(
-        vit.ViT(config_b).init(jax.random.key(2), jnp.zeros((1, 8, 8, 1)))["params"]
-    )
-    path_a = paths.path_for_model("a", config_a, "a")
-    # Task b shares a's embedding and positions, owns its block and head.
-    path_b = paths.Path(
-        "b",
-        config_b,
-        tuple(
-            (s, f"a:{s}" if s in ("embed", "cls", "pos") else f"b:{s}")
-            for s in vit.component_slots(config_b)
-        ),
-    )
-    pool = {
-        **paths.split_into_components(path_a, params_a),
-        **{f"b:{s}": params_b[s] for s in ("block_0", "final_norm", "head")},
-    }
-    model = classifier.ImageClassifierModel(
-        routing.RoutedClassifier((path_a, path_b)), route_feature="task_id"
-    )
-    variables = model.get_initial_variables(jax.random.key(0), {"image": (2, 8, 8, 1)})
-    assert set(variables["params"]) == set(pool)
-    b = {**batch(6), "task_id": jnp.array([0, 1, 0, 1, 1, 0], jnp.int32)}
-    routed = model._logits(pool, b)
-    expect_a = paths.apply_path(path_a, pool, b["image"])
-    expect_b = paths.apply_path(path_b, pool, b["image"])
-    for i, t in enumerate(np.asarray(b["task_id"])):
-        expected = expect_a[i] if t == 0 else expect_b[i]
-        np.testing.assert_allclose(routed[i, : expected.shape[0]], expected, rtol=1e-6, atol=1e-6)
-    assert np.all(np.asarray(routed[np.asarray(b["task_id"]) == 1, 3:]) < -1e8)
-    functional = routing.apply_routed((path_a, path_b), pool, b["image"], b["task_id"])
-    np.testing.assert_allclose(functional, routed, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.jit(model._logits)(pool, b), routed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(run(), model.module.apply({"params": params}, b["image"]))
+    assert run(return_prelogits=True).shape == (4, config.hidden)
 
 
 def test_bad_config_and_inputs_raise():

@@ -15,6 +15,8 @@ from pathlib import Path
 import gin
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # t5x's binaries in subprocesses
+
 t5x = pytest.importorskip("t5x")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,12 @@ import sys
 import gin
 import jax
 import numpy as np
+import pytest
 import trainer_testlib as tl
 
 from evogrow import checkpoints, main, partitioning, reporting, trainer
+
+pytestmark = pytest.mark.multiprocess  # subprocesses and jax.distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30

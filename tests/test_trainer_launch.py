@@ -87,6 +87,7 @@ def test_rewrite_gin_args():
     assert rest == ["train"] and bindings == ["A = 1", "b.c = 'x=y'"]
 
 
+@pytest.mark.slow
 def test_train_eval_infer_end_to_end(tmp_path):
     model_dir = tmp_path / "run"
     common = ["--gin.MIXTURE_OR_TASK_NAME='trainer_toy_v1'", "--gin.TASK_FEATURE_LENGTHS=None"]
@@ -138,6 +139,7 @@ def test_train_eval_infer_end_to_end(tmp_path):
     assert set(records[0]) == {"index", "label", "prediction"}
 
 
+@pytest.mark.slow
 def test_digits_experiment_few_steps_through_real_entry_point(tmp_path):
     model_dir = tmp_path / "digits"
     argv = [

@@ -5,8 +5,8 @@
 For a tiny and a small ViT on digits, on 1 device and on 8 simulated CPU devices (each
 device count in its own subprocess), it measures steady-state steps/s of
 
-- ours: `evogrow.train.train` as configured by default (tf.data input pipeline, read on
-  the trainer's thread on a CPU host (`evogrow.data.uses_device_prefetch`), blocks of
+- ours: `evogrow.train.train` as configured by default (tf.data input pipeline, put on
+  device by a background thread (`evogrow.data.DevicePrefetcher`), blocks of
   steps in one dispatch (`steps_per_execution`: 10 on a CPU host; `--steps_per_execution
   1` dispatches every step, as the baseline does), on-device metric merging,
   asynchronous summaries every 100 steps, asynchronous checkpoints every 1000 steps and

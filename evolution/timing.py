@@ -1,0 +1,68 @@
+"""Where a candidate's wall time goes: one timer, phases (train, eval, compile) timed apart.
+
+A `Timer` is entered around a piece of work (`with timer.phase("train"): ...`). Code
+deeper down, which does not know the timer, marks its own phase with the module-level
+`phase` (the step cache marks "compile"): it is timed in the timer active in the calling
+thread, and a phase entered inside another is not counted in the outer one, so the
+compilation of a step in the middle of training counts as compilation only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
+
+# Each thread starts with its own context, so candidates training in parallel threads
+# each see their own timer.
+_ACTIVE: contextvars.ContextVar[Timer | None] = contextvars.ContextVar("timer", default=None)
+
+
+class Timer:
+    """Wall seconds by phase, each phase without the phases nested inside it.
+
+    Attributes:
+      seconds: phase name -> wall seconds spent in it.
+    """
+
+    def __init__(self) -> None:
+        """Starts with no time in any phase."""
+        self.seconds: dict[str, float] = {}
+        self._nested: list[float] = []  # per open phase: time spent in phases inside it
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Times the body as phase `name` (and makes this the thread's active timer).
+
+        Args:
+          name: the phase.
+
+        Yields:
+          nothing.
+        """
+        token = _ACTIVE.set(self)
+        self._nested.append(0.0)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            nested = self._nested.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - nested
+            if self._nested:
+                self._nested[-1] += elapsed
+            _ACTIVE.reset(token)
+
+
+def phase(name: str) -> contextlib.AbstractContextManager[None]:
+    """Times the body as phase `name` of the calling thread's active timer, if any.
+
+    Args:
+      name: the phase.
+
+    Returns:
+      a context manager (doing nothing when no timer is active).
+    """
+    timer = _ACTIVE.get()
+    return timer.phase(name) if timer is not None else contextlib.nullcontext()
