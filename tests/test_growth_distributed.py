@@ -15,6 +15,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.multiprocess  # two jax.distributed processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 2
 LOCAL_DEVICES = 2

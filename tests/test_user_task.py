@@ -43,6 +43,8 @@ import tensorflow as tf
 
 import tasks
 
+pytestmark = pytest.mark.slow  # trains and evolves through the real entry points
+
 SPLITS = {"train": 96, "validation": 48, "test": 48}
 LABEL = seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32, rank=0)
 
