@@ -14,7 +14,8 @@ Benchmarks:
 - `vit_*`: the ViT benchmark; imagenet2012 validates on imagenet_v2 and tests on its
   validation split, cifar10 validates on cifar10_1, cifar100 on the last 2% of train.
 - `vtab_*` / `vtab1k_*`: VTAB full and VTAB-1k (the first 800 train / 200 validation
-  examples), with VTAB's splits.
+  examples), with VTAB's splits. cifar10 and cifar100 are VTAB-1k only, as in the mu2Net
+  benchmark, whose full-size CIFARs are the `vit_*` ones (same test split).
 """
 
 from __future__ import annotations
@@ -164,9 +165,15 @@ _STANDARD = ("train", "validation", "test")
 _CLEVR = ("train[:63000]", "train[63000:]", "validation")
 _DSPRITES = ("train[:589824]", "train[589824:663552]", "train[663552:]")
 _SMALLNORB = ("train", "test[:50%]", "test[50%:]")
+# VTAB's CIFAR splits: train = first 90% of TFDS train (both have 50000), val = the rest.
+_CIFAR = ("train[:45000]", "train[45000:]", "test")
+# Tasks registered only in their VTAB-1k form.
+_VTAB1K_ONLY = ("cifar10", "cifar100")
 # VTAB rows: task, TFDS dataset, classes, (train, validation, test), label fn, binary.
 _VTAB = (
     ("caltech101", "caltech101", 102, ("train[:2754]", "train[2754:]", "test"), None),
+    ("cifar100", "cifar100", 100, _CIFAR, None),
+    ("cifar10", "cifar10", 10, _CIFAR, None),
     ("dtd", "dtd", 47, _STANDARD, None),
     ("oxford_flowers102", "oxford_flowers102", 102, _STANDARD, None),
     ("oxford_iiit_pet", "oxford_iiit_pet", 37, ("train[:2944]", "train[2944:]", "test"), None),
@@ -220,6 +227,8 @@ def _vtab_specs() -> list[TfdsSpec]:
         full = _split_map(train, val, test)
         one_k = _split_map(first_examples(train, 800), first_examples(val, 200), test)
         for benchmark, splits in (("vtab", full), ("vtab1k", one_k)):
+            if benchmark == "vtab" and task in _VTAB1K_ONLY:
+                continue
             specs.append(TfdsSpec(benchmark, task, dataset or task, classes, splits, fn, binary))
     return specs
 

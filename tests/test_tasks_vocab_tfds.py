@@ -65,7 +65,9 @@ def test_minilm_decode_drops_special_tokens_and_stops_at_eos():
 def test_every_tfds_task_is_registered_with_its_info():
     names = set(tasks.registered_names())
     specs = tfds_tasks.all_specs()
-    assert len(specs) == 8 + 10 + 3 + 2 * 23
+    # mu2Net's benchmark: chars 8, VDD 10, ViT 3, VTAB full 23, VTAB-1k 25 (with the CIFARs).
+    assert len(specs) == 8 + 10 + 3 + 23 + 25 == 69
+    assert len({s.base_name for s in specs}) == len(specs)
     for spec in specs:
         for size in (tfds_tasks.DEFAULT_IMAGE_SIZE, 32):
             name = tfds_tasks.task_name(spec, size)
@@ -83,6 +85,15 @@ def test_vtab1k_splits_take_800_train_and_200_validation():
         "test": "test",
     }
     assert by_name["vtab1k_dtd_v1"].splits["validation"] == "validation[0:200]"
+    for cifar, classes in (("cifar10", 10), ("cifar100", 100)):
+        spec = by_name[f"vtab1k_{cifar}_v1"]
+        assert (spec.dataset, spec.num_classes) == (cifar, classes)
+        assert spec.splits == {
+            "train": "train[0:800]",
+            "validation": "train[45000:45200]",
+            "test": "test",
+        }
+        assert f"vtab_{cifar}_v1" not in by_name  # VTAB-1k only, as in mu2Net's list
     assert by_name["vtab1k_smallnorb_label_azimuth_v1"].splits["validation"] == "test[0:200]"
     assert by_name["vdd_dtd_v1"].splits["test"] == "validation[50%:]"
     with pytest.raises(ValueError):
