@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "tensorboard==2.21.0",
     "numpy==2.4.6",
+    # Position-embedding resampling of pretrained ViT checkpoints (as big_vision).
+    "scipy==1.17.1",
     # Offline data and weights that ship inside packages (see README).
     "scikit-learn==1.9.1",
     "scikit-image==0.26.0",
