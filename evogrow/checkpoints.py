@@ -325,7 +325,10 @@ class Checkpointer:
         save_cfg: SaveCheckpointConfig | None = None,
         read_only: bool = False,
     ):
-        self.directory = epath.Path(directory)
+        # orbax's tensorstore writer refuses relative paths (MODEL_DIR='runs/x' is common).
+        self.directory = epath.Path(
+            os.path.abspath(directory) if "://" not in directory else directory
+        )
         if read_only and not self.directory.is_dir():
             raise CheckpointNotFoundError(f"no checkpoint directory at {directory}")
         options = ocp.CheckpointManagerOptions(

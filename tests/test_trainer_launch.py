@@ -140,12 +140,13 @@ def test_train_eval_infer_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_experiment_few_steps_through_real_entry_point(tmp_path):
+def test_digits_experiment_few_steps_through_real_entry_point(tmp_path, monkeypatch):
     model_dir = tmp_path / "digits"
+    monkeypatch.chdir(tmp_path)  # a relative MODEL_DIR, as users write it
     argv = [
         "train",
         "--gin_file=gin/experiments/digits_vit.gin",
-        f"--gin.MODEL_DIR='{model_dir}'",
+        "--gin.MODEL_DIR='digits'",
         "--gin.TRAIN_STEPS=4",
         "--gin.WARMUP_STEPS=2",
         "--gin.EVAL_PERIOD=2",
