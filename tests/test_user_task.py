@@ -23,9 +23,13 @@ import numpy as np
 import pytest
 
 import tasks
-from evogrow import checkpoints, main
-from evolution import inference, seeding, sqlite_store, task_data
+from evogrow import main
+from evolution.export import inference
+from evolution.roots import seeding
+from evolution.search import task_data
+from evolution.store import sqlite as sqlite_store
 from models import encoder, vit
+from training import checkpoints
 
 REPO = str(main.__file__).rsplit("/evogrow/", 1)[0]
 MODULE = "user_tasks_e2e"
