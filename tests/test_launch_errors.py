@@ -267,7 +267,7 @@ def test_store_location_errors_do_not_repeat_a_password():
 
 def test_batch_size_not_dividing_over_the_devices_is_a_setting_error():
     code = (
-        "from evogrow import partitioning, settings\n"
+        "from training import partitioning, settings\n"
         "try:\n"
         "    partitioning.Partitioner().get_data_layout(30)\n"
         "except settings.SettingError as error:\n"
