@@ -31,6 +31,8 @@ from evolution.store import sqlite as sqlite_store
 from models import encoder, vit
 from training import checkpoints
 
+pytestmark = pytest.mark.slow  # trains and evolves through the real entry points
+
 REPO = str(main.__file__).rsplit("/evogrow/", 1)[0]
 MODULE = "user_tasks_e2e"
 IMAGE_TASK = "user_channels_v1"
@@ -46,8 +48,6 @@ import seqio
 import tensorflow as tf
 
 import tasks
-
-pytestmark = pytest.mark.slow  # trains and evolves through the real entry points
 
 SPLITS = {"train": 96, "validation": 48, "test": 48}
 LABEL = seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32, rank=0)
