@@ -79,7 +79,7 @@ lint() {
   "$VENV/bin/ruff" check .
   "$VENV/bin/ruff" format --check .
   local packages=()
-  for pkg in tasks models growth evolution evogrow; do
+  for pkg in tasks models growth training evolution evogrow benchmarks; do
     [[ -f "$pkg/__init__.py" ]] && packages+=(-p "$pkg")
   done
   "$VENV/bin/mypy" "${packages[@]}"
@@ -117,7 +117,7 @@ case "$cmd" in
     ;;
   bench)
     ensure_env
-    run_python -m evogrow.bench "$@"
+    run_python -m benchmarks "$@"
     ;;
   -h | --help | help)
     sed -n '2,15p' "$0"

@@ -54,7 +54,15 @@ setuptools.setup(
     description="Grow transformers mid-training and evolve modular multitask systems (t5x/seqio).",
     python_requires=">=3.11",
     packages=setuptools.find_packages(
-        include=["tasks*", "models*", "growth*", "evolution*", "evogrow*"]
+        include=[
+            "tasks*",
+            "models*",
+            "growth*",
+            "training*",
+            "evolution*",
+            "evogrow*",
+            "benchmarks*",
+        ]
     ),
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

@@ -1,6 +1,6 @@
-"""evogrow's launchers and partitioned trainer.
+"""evogrow's launchers: the gin-bound entry points that run.sh calls.
 
-Library modules here (partitioning, trainer, checkpoints, data, evaluation, train, eval,
-infer) never import gin; only the launcher (`evogrow.main`, `evogrow.gin_utils`) binds
-gin configuration and calls them.
+`main` (the CLI), `train`, `eval`, `infer`, `grow`, `t5x_growth` and `gin_utils` bind gin
+configuration and call the libraries below them (`training`, `evolution`), which never
+import gin.
 """

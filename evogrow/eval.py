@@ -15,13 +15,13 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from evogrow import checkpoints as checkpoints_lib
-from evogrow import data as data_lib
-from evogrow import evaluation as evaluation_lib
-from evogrow import partitioning, reporting
-from evogrow import trainer as trainer_lib
-from evogrow.partitioning import Partitioner
 from evogrow.train import SummarizeConfigFn
+from training import checkpoints as checkpoints_lib
+from training import data as data_lib
+from training import evaluation as evaluation_lib
+from training import partitioning, reporting
+from training import trainer as trainer_lib
+from training.partitioning import Partitioner
 
 logger = logging.getLogger("evogrow")
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import growth
-from evogrow import checkpoints as checkpoints_lib
-from evogrow import growth_schedule as growth_schedule_lib
+from training import checkpoints as checkpoints_lib
+from training import growth_schedule as growth_schedule_lib
 
 logger = logging.getLogger("evogrow")
 

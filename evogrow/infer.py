@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from evogrow import checkpoints as checkpoints_lib
-from evogrow import data as data_lib
-from evogrow import evaluation as evaluation_lib
 from evogrow.eval import restore_params
-from evogrow.partitioning import Partitioner
+from training import checkpoints as checkpoints_lib
+from training import data as data_lib
+from training import evaluation as evaluation_lib
+from training.partitioning import Partitioner
 
 logger = logging.getLogger("evogrow")
 

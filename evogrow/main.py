@@ -38,11 +38,11 @@ COMMANDS = {
     "train": "evogrow.train:train",
     "eval": "evogrow.eval:evaluate",
     "infer": "evogrow.infer:infer",
-    "pretrain_root": "evolution.root:pretrain_root",
+    "pretrain_root": "evolution.roots.root:pretrain_root",
     "evolve": "evolution.evolve:evolve",
     "baseline": "evolution.baseline_run:baseline",
-    "export_system": "evolution.export:export_system",
-    "export_system_t5x": "evolution.t5x_export:export_system_t5x",
+    "export_system": "evolution.export.export:export_system",
+    "export_system_t5x": "evolution.export.t5x_export:export_system_t5x",
     "agent": "evolution.agent_main:agent",
     "agents_ray": "evolution.ray_main:agents_ray",
 }
@@ -149,7 +149,8 @@ def _store_command(argv: Sequence[str]) -> int:
     backup.add_argument("store_dir")
     backup.add_argument("destination")
     args = parser.parse_args(argv)
-    from evolution import store, store_check
+    from evolution import store
+    from evolution.store import check as store_check
 
     try:
         if args.action == "check":
@@ -170,9 +171,9 @@ def _store_command(argv: Sequence[str]) -> int:
 
 def _user_errors(command: str) -> tuple[type[Exception], ...]:
     """Exceptions of `command` that mean bad input, reported in one line."""
-    from evogrow import checkpoints, settings
     from models import task_shapes
     from tasks import registry
+    from training import checkpoints, settings
 
     errors: tuple[type[Exception], ...] = (
         registry.UnknownTaskError,
@@ -183,14 +184,17 @@ def _user_errors(command: str) -> tuple[type[Exception], ...]:
         checkpoints.CheckpointMetadataError,
     )
     if COMMANDS[command].startswith("evolution."):
-        from evolution import agent_view, agents, evolve, export, root, system_model
+        from evolution import evolve
         from evolution import store as store_lib
+        from evolution.agents import agent_view, agents
+        from evolution.export import export, system_model
+        from evolution.roots import root
 
         errors += (evolve.EvolveError, root.RootNotFoundError, store_lib.StoreError)
         errors += (agents.AgentError, agent_view.AgentStateError)
         errors += (export.ExportError, system_model.MissingTaskError)
         if command == "export_system_t5x":
-            from evolution import t5x_export
+            from evolution.export import t5x_export
 
             errors += (t5x_export.T5XNotInstalledError,)
     return errors
@@ -221,7 +225,7 @@ def run(argv: Sequence[str]) -> int:
         raise LaunchError(f"unknown command {args.command!r}; commands: {', '.join(COMMANDS)}")
     _setup_logging(args.log_level)
 
-    from evogrow import distributed
+    from training import distributed
 
     distributed.initialize(args.coordinator_address, args.process_count, args.process_index)
     if args.process_index > 0:

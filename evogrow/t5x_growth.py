@@ -28,8 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import growth
-from evogrow import growth_schedule as growth_schedule_lib
 from models import growth_hooks
+from training import growth_schedule as growth_schedule_lib
 
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 _SIZE_FIELDS = ("hidden", "mlp_dim", "num_heads", "qk_dim", "v_dim", "num_layers", "norm_eps")

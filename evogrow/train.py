@@ -22,15 +22,15 @@ import numpy as np
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from evogrow import checkpoints as checkpoints_lib
-from evogrow import curves, partitioning, reporting, settings, state_growth
-from evogrow import data as data_lib
-from evogrow import evaluation as evaluation_lib
-from evogrow import growth_schedule as growth_schedule_lib
-from evogrow import trainer as trainer_lib
-from evogrow.partitioning import Partitioner
 from models import growth_hooks, task_shapes
 from tasks import registry
+from training import checkpoints as checkpoints_lib
+from training import curves, partitioning, reporting, settings, state_growth
+from training import data as data_lib
+from training import evaluation as evaluation_lib
+from training import growth_schedule as growth_schedule_lib
+from training import trainer as trainer_lib
+from training.partitioning import Partitioner
 
 logger = logging.getLogger("evogrow")
 

@@ -1,13 +1,14 @@
-"""The muNet family: system state, store, scoring, parent selection and mutations.
+"""The muNet family: an evolving multitask system, its store, search and agents.
 
-Modules: `system` (components, paths, tasks, locks), `store` (the store interface and
-its errors), `sqlite_store` (the embedded default store), `param_files` (atomic
-parameter files), `scoring` (scale-controlled score, acceptance), `selection` (parent
-selection, task order), `hparams` (the hyperparameter space and mu2Net+ self-tuning
-mutation rates), `mutations` (planning and materialising a child path), `candidate`
-(training one candidate: masked optimizer, best-validation parameters, compiled steps
-reused across candidates), `timing` (where a candidate's wall time goes), `search`
-(seeding the root, one task iteration of the muNet / mu2Net+ search, round-robin tasks,
-prediction from the store). Method: muNet / mu2Net / mu2Net+ and the multiagent
-framework (arXiv 2205.10937, 2205.12755, 2209.07326, 2209.14745).
+Subpackages, each importing only those listed after it (pyproject.toml's import
+contracts): `agents` (a method bound to a task: cycles, views of the store, multipath
+routing, baselines, Ray), then `roots` (root models and seeding them into a store),
+`export` (the system as a checkpoint, a t5x model, inference) and `report` (tables, the
+system's picture), then `search` (one task's search: settings, hyperparameter space,
+selection, mutations, scoring, candidates and where they train, the loop), then `store`
+(the store interface, its SQLite and PostgreSQL backends, `open_store`), then `system`
+(the system as values: components, paths, tasks, architectures, families). The
+gin-bound entry points (`evolve`, `demo`, `agent_main`, `ray_main`, `baseline_run`) sit
+here on top. Method: muNet / mu2Net / mu2Net+ and the multiagent framework (arXiv
+2205.10937, 2205.12755, 2209.07326, 2209.14745).
 """

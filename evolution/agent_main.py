@@ -5,9 +5,9 @@
 
 Start several (different tasks or methods, or the same task with different methods and
 names) as separate processes on one store; each can be stopped (even by kill -9) and
-started again. The task's data is read by seqio task name (`evolution.task_data`).
+started again. The task's data is read by seqio task name (`evolution.search.task_data`).
 METHOD='multipath' runs a router over the task's best published path and other tasks'
-paths (`evolution.multipath_agent`): start it once the task has a path (it waits until
+paths (`evolution.agents.multipath_agent`): start it once the task has a path (it waits until
 then); it publishes nothing and keeps its best in <store>/multipath/<name>.json/.npz.
 """
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 
-from evolution import agent_run, agents, multipath_agent, search, task_data
+from evolution.agents import agent_run, agents, multipath_agent
+from evolution.search import loop as search
+from evolution.search import task_data
 
 logger = logging.getLogger("evogrow")
 

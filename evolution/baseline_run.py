@@ -2,9 +2,9 @@
 
     ./run.sh baseline --gin_file=gin/runs/baseline.gin --gin.STORE_DIR=... --gin.OUTPUT_DIR=...
 
-Runs `evolution.baselines.run_baselines` (full fine-tuning, freeze bottom k, residual
+Runs `evolution.agents.baselines.run_baselines` (full fine-tuning, freeze bottom k, residual
 adapters, each from the store's root, never written to the store) on seqio tasks read
-with `evolution.task_data`, prints a Markdown table with a mean row per method and
+with `evolution.search.task_data`, prints a Markdown table with a mean row per method and
 writes `baselines.json` and `baselines.md`.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from evolution import store as store_lib
-from evolution import task_data
-from evolution.baselines import BaselineResult, BaselineTask, check_methods, run_baselines
+from evolution.agents.baselines import BaselineResult, BaselineTask, check_methods, run_baselines
+from evolution.search import task_data
 
 logger = logging.getLogger("evogrow")
 
@@ -97,7 +97,7 @@ def baseline(
     Args:
       store_dir: an existing store with a root (read only).
       methods: baseline methods to run.
-      tasks: task names (`evolution.task_data`).
+      tasks: task names (`evolution.search.task_data`).
       steps: training steps per task (unless in `steps_per_task`).
       steps_per_validation: B.
       output_dir: where the report goes.

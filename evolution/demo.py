@@ -1,6 +1,6 @@
 """The main job (`./run.sh`): the whole muNet system on the embedded offline default.
 
-1. Reuse or pretrain the root ViT (`evolution.root.ensure_root`; Fashion-MNIST).
+1. Reuse or pretrain the root ViT (`evolution.roots.root.ensure_root`; Fashion-MNIST).
 2. Evolve a system over three offline image tasks, round-robin (`evolution.evolve`).
 3. Introduce a fourth task (dynamic task introduction) and evolve it alone.
 4. Check immunity: the first three tasks' test predictions are bit-identical before and
@@ -18,8 +18,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evolution import evolve as evolve_lib
-from evolution import root, search
 from evolution import store as store_lib
+from evolution.roots import root
+from evolution.search import loop as search
 
 logger = logging.getLogger("evogrow")
 

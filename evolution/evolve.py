@@ -13,7 +13,7 @@ scalars) in `output_dir`.
   the tasks already in the store are not iterated and, because their components are
   locked, their predictions stay bit-identical: the run checks this on their test
   splits and prints the result (`immunity_check`).
-- The root comes from `root_dir` (`evolution.root`, `./run.sh pretrain_root`) when the
+- The root comes from `root_dir` (`evolution.roots.root`, `./run.sh pretrain_root`) when the
   store has none yet.
 - Nothing is lost on a crash: every task iteration publishes its best path in one store
   transaction, and that publication is the iteration's progress record. The run's plan
@@ -37,8 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from evolution import inference, report, root, search, system, system_picture, task_data
 from evolution import store as store_lib
+from evolution.export import inference
+from evolution.report import report, system_picture
+from evolution.roots import root
+from evolution.search import loop as search
+from evolution.search import task_data
+from evolution.system import state as system
 
 logger = logging.getLogger("evogrow")
 
@@ -270,7 +275,7 @@ def evolve(
 
     Args:
       store_dir: the store (created when missing).
-      root_dir: a pretrained root (`evolution.root.pretrain_root`), used when the store
+      root_dir: a pretrained root (`evolution.roots.root.pretrain_root`), used when the store
         has no root yet.
       search_config: each task iteration's settings.
       tasks: seqio task names of the system (`import tasks` registers them); the

@@ -6,14 +6,15 @@
 
 One agent per (task, method) pair, named "<method>-<task>", each a Ray task with one
 CPU on the cluster at $RAY_ADDRESS (or RAY_ADDRESS bound in gin; with neither, a local
-cluster on this machine). Multi-machine set-up: `evolution.ray_engine`.
+cluster on this machine). Multi-machine set-up: `evolution.search.ray_executor`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from evolution import agents, ray_engine, search
+from evolution.agents import agents, ray_agents
+from evolution.search import loop as search
 
 
 def agents_ray(
@@ -74,13 +75,13 @@ def agents_ray(
         for task in tasks
         for method in methods
     ]
-    data_fn = ray_engine.SeqioAgentData(
+    data_fn = ray_agents.SeqioAgentData(
         eval_batch_size=eval_batch_size,
         max_train_examples=max_train_examples,
         max_eval_examples=max_eval_examples,
         max_test_examples=max_test_examples,
     )
-    results = ray_engine.run_agents(
+    results = ray_agents.run_agents(
         store=store,
         configs=configs,
         data_fn=data_fn,

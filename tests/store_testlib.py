@@ -13,7 +13,8 @@ import sys
 import jax
 import numpy as np
 
-from evolution import sqlite_store, system
+from evolution.store import sqlite as sqlite_store
+from evolution.system import state as system
 
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
 
@@ -86,7 +87,7 @@ class Backend:
         """A new client of the store."""
         if self.kind == "sqlite":
             return sqlite_store.SqliteStore(self.directory)
-        from evolution import postgres_store
+        from evolution.store import postgres as postgres_store
 
         return postgres_store.PostgresStore(self.dsn, self.params_dir)
 
@@ -94,7 +95,7 @@ class Backend:
         """The component folders in the parameter directory (not the PostgreSQL marker)."""
         names = set(os.listdir(self.params_dir))
         if self.kind == "postgres":
-            from evolution import postgres_store
+            from evolution.store import postgres as postgres_store
 
             names.discard(postgres_store.MARKER_NAME)
         return names

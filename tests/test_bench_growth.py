@@ -5,7 +5,7 @@ import json
 import jax
 import pytest
 
-from evogrow.bench import growth as bench
+from benchmarks import growth as bench
 
 pytestmark = pytest.mark.slow  # runs a benchmark end to end
 

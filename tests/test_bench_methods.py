@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from evogrow.bench import methods, munet
+from benchmarks import methods, munet
 
 
 def _result(task, method, acc, params):

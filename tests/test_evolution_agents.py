@@ -26,23 +26,15 @@ import numpy as np
 import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import (
-    agent_run,
-    agent_view,
-    agents,
-    batches,
-    candidate,
-    hparams,
-    inference,
-    iteration,
-    search,
-    seeding,
-    selection,
-    sqlite_store,
-)
-from evolution import mutations as mut
 from evolution import store as store_lib
-from evolution.architecture import architecture_of, model_config_of
+from evolution.agents import agent_run, agent_view, agents
+from evolution.export import inference
+from evolution.roots import seeding
+from evolution.search import batches, candidate, hparams, iteration, selection
+from evolution.search import loop as search
+from evolution.search import mutations as mut
+from evolution.store import sqlite as sqlite_store
+from evolution.system.architecture import architecture_of, model_config_of
 
 pytestmark = pytest.mark.multiprocess  # agents run as processes
 
@@ -132,7 +124,10 @@ import json, logging, os, signal, sys, time
 import numpy as np
 
 import test_evolution_agents as spec
-from evolution import agent_run, agents, candidate, inference, sqlite_store
+from evolution.agents import agent_run, agents
+from evolution.search import candidate
+from evolution.export import inference
+from evolution.store import sqlite as sqlite_store
 
 store_dir, task, method, name, cycles, out_dir = sys.argv[1:7]
 logging.basicConfig(format="%(asctime)s %(message)s")

@@ -1,4 +1,4 @@
-"""The baselines (evolution/baselines.py): each method trains only what it should and never
+"""The baselines (evolution/agents/baselines.py): each method trains only what it should and never
 writes the store, adapters start as the identity, accounted-parameter arithmetic, test
 accuracy from the best-validation parameters, determinism, clear errors, and the gin entry
 point end to end.
@@ -20,18 +20,14 @@ import pytest
 from tiny_vit_testlib import TINY_VIT
 
 from evogrow import gin_utils
-from evolution import (
-    baseline_run,
-    baselines,
-    batches,
-    candidate,
-    mutations,
-    search,
-    seeding,
-    sqlite_store,
-)
-from evolution import task_data as task_data_lib
-from evolution.architecture import config_of
+from evolution import baseline_run
+from evolution.agents import baselines
+from evolution.roots import seeding
+from evolution.search import batches, candidate, mutations
+from evolution.search import loop as search
+from evolution.search import task_data as task_data_lib
+from evolution.store import sqlite as sqlite_store
+from evolution.system.architecture import config_of
 from models import vit
 
 pytestmark = pytest.mark.slow  # trains every baseline method
@@ -296,7 +292,7 @@ def test_bad_arguments_are_clear_errors(store):
 
 @pytest.fixture
 def fake_task_data(monkeypatch):
-    """Serves the synthetic tasks through evolution.task_data's functions."""
+    """Serves the synthetic tasks through evolution.search.task_data's functions."""
 
     def search_task_data(name, *, eval_batch_size, max_train_examples=None, **unused):
         del unused

@@ -12,8 +12,8 @@ import optax
 import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import candidate as cand
-from evolution import hparams as hp
+from evolution.search import candidate as cand
+from evolution.search import hparams as hp
 from models import adapters, vit
 
 CONFIG = TINY_VIT
@@ -46,7 +46,7 @@ def _validation(seed=123, rows=40):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, rows).astype(np.int32)
     images = _images(rng, labels)
-    # A padded last batch, as evogrow.data.get_eval_batches makes them.
+    # A padded last batch, as training.data.get_eval_batches makes them.
     batches = []
     for start in range(0, rows, BATCH):
         chunk = slice(start, start + BATCH)

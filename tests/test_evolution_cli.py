@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from evogrow import main
-from evolution import inference, root, sqlite_store, task_data
+from evolution.export import inference
+from evolution.roots import root
+from evolution.search import task_data
+from evolution.store import sqlite as sqlite_store
 
 pytestmark = pytest.mark.slow  # pretrains a root and evolves end to end
 

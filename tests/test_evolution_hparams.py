@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from evolution import hparams as hp
-from evolution import system
+from evolution.search import hparams as hp
+from evolution.system import state as system
 
 
 @pytest.fixture

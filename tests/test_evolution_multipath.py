@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import architecture as arch_lib
-from evolution import batches, candidate, multipath, seeding, sqlite_store, system
-from evolution import mutations as mut
+from evolution.agents import multipath
+from evolution.roots import seeding
+from evolution.search import batches, candidate
+from evolution.search import mutations as mut
+from evolution.store import sqlite as sqlite_store
+from evolution.system import architecture as arch_lib
+from evolution.system import state as system
 from models import vit
 
 TASKS = ("tex_a", "tex_b", "tex_c")

@@ -22,8 +22,10 @@ import pytest
 from test_evolution_agents import SEARCH, _task_data, _test_split
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import agent_run, agent_view, agents, multipath_agent, seeding, sqlite_store
-from evolution import mutations as mut
+from evolution.agents import agent_run, agent_view, agents, multipath_agent
+from evolution.roots import seeding
+from evolution.search import mutations as mut
+from evolution.store import sqlite as sqlite_store
 
 pytestmark = pytest.mark.slow  # muNet agents publish first
 
@@ -178,7 +180,7 @@ def test_three_paths_and_bad_settings(store_dir, tmp_path):
 
 def test_agents_bench_parses_the_cycle_log(store_dir, caplog):
     """`./run.sh bench agents` counts candidates from the agents' cycle log lines."""
-    from evogrow.bench import agents as agents_bench
+    from benchmarks import agents as agents_bench
 
     config = agents.AgentConfig("tex_b", "munet", search=MUNET_SEARCH)
     with caplog.at_level(logging.INFO, logger="evogrow"):

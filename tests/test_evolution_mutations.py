@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evolution import candidate as cand
-from evolution import hparams as hp
-from evolution import mutations as mut
-from evolution import system
+from evolution.search import candidate as cand
+from evolution.search import hparams as hp
+from evolution.search import mutations as mut
+from evolution.system import state as system
 from models import adapters, vit
 
 CONFIG = vit.vit_tiny(image_shape=(8, 8, 3), patch_size=4, head_zero_init=False)

@@ -19,9 +19,13 @@ import pytest
 from test_evolution_search import SEARCH, _task_data_of
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import candidate as cand
-from evolution import flops as flops_lib
-from evolution import iteration, placement, scoring, search, seeding, sqlite_store, system
+from evolution.roots import seeding
+from evolution.search import candidate as cand
+from evolution.search import flops as flops_lib
+from evolution.search import iteration, placement, scoring
+from evolution.search import loop as search
+from evolution.store import sqlite as sqlite_store
+from evolution.system import state as system
 
 TESTS_DIR = pathlib.Path(__file__).parent
 REPO = TESTS_DIR.parent
@@ -34,7 +38,9 @@ _SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from test_evolution_search import SEARCH, _task_data_of
     from tiny_vit_testlib import TINY_VIT, random_params
-    from evolution import candidate, search, seeding, sqlite_store
+    from evolution.search import candidate, loop as search
+    from evolution.roots import seeding
+    from evolution.store import sqlite as sqlite_store
 
     assert len(jax.local_devices()) == 2, jax.local_devices()
     out = {}

@@ -30,7 +30,11 @@ from store_testlib import (  # noqa: E402
     seed_root,
 )
 
-from evolution import param_files, postgres_store, seeding, store, system  # noqa: E402
+from evolution import store  # noqa: E402
+from evolution.roots import seeding  # noqa: E402
+from evolution.store import param_files  # noqa: E402
+from evolution.store import postgres as postgres_store  # noqa: E402
+from evolution.system import state as system  # noqa: E402
 
 pytestmark = pytest.mark.postgres  # a throw-away PostgreSQL server
 
@@ -147,7 +151,8 @@ import sys
 
 import numpy as np
 
-from evolution import param_files, postgres_store, system
+from evolution.store import param_files, postgres as postgres_store
+from evolution.system import state as system
 
 dsn, params_dir, agent, seed, iterations, crash_point, crash_at = sys.argv[1:8]
 iteration = 0
@@ -343,9 +348,10 @@ def test_publishers_killed_mid_transaction_leave_nothing_half_visible(pg, tmp_pa
 def test_search_iteration_gives_identical_results_on_both_stores(server, tmp_path):
     from tiny_vit_testlib import TINY_VIT, random_params
 
-    from evolution import batches, search
-    from evolution import candidate as cand
-    from evolution import mutations as mut
+    from evolution.search import batches
+    from evolution.search import candidate as cand
+    from evolution.search import loop as search
+    from evolution.search import mutations as mut
 
     config = search.SearchConfig(
         generations=1,

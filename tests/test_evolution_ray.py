@@ -29,8 +29,12 @@ import test_evolution_agents as agents_spec  # noqa: E402
 from test_evolution_search import SEARCH, _task_data_of  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
-from evolution import agent_run, agents, candidate, ray_engine, search, seeding, sqlite_store  # noqa: E402
 from evolution import store as store_lib  # noqa: E402
+from evolution.agents import agent_run, agents, ray_agents  # noqa: E402
+from evolution.roots import seeding  # noqa: E402
+from evolution.search import candidate, ray_executor  # noqa: E402
+from evolution.search import loop as search  # noqa: E402
+from evolution.store import sqlite as sqlite_store  # noqa: E402
 
 pytestmark = pytest.mark.ray  # a local Ray cluster
 
@@ -198,10 +202,10 @@ def location(request, tmp_path):
 def test_agents_on_ray_publish_what_they_publish_in_process(location, in_process):
     reference_dir, reference_results = in_process
     _seed(location)
-    munet = ray_engine.run_agents(
+    munet = ray_agents.run_agents(
         store=location, configs=MUNET_AGENTS, data_fn=agent_data, cycles=1, concurrent=False
     )
-    baselines = ray_engine.run_agents(
+    baselines = ray_agents.run_agents(
         store=location, configs=BASELINE_AGENTS, data_fn=agent_data, cycles=1, concurrent=True
     )
     got = munet + baselines
@@ -230,9 +234,9 @@ def test_agents_on_ray_publish_what_they_publish_in_process(location, in_process
 
 def test_run_agents_refuses_duplicate_names_and_endless_runs(tmp_path):
     with pytest.raises(agents.AgentError, match="unique"):
-        ray_engine.run_agents(store=str(tmp_path), configs=MUNET_AGENTS[:1] * 2, cycles=1)
+        ray_agents.run_agents(store=str(tmp_path), configs=MUNET_AGENTS[:1] * 2, cycles=1)
     with pytest.raises(agents.AgentError, match="cycles or max_seconds"):
-        ray_engine.run_agents(store=str(tmp_path), configs=MUNET_AGENTS, cycles=None)
+        ray_agents.run_agents(store=str(tmp_path), configs=MUNET_AGENTS, cycles=None)
 
 
 def test_agents_ray_command_reports_bad_settings_in_one_line(tmp_path, capsys):
@@ -259,4 +263,4 @@ def test_agents_ray_command_reports_bad_settings_in_one_line(tmp_path, capsys):
 def test_missing_ray_is_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without Ray
     with pytest.raises(ImportError, match="pip install 'ray"):
-        ray_engine.import_ray()
+        ray_executor.import_ray()

@@ -13,7 +13,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from evolution import report, system, system_picture
+from evolution.report import report, system_picture
+from evolution.system import state as system
 
 ROOT = "root"
 ROOT_SLOTS = ("embed", "cls", "pos", "block_0", "block_1", "final_norm", "head")

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 
 from evogrow import gin_utils
-from evolution import architecture as arch_lib
-from evolution import batches, inference, root, sqlite_store, task_data
+from evolution.export import inference
+from evolution.roots import root
+from evolution.search import batches, task_data
+from evolution.store import sqlite as sqlite_store
+from evolution.system import architecture as arch_lib
 from models import vit
 
 pytestmark = pytest.mark.slow  # pretrains and resumes a root

@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution import architecture as arch_lib
-from evolution import batches, inference, search, seeding, sqlite_store, system
-from evolution import candidate as cand
-from evolution import hparams as hp
-from evolution import mutations as mut
+from evolution.export import inference
+from evolution.roots import seeding
+from evolution.search import batches
+from evolution.search import candidate as cand
+from evolution.search import hparams as hp
+from evolution.search import loop as search
+from evolution.search import mutations as mut
+from evolution.store import sqlite as sqlite_store
+from evolution.system import architecture as arch_lib
+from evolution.system import state as system
 
 pytestmark = pytest.mark.slow  # evolves three tasks
 

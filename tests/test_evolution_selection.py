@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evolution import selection
+from evolution.search import selection
 
 DRAWS = 20_000
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from store_testlib import make_component, make_params, make_path, seed_root
 
-from evolution import param_files, sqlite_store, store
+from evolution import store
+from evolution.store import param_files
+from evolution.store import sqlite as sqlite_store
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
@@ -78,7 +80,8 @@ import sys
 
 import numpy as np
 
-from evolution import param_files, sqlite_store, system
+from evolution.store import param_files, sqlite as sqlite_store
+from evolution.system import state as system
 
 directory, round_index, crash_point, crash_at = sys.argv[1:5]
 round_index, crash_at = int(round_index), int(crash_at)

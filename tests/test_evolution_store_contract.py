@@ -26,7 +26,9 @@ from store_testlib import (
     seed_root,
 )
 
-from evolution import param_files, store, system
+from evolution import store
+from evolution.store import param_files
+from evolution.system import state as system
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from evolution import scoring, system
+from evolution.search import scoring
+from evolution.system import state as system
 
 ROOT_SLOTS = ("embed", "block_0", "block_1", "head")
 

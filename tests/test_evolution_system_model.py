@@ -24,18 +24,15 @@ import seqio
 import tensorflow as tf
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evogrow import checkpoints, gin_utils, main, reporting
-from evolution import architecture as arch_lib
-from evolution import (
-    export,
-    inference,
-    mutations,
-    seeding,
-    sqlite_store,
-    system,
-    system_model,
-)
+from evogrow import gin_utils, main
+from evolution.export import export, inference, system_model
+from evolution.roots import seeding
+from evolution.search import mutations
+from evolution.store import sqlite as sqlite_store
+from evolution.system import architecture as arch_lib
+from evolution.system import state as system
 from models import adapters, vit
+from training import checkpoints, reporting
 
 pytestmark = pytest.mark.slow  # evolves, exports and evaluates a system
 
@@ -195,7 +192,7 @@ def system_and_params(world):
 
 @pytest.fixture(scope="module")
 def expected(world):
-    """Per-task logits and classes of `evolution.inference` on each task's test images."""
+    """Per-task logits and classes of `evolution.export.inference` on each task's test images."""
     with sqlite_store.SqliteStore(world["directory"]) as store:
         return {
             task: (

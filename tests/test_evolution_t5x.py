@@ -6,7 +6,7 @@ a residual adapter before the root's block, its own norm and head) and B (id 1, 
 classes: the root's block plus a second block of its own, whose id has a '.'); C (id 2)
 has no path. `export_system_t5x` writes it as a t5x checkpoint; `python -m t5x.eval` and
 `python -m t5x.infer` run in subprocesses on the A+B mixture, as a user launches them,
-and must agree with `evolution.inference.predict_classes` of each task's best path.
+and must agree with `evolution.export.inference.predict_classes` of each task's best path.
 
 The subprocesses register the test tasks by importing this very module
 (MIXTURE_OR_TASK_MODULE='test_evolution_t5x', with tests/ on PYTHONPATH).
@@ -35,8 +35,12 @@ import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
-from evolution import architecture as arch_lib  # noqa: E402
-from evolution import inference, mutations, seeding, sqlite_store, system, t5x_export  # noqa: E402
+from evolution.export import inference, t5x_export  # noqa: E402
+from evolution.roots import seeding  # noqa: E402
+from evolution.search import mutations  # noqa: E402
+from evolution.store import sqlite as sqlite_store  # noqa: E402
+from evolution.system import architecture as arch_lib  # noqa: E402
+from evolution.system import state as system  # noqa: E402
 from models import adapters, vit  # noqa: E402
 
 pytestmark = pytest.mark.slow  # evolves and exports a store first
@@ -171,7 +175,7 @@ def store_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(store_dir):
-    """Each routed task's classes from `evolution.inference` on its test images."""
+    """Each routed task's classes from `evolution.export.inference` on its test images."""
     with sqlite_store.SqliteStore(store_dir) as store:
         classes = {t: inference.predict_classes(store, t, _arrays(t)[0]) for t in ROUTED}
         # The test can tell the routes apart: the other task's path predicts otherwise.

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import tasks
-from evogrow import data as data_lib
-from evolution import task_data
+from evolution.search import task_data
 from tasks import image_sources
+from training import data as data_lib
 
 TASK = "digits_rgb32_v1"
 

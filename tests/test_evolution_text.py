@@ -19,10 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evolution import architecture as arch_lib
-from evolution import batches, families, inference, search, seeding, sqlite_store, system, text_root
-from evolution import candidate as cand
-from evolution import mutations as mut
+from evolution.export import inference
+from evolution.roots import seeding, text_root
+from evolution.search import batches
+from evolution.search import candidate as cand
+from evolution.search import loop as search
+from evolution.search import mutations as mut
+from evolution.store import sqlite as sqlite_store
+from evolution.system import architecture as arch_lib
+from evolution.system import families
+from evolution.system import state as system
 from models import adapters, encoder, minilm
 
 pytestmark = pytest.mark.slow  # evolves two text tasks
@@ -257,7 +263,7 @@ def test_minilm_text_root_matches_the_encoder(tmp_path):
 
 def test_text_task_arrays_from_seqio():
     import tasks
-    from evolution import task_data
+    from evolution.search import task_data
 
     try:
         ids, labels = task_data.load_task_arrays(

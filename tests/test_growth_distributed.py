@@ -61,7 +61,7 @@ def test_two_processes_grow_their_own_shards():
 
 # ------------------------------------------------------------ the subprocesses' body
 def _child(port: int, index: int) -> None:
-    from evogrow import distributed
+    from training import distributed
 
     distributed.initialize(f"127.0.0.1:{port}", PROCESSES, index)
 
@@ -70,10 +70,10 @@ def _child(port: int, index: int) -> None:
     import optax
     from jax.experimental import multihost_utils
 
-    from evogrow import growth_schedule, partitioning, state_growth
-    from evogrow import trainer as trainer_lib
     from models import decoder
     from models.lm import DecoderOnlyLMModel
+    from training import growth_schedule, partitioning, state_growth
+    from training import trainer as trainer_lib
 
     assert jax.process_count() == PROCESSES
     assert jax.device_count() == PROCESSES * LOCAL_DEVICES

@@ -65,8 +65,8 @@ def _child() -> None:
     from jax.sharding import PartitionSpec as P
 
     import growth
-    from evogrow import partitioning
     from models import decoder
+    from training import partitioning
 
     assert jax.device_count() == DEVICES, jax.devices()
     # Sizes divisible by a 'model' axis of 2 and 4, before and after growth: heads,

@@ -19,9 +19,10 @@ import numpy as np
 import optax
 import pytest
 
-from evogrow import checkpoints, curves, data, growth_schedule, main, partitioning, reporting
+from evogrow import main
 from evogrow import train as train_lib
 from models import classifier, growth_hooks, vit
+from training import checkpoints, curves, data, growth_schedule, partitioning, reporting
 
 pytestmark = pytest.mark.slow  # trains and grows a ViT several times
 

@@ -21,9 +21,13 @@ import pytest
 import trainer_testlib  # noqa: F401 - registers the toy task the toy gin files use
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evogrow import checkpoints, lr_schedule, main, settings
-from evolution import families, param_files, seeding, sqlite_store
+from evogrow import main
+from evolution.roots import seeding
+from evolution.store import param_files
+from evolution.store import sqlite as sqlite_store
+from evolution.system import families
 from models import vit
+from training import checkpoints, lr_schedule, settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOY = "tests/gin/trainer_toy.gin"
@@ -253,7 +257,7 @@ def test_export_of_a_system_without_a_task_of_the_mixture_is_one_line(tmp_path, 
 
 
 def test_store_location_errors_do_not_repeat_a_password():
-    postgres_store = pytest.importorskip("evolution.postgres_store")
+    postgres_store = pytest.importorskip("evolution.store.postgres")
     with pytest.raises(ValueError) as raised:
         postgres_store.split_location("postgresql://evogrow:s3cret@db:5432/evo")
     assert "s3cret" not in str(raised.value) and "evogrow:***@db" in str(raised.value)
@@ -263,7 +267,7 @@ def test_store_location_errors_do_not_repeat_a_password():
 
 def test_batch_size_not_dividing_over_the_devices_is_a_setting_error():
     code = (
-        "from evogrow import partitioning, settings\n"
+        "from training import partitioning, settings\n"
         "try:\n"
         "    partitioning.Partitioner().get_data_layout(30)\n"
         "except settings.SettingError as error:\n"

@@ -19,7 +19,12 @@ import pytest
 from store_testlib import bits, make_component, make_params, make_path, seed_root
 
 from evogrow import main
-from evolution import param_files, sql_store, sqlite_store, store, store_check, system
+from evolution import store
+from evolution.store import check as store_check
+from evolution.store import param_files
+from evolution.store import sql as sql_store
+from evolution.store import sqlite as sqlite_store
+from evolution.system import state as system
 
 DATABASE = sqlite_store.DATABASE_NAME
 

@@ -7,7 +7,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from evogrow.t5x_evaluator import ClassificationEvaluator
+from training.t5x_evaluator import ClassificationEvaluator
 
 TASK = "t5x_evaluator_test_task"
 NUM_EXAMPLES = 10

@@ -10,7 +10,8 @@ import pytest
 import trainer_testlib as tl
 from clu import metrics as clu_metrics
 
-from evogrow import checkpoints, data, partitioning, train, trainer
+from evogrow import train
+from training import checkpoints, data, partitioning, trainer
 
 
 def _cfg(split, shuffle=False):

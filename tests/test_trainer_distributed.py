@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import trainer_testlib as tl
 
-from evogrow import checkpoints, main, partitioning, reporting, trainer
+from evogrow import main
+from training import checkpoints, partitioning, reporting, trainer
 
 pytestmark = pytest.mark.multiprocess  # subprocesses and jax.distributed
 

@@ -9,7 +9,8 @@ import gin
 import pytest
 import trainer_testlib  # noqa: F401 - registers the toy task the toy gin files use
 
-from evogrow import checkpoints, gin_utils, main, reporting
+from evogrow import gin_utils, main
+from training import checkpoints, reporting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Every gin file of the repo (tracked or new, not ignored), except gin/t5x/: those bind

@@ -23,9 +23,13 @@ import numpy as np
 import pytest
 
 import tasks
-from evogrow import checkpoints, main
-from evolution import inference, seeding, sqlite_store, task_data
+from evogrow import main
+from evolution.export import inference
+from evolution.roots import seeding
+from evolution.search import task_data
+from evolution.store import sqlite as sqlite_store
 from models import encoder, vit
+from training import checkpoints
 
 pytestmark = pytest.mark.slow  # trains and evolves through the real entry points
 

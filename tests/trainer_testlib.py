@@ -19,7 +19,7 @@ import seqio
 import tensorflow as tf
 from clu import metrics as clu_metrics
 
-from evogrow import checkpoints
+from training import checkpoints
 
 TOY_TASK = "trainer_toy_v1"
 TOY_RULES = (("batch", "data"), ("embed", None), ("mlp", "model"), ("classes", None))

@@ -1,1 +1,0 @@
-"""Benchmarks run as `python -m evogrow.bench NAME` (run.sh bench NAME)."""

@@ -1,0 +1,1 @@
+"""Seeing the evolved system: tables, plots, scalars and its picture."""

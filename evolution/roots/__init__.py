@@ -1,0 +1,1 @@
+"""The root models a system grows from (image ViT, text encoder) and their files."""

@@ -1,0 +1,144 @@
+"""Training and validation batches for the search, built from in-memory arrays.
+
+`TrainBatchesFn` is what a candidate's training stream comes from (the generation's
+data hyperparameters decide augmentation); `array_train_batches` implements it over
+arrays, `array_eval_batches` makes fixed-shape, masked validation batches. Batches carry
+the model family's input feature (`evolution.system.families`): "image" (float images, the
+default) or "inputs" (int32 token ids of the text encoder, 0 = padding, never
+augmented).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+Batch = Mapping[str, Any]
+
+
+class TrainBatchesFn(Protocol):
+    """Makes a candidate's training stream for its generation's data hyperparameters."""
+
+    def __call__(
+        self, data_values: Mapping[str, Any], *, batch_size: int, seed: int
+    ) -> Iterator[Batch]:
+        """Returns an endless iterator of {"image" [B, H, W, C] float, "label" [B] int}.
+
+        A text task's batches carry "inputs" [B, L] int32 token ids instead of "image"
+        (the model family's input feature).
+
+        Args:
+          data_values: the generation's data hyperparameter values (e.g. "flip",
+            "brightness"), resolved from the search space.
+          batch_size: rows per batch.
+          seed: the candidate's data seed (shuffling and augmentation).
+        """
+        ...
+
+
+def array_train_batches(
+    images: np.ndarray, labels: np.ndarray, *, feature: str = "image"
+) -> TrainBatchesFn:
+    """A `TrainBatchesFn` over in-memory arrays: shuffled epochs plus flip and brightness.
+
+    Each epoch is a fresh permutation from the candidate's seed; "flip" flips each image
+    left-right with probability 1/2, "brightness" adds a uniform offset in
+    [-delta, delta] per image. Other data hyperparameters are ignored (the default
+    space pins them to no-ops). Features other than "image" (token ids) keep their
+    dtype and are never augmented.
+
+    Args:
+      images: [N, H, W, C] float images (or [N, L] int token ids for "inputs").
+      labels: [N] integer labels.
+      feature: the batch key of `images` (the family's input feature).
+
+    Returns:
+      The function.
+    """
+    if feature != "image":
+        return _plain_train_batches(feature, np.asarray(images), labels)
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if len(images) != len(labels) or not len(labels):
+        raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, > 0.")
+
+    def make(data_values: Mapping[str, Any], *, batch_size: int, seed: int) -> Iterator[Batch]:
+        flip = bool(data_values.get("flip", False))
+        brightness = float(data_values.get("brightness", 0.0))
+        rng = np.random.default_rng(seed)
+
+        def stream() -> Iterator[Batch]:
+            order = np.empty(0, np.int64)
+            while True:
+                while len(order) < batch_size:
+                    order = np.concatenate([order, rng.permutation(len(labels))])
+                take, order = order[:batch_size], order[batch_size:]
+                batch = images[take]
+                if flip:
+                    flips = rng.random(batch_size) < 0.5
+                    batch = np.where(flips[:, None, None, None], batch[:, :, ::-1], batch)
+                if brightness:
+                    batch = batch + rng.uniform(-brightness, brightness, (batch_size, 1, 1, 1))
+                yield {"image": batch.astype(np.float32), "label": labels[take]}
+
+        return stream()
+
+    return make
+
+
+def _plain_train_batches(feature: str, inputs: np.ndarray, labels: np.ndarray) -> TrainBatchesFn:
+    """`array_train_batches` without augmentation: shuffled epochs of `inputs` as they are."""
+    labels = np.asarray(labels, np.int32)
+    if len(inputs) != len(labels) or not len(labels):
+        raise ValueError(f"{len(inputs)} inputs and {len(labels)} labels: need equal, > 0.")
+
+    def make(data_values: Mapping[str, Any], *, batch_size: int, seed: int) -> Iterator[Batch]:
+        del data_values  # flip and brightness are image augmentations
+        rng = np.random.default_rng(seed)
+
+        def stream() -> Iterator[Batch]:
+            order = np.empty(0, np.int64)
+            while True:
+                while len(order) < batch_size:
+                    order = np.concatenate([order, rng.permutation(len(labels))])
+                take, order = order[:batch_size], order[batch_size:]
+                yield {feature: inputs[take], "label": labels[take]}
+
+        return stream()
+
+    return make
+
+
+def array_eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, *, feature: str = "image"
+) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape evaluation batches; the last is zero-padded with `_mask` 0 rows.
+
+    Args:
+      images: [N, H, W, C] float images (or [N, L] int token ids for "inputs").
+      labels: [N] integer labels.
+      batch_size: rows per batch.
+      feature: the batch key of `images`; only "image" is cast to float32, other
+        features keep their dtype (padding rows are zeros: all-padding token rows).
+
+    Returns:
+      Batches with `feature`, "label" and "_mask".
+    """
+    images = np.asarray(images, np.float32) if feature == "image" else np.asarray(images)
+    labels = np.asarray(labels, np.int32)
+    batches = []
+    for begin in range(0, len(labels), batch_size):
+        real = len(labels[begin : begin + batch_size])
+        pad = batch_size - real
+        batches.append(
+            {
+                feature: np.concatenate(
+                    [images[begin : begin + real], np.zeros((pad, *images.shape[1:]), images.dtype)]
+                ),
+                "label": np.concatenate([labels[begin : begin + real], np.zeros(pad, np.int32)]),
+                "_mask": np.concatenate([np.ones(real, np.int32), np.zeros(pad, np.int32)]),
+            }
+        )
+    return batches

@@ -1,0 +1,112 @@
+"""A task iteration's settings and data: the types the search's modules share.
+
+They live here, below the loop (`search.loop`) and the modules it calls, so those
+modules can name them without importing the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from evolution.search import hparams, mutations
+from evolution.search.batches import Batch, TrainBatchesFn
+
+# Where a generation's candidates train (`SearchConfig.executor`).
+EXECUTORS = ("threads", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """One task iteration's settings (the notebooks' G, D, V, B, s and mutations).
+
+    Attributes:
+      generations: G, generations per task iteration.
+      candidates_per_generation: D, candidates per generation.
+      num_validations: V, validations per candidate.
+      steps_per_validation: B, training steps between validations.
+      batch_size: training batch size.
+      scale: s of the score (1.0: quality only).
+      seed: seeds everything random (parents, mutations, ids, initialisation, data).
+      mutation_options: which mutations run (`mutations.MutationOptions`); an empty
+        `id_prefix` becomes the agent's name.
+      space: the hyperparameter space; None uses `iteration.default_search_space`.
+      mu: the mutation rate a path without one starts from (the root's children, as
+        every new task's first candidates are), a value of `hparams.MU_GRID`; None keeps
+        the space's default (0.1, the notebooks'). Children inherit their parent's mu,
+        which mu2Net+ then tunes; with a few candidates per task it cannot climb far, so
+        a short search may start higher.
+      inherit_opt_state: mu2Net+: a child clone starts from its parent's optimizer
+        state when the parent was trained in this iteration.
+      flops_scale: mu2Net+'s compute factor of the score, paid per root-model's worth
+        of FLOPs per example (XLA cost analysis, `flops.path_flops`); 1.0 leaves it out.
+      population_cap: mu2Net+'s per-task population cap (None: unbounded).
+      devices: how many local devices a generation's candidates train on at once
+        (None: all; `placement.search_devices`).
+      executor: where a generation's candidates train: "threads" (this process's
+        devices) or "ray" (one Ray task per candidate, `ray_executor.train_candidates`).
+      ray_address: the Ray cluster of executor "ray" (None: $RAY_ADDRESS, or a local
+        cluster started on first use).
+    """
+
+    generations: int = 3
+    candidates_per_generation: int = 4
+    num_validations: int = 4
+    steps_per_validation: int = 50
+    batch_size: int = 32
+    scale: float = 1.0
+    seed: int = 0
+    mutation_options: mutations.MutationOptions = dataclasses.field(
+        default_factory=mutations.MutationOptions
+    )
+    space: hparams.HParamSpace | None = None
+    mu: float | None = None
+    inherit_opt_state: bool = True
+    flops_scale: float = 1.0
+    population_cap: int | None = None
+    devices: int | None = None
+    executor: str = "threads"
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        for name in (
+            "generations",
+            "candidates_per_generation",
+            "num_validations",
+            "steps_per_validation",
+            "batch_size",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("scale", "flops_scale"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be in (0, 1].")
+        if self.mu is not None and self.mu not in hparams.MU_GRID:
+            raise ValueError(
+                f"SearchConfig.mu={self.mu} is not on the grid of mutation rates "
+                f"{list(hparams.MU_GRID)}."
+            )
+        if self.population_cap is not None and self.population_cap < 1:
+            raise ValueError(f"SearchConfig.population_cap={self.population_cap} must be >= 1.")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"SearchConfig.executor={self.executor!r} is unknown; use one of {EXECUTORS}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """What `evolve_round_robin` needs to iterate one task.
+
+    Attributes:
+      train_batches_fn: makes each candidate's training stream.
+      validation_batches: the fixed validation batches.
+      num_classes: classes of the task's head when it is new (None: inferred).
+      metadata: JSON-safe facts stored with a new task.
+    """
+
+    train_batches_fn: TrainBatchesFn
+    validation_batches: Sequence[Batch]
+    num_classes: int | None = None
+    metadata: Mapping[str, Any] | None = None

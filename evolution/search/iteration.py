@@ -1,0 +1,557 @@
+"""The working state of one task iteration: its population, scoring, children, publication.
+
+`search.evolve_task` runs a task iteration as a loop over generations; everything the loop
+reads and changes lives in a `TaskIteration`:
+
+- `TaskIteration.open` loads the published system, adds the task if it is new and
+  re-scores the task's own active paths with today's sharing (`Scorer`).
+- `plan_generation` mutates the data hyperparameters once from the best path, selects a
+  parent per candidate (`selection.select_parent`) and plans and materialises its child
+  (`mutations.plan_child`, `mutations.materialize`) into a `placement.CandidateJob`.
+- `judge` scores a trained child in the system it would join and applies the acceptance
+  rule; `join` adds a generation's accepted children to the population (private to the
+  iteration until published).
+- `publish` stores the best path's new components, publishes it and retires the agent's
+  other paths of the task in one store transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from evolution import store as store_lib
+from evolution.search import candidate, hparams, mutations, placement, scoring, selection
+from evolution.search import flops as flops_lib
+from evolution.search.batches import Batch
+from evolution.search.config import SearchConfig
+from evolution.system import families
+from evolution.system import state as system
+from evolution.system.architecture import model_config_of
+from models import vit
+
+logger = logging.getLogger("evogrow")
+
+# Data hyperparameters that `batches.array_train_batches` implements; the default search
+# space pins the others (random crop, mixup) to their no-op value.
+_FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
+
+
+def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
+    """The notebooks' space (`hparams.default_space`) restricted to what the search runs.
+
+    The image size is dropped (a path's position table fixes its input shape) and random
+    crop and mixup are pinned to their no-op values (`array_train_batches` implements
+    flip and brightness only); learning rate, schedule, warmup, momentum, Nesterov,
+    adapter size, mu, flip and brightness are searched as in the notebooks.
+
+    Args:
+      config: the root model's config.
+
+    Returns:
+      The space.
+    """
+    del config  # The space does not depend on the model beyond the dropped image size.
+    base = hparams.default_space(patch_size=1, image_size=1, image_size_steps=0)
+    kept = []
+    for hparam in base.hparams:
+        if hparam.name == "image_size":
+            continue
+        if hparam.name in _FIXED_DATA_VALUES:
+            hparam = hparams.HParam(hparam.name, (_FIXED_DATA_VALUES[hparam.name],), 0, True)
+        kept.append(hparam)
+    return hparams.HParamSpace(tuple(kept))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """The scale-controlled score of the paths of one system (`scoring.score`).
+
+    Attributes:
+      root_params: P, the root model's parameter count.
+      root_flops: F, the root path's FLOPs per example (None when `flops_scale` is 1).
+      scale: s of the score.
+      flops_scale: the compute factor (1.0 leaves FLOPs out).
+    """
+
+    root_params: int
+    root_flops: float | None
+    scale: float
+    flops_scale: float
+
+    @classmethod
+    def of_system(
+        cls,
+        state: system.SystemState,
+        params_of: Callable[[str], Any],
+        *,
+        scale: float,
+        flops_scale: float,
+    ) -> Scorer:
+        """The scorer of a system with a root path.
+
+        Args:
+          state: the system.
+          params_of: component id -> parameters (for the root's FLOPs).
+          scale: s of the score.
+          flops_scale: the compute factor.
+
+        Returns:
+          The scorer.
+        """
+        root_flops = None
+        if flops_scale < 1.0:
+            root = state.paths[str(state.root_path_id)]
+            root_flops = flops_lib.path_flops(model_config_of(root), root.components, params_of)
+        return cls(state.root_params(), root_flops, scale, flops_scale)
+
+    def of_values(self, quality: float, accounted: float, flops: float | None) -> float:
+        """The score of a quality at `accounted` parameters and `flops` FLOPs per example."""
+        return scoring.score(
+            quality,
+            accounted,
+            self.root_params,
+            scale=self.scale,
+            flops=flops if self.flops_scale < 1.0 else None,
+            root_flops=self.root_flops,
+            flops_scale=self.flops_scale,
+        )
+
+    def of_path(
+        self,
+        path: system.Path,
+        quality: float,
+        state: system.SystemState,
+        params_of: Callable[[str], Any],
+    ) -> float:
+        """The score of `path` at `quality` with the sharing of `state`.
+
+        Its FLOPs come from its metrics when recorded, else from XLA's cost analysis.
+        """
+        flops = path.metrics.get("flops") if path.metrics else None
+        if flops is None and self.flops_scale < 1.0:
+            flops = flops_lib.path_flops(model_config_of(path), path.components, params_of)
+        return self.of_values(quality, state.accounted_params(path), flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateRecord:
+    """What became of one trained candidate.
+
+    Attributes:
+      path_id: the candidate's path id.
+      parent_id: its parent path.
+      parent_task: the parent's task (another task's or the root's for a seed parent).
+      parent_score: the parent's score when the candidate was judged (None: unscored).
+      generation: its generation number.
+      quality: its best validation accuracy.
+      score: its scale-controlled score.
+      accounted_params: the parameters it pays for.
+      accepted: whether it joined the population.
+      applied: the mutations applied.
+    """
+
+    path_id: str
+    parent_id: str
+    parent_task: str
+    parent_score: float | None
+    generation: int
+    quality: float
+    score: float
+    accounted_params: float
+    accepted: bool
+    applied: tuple[str, ...]
+
+
+class Population:
+    """The task's paths during one iteration: published ones plus accepted candidates.
+
+    Args:
+      published: the task's active paths at the start of the iteration (scored).
+    """
+
+    def __init__(self, published: Sequence[system.Path]):
+        self.paths: dict[str, system.Path] = {p.id: p for p in published}
+        self.offspring: dict[str, int] = {p.id: p.offspring for p in published}
+        # path id -> (optimizer state of its training, ids of its trained components)
+        self.opt_states: dict[str, tuple[Any, tuple[str, ...]]] = {}
+
+    def ranked(self) -> list[system.Path]:
+        """The paths by descending score."""
+        return system.rank_by_score(self.paths.values())
+
+    def cap(self, size: int | None) -> None:
+        """mu2Net+'s per-task population cap: keeps the `size` best-scored paths."""
+        if size is None:
+            return
+        for path in self.ranked()[size:]:
+            del self.paths[path.id]
+            self.offspring.pop(path.id, None)
+            self.opt_states.pop(path.id, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A planned and materialised child: its parent, its mutations and its training job."""
+
+    parent: system.Path
+    plan: mutations.MutationPlan
+    job: placement.CandidateJob
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """A trained child as judged: its scored path, new component records and record."""
+
+    child: system.Path
+    records: list[system.Component]
+    record: CandidateRecord
+    result: candidate.CandidateResult
+
+
+def infer_num_classes(batches: Sequence[Batch]) -> int:
+    """The largest label of the (unmasked) examples of `batches`, plus one.
+
+    Raises:
+      ValueError: the batches hold no labels.
+    """
+    top = -1
+    for batch in batches:
+        labels = np.asarray(batch["label"])
+        mask = batch.get("_mask")
+        if mask is not None:
+            labels = labels[np.asarray(mask).astype(bool)]
+        if labels.size:
+            top = max(top, int(labels.max()))
+    if top < 0:
+        raise ValueError("Cannot infer num_classes: the validation batches hold no labels.")
+    return top + 1
+
+
+def check_space(space: hparams.HParamSpace, config: families.ModelConfig) -> None:
+    """Refuses a space that does not fit the root model or lacks an optimizer setting.
+
+    Raises:
+      ValueError: with what to change.
+    """
+    if "image_size" in space.names:
+        if not isinstance(config, vit.ViTConfig):
+            raise ValueError("The space's image_size is for image models only.")
+        sizes = set(space["image_size"].values)
+        if sizes != {config.image_shape[0]} or config.image_shape[0] != config.image_shape[1]:
+            raise ValueError(
+                f"The space's image sizes {sorted(sizes)} must be exactly the root's side "
+                f"{config.image_shape[:2]}: a path's position table fixes its input shape."
+            )
+    for name in ("lr", "schedule", "warmup", "momentum", "nesterov"):
+        if name not in space.names:
+            raise ValueError(f"The space lacks the optimizer hyperparameter {name!r}.")
+
+
+class TaskIteration:
+    """One task iteration's view of the system and what it has trained so far.
+
+    Made by `open`. Attributes are read by the search loop; the methods change them.
+
+    Attributes:
+      store: the store.
+      task: the iterated task.
+      agent: the publishing agent.
+      settings: the iteration's `search.SearchConfig`.
+      space: the hyperparameter space (with the settings' mu as default).
+      state: the system as loaded at the start (with the task).
+      task_classes: the task's number of classes.
+      scorer: the system's `Scorer`.
+      population: the task's published and accepted paths.
+      base_generation: the generation number of the iteration's first generation.
+    """
+
+    def __init__(
+        self,
+        store: store_lib.Store,
+        task: str,
+        agent: str,
+        settings: SearchConfig,
+        space: hparams.HParamSpace,
+        state: system.SystemState,
+    ):
+        self.store = store
+        self.task = task
+        self.agent = agent
+        self.settings = settings
+        self.space = space
+        self.state = state
+        self.task_classes = state.tasks[task].num_classes
+        self._options = settings.mutation_options
+        if not self._options.id_prefix:
+            self._options = dataclasses.replace(self._options, id_prefix=agent)
+        self._loaded: dict[str, Any] = {}
+        self._new_params: dict[str, Any] = {}
+        self._new_records: dict[str, system.Component] = {}
+        self.scorer = Scorer.of_system(
+            state, store.load_params, scale=settings.scale, flops_scale=settings.flops_scale
+        )
+        # The task's own paths, re-scored with today's sharing.
+        published = []
+        for path in state.active_paths(task):
+            if path.quality is not None:
+                score = self.scorer.of_path(path, path.quality, state, self.params_of)
+                path = dataclasses.replace(path, score=score)
+            published.append(path)
+        self.population = Population(published)
+        self._published_ids = {p.id for p in published}
+        self.base_generation = 1 + max(
+            (p.generation for p in state.paths.values() if p.task == task), default=0
+        )
+        entropy = [int(settings.seed), zlib.crc32(task.encode()), int(self.base_generation)]
+        self._rng = np.random.default_rng(np.random.SeedSequence(entropy))
+        self._seeds = [p.id for p in state.seed_paths(task)]
+        # The system the current generation was planned in (its children are judged in it).
+        self._generation_state = self.working_state()
+
+    @classmethod
+    def open(
+        cls,
+        store: store_lib.Store,
+        task: str,
+        settings: SearchConfig,
+        *,
+        agent: str,
+        validation_batches: Sequence[Batch],
+        num_classes: int | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> TaskIteration:
+        """Loads the system for an iteration of `task`, adding the task when it is new.
+
+        Work staged by an earlier, interrupted iteration of the agent is discarded first
+        (it is never published).
+
+        Args:
+          store: the store (with a root path, `seeding.seed_root`).
+          task: the task.
+          settings: the iteration's `search.SearchConfig` (its space, or
+            `default_search_space`, with its mu as the default mutation rate).
+          agent: the publishing agent.
+          validation_batches: the task's validation batches (a new task's classes).
+          num_classes: classes of a new task's head; None: the stored task's, or the
+            largest validation label + 1.
+          metadata: JSON-safe facts stored with a new task.
+
+        Returns:
+          The iteration.
+
+        Raises:
+          ValueError: the store has no root, the space does not fit the root model, or
+            `num_classes` contradicts the stored task.
+        """
+        store.discard_staged(agent)
+        state = store.load_state()
+        if state.root_path_id is None:
+            raise ValueError("The store has no root path; call seeding.seed_root first.")
+        root_config = model_config_of(state.paths[state.root_path_id])
+        space = settings.space or default_search_space(root_config)
+        if settings.mu is not None:
+            space = space.with_default(hparams.MU, settings.mu)
+        check_space(space, root_config)
+        if task not in state.tasks:
+            classes = num_classes or infer_num_classes(validation_batches)
+            store.add_task(task, num_classes=classes, metadata=metadata)
+            state = store.load_state()
+        stored = state.tasks[task].num_classes
+        if num_classes is not None and num_classes != stored:
+            raise ValueError(f"Task {task!r} has {stored} classes, not {num_classes}.")
+        return cls(store, task, agent, settings, space, state)
+
+    def params_of(self, component_id: str) -> Any:
+        """A component's parameters: trained in this iteration, or loaded once from the store."""
+        if component_id in self._new_params:
+            return self._new_params[component_id]
+        if component_id not in self._loaded:
+            self._loaded[component_id] = self.store.load_params(component_id)
+        return self._loaded[component_id]
+
+    def working_state(self) -> system.SystemState:
+        """The system as this iteration sees it: published paths plus accepted ones."""
+        return system.SystemState(
+            {**self.state.components, **self._new_records},
+            {**self.state.paths, **self.population.paths},
+            self.state.tasks,
+            self.state.root_path_id,
+        )
+
+    def plan_generation(self, generation: int) -> list[Planned]:
+        """Plans and materialises a generation's children (`candidates_per_generation`).
+
+        The data hyperparameters are mutated once from the best path's; each child's
+        parent is selected from the population (0.5 ** offspring), the seeds as fallback.
+
+        Args:
+          generation: the children's generation number.
+
+        Returns:
+          The planned children, in order.
+        """
+        space, population, rng = self.space, self.population, self._rng
+        ranked = population.ranked()
+        best_hparams = hparams.HParams.from_json(ranked[0].hparams) if ranked else space.defaults()
+        data_indices, _ = hparams.generation_data_indices(best_hparams, rng, space=space)
+        data_values = {name: space[name].values[i] for name, i in data_indices.items()}
+        work = self._generation_state = self.working_state()
+        planned: list[Planned] = []
+        for _ in range(self.settings.candidates_per_generation):
+            parent_id = selection.select_parent(
+                [p.id for p in ranked], population.offspring, self._seeds, rng
+            )
+            parent = population.paths.get(parent_id) or self.state.paths[parent_id]
+            if parent_id in population.paths:
+                population.offspring[parent_id] = population.offspring.get(parent_id, 0) + 1
+            plan = mutations.plan_child(
+                work,
+                parent,
+                task=self.task,
+                agent=self.agent,
+                rng=rng,
+                space=space,
+                options=self._options,
+                data_indices=data_indices,
+                generation=generation,
+            )
+            data_seed = int(rng.integers(0, 2**31 - 1))
+            pool = {cid: self.params_of(cid) for cid in parent.component_ids}
+            child_config, created = mutations.materialize(
+                plan, pool, model_config_of(parent), num_classes=self.task_classes
+            )
+            pool.update(created)
+            inherited: Any = None
+            parent_trainable: tuple[str, ...] = ()
+            if self.settings.inherit_opt_state and parent_id in population.opt_states:
+                inherited, parent_trainable = population.opt_states[parent_id]
+            job = placement.CandidateJob(
+                config=child_config,
+                components=plan.path.components,
+                pool=pool,
+                trainable_ids=tuple(plan.trainable_ids),
+                hparam_values=space.values(plan.hparams),
+                data_values=data_values,
+                data_seed=data_seed,
+                parent_opt_state=inherited,
+                parent_trainable_ids=parent_trainable,
+                clone_sources=plan.clones,
+            )
+            planned.append(Planned(parent, plan, job))
+        return planned
+
+    def judge(
+        self,
+        item: Planned,
+        result: candidate.CandidateResult,
+        *,
+        generation: int,
+    ) -> Judged:
+        """Scores a trained child in the system it would join and decides its acceptance.
+
+        A child whose training diverged (a non-finite loss) has quality 0.
+
+        Args:
+          item: the planned child.
+          result: its training result.
+          generation: the child's generation.
+
+        Returns:
+          The judged child.
+        """
+        parent, plan = item.parent, item.plan
+        diverged = not all(math.isfinite(loss) for loss in result.train_losses)
+        quality = 0.0 if diverged else float(result.quality)
+        child_records = mutations.component_records(plan, result.params, agent=self.agent)
+        architecture = {**plan.path.architecture, "num_classes": self.task_classes}
+        child = dataclasses.replace(plan.path, architecture=architecture)
+        work = self._generation_state  # the system the child's generation was planned in
+        would_be = system.SystemState(
+            {**work.components, **{c.id: c for c in child_records}},
+            {**work.paths, child.id: child},
+            work.tasks,
+            work.root_path_id,
+        )
+        accounted = would_be.accounted_params(child)
+        flops = flops_lib.path_flops(item.job.config, child.components, item.job.pool.__getitem__)
+        child_score = self.scorer.of_values(quality, accounted, flops)
+        accepted = scoring.accept(child_score, parent.score, parent.task == self.task)
+        metrics = {
+            "accounted_params": accounted,
+            "flops": flops,
+            "best_step": result.best_step,
+            "validations": [list(v) for v in result.validations],
+            "train_losses": [x if math.isfinite(x) else None for x in result.train_losses],
+            "applied": list(plan.applied),
+            "parent_task": parent.task,
+            "diverged": diverged,
+        }
+        child = dataclasses.replace(child, score=child_score, quality=quality, metrics=metrics)
+        record = CandidateRecord(
+            path_id=child.id,
+            parent_id=parent.id,
+            parent_task=parent.task,
+            parent_score=parent.score,
+            generation=generation,
+            quality=quality,
+            score=child_score,
+            accounted_params=accounted,
+            accepted=accepted,
+            applied=plan.applied,
+        )
+        return Judged(child, child_records, record, result)
+
+    def join(self, accepted: Sequence[Judged]) -> None:
+        """Adds a generation's accepted children to the population, then applies the cap.
+
+        The generation's candidates are siblings (trained in parallel in the notebooks):
+        they become parents from the next generation on.
+        """
+        population = self.population
+        for judged in accepted:
+            child, result = judged.child, judged.result
+            population.paths[child.id] = child
+            population.offspring[child.id] = 0
+            population.opt_states[child.id] = (result.opt_state, tuple(result.params))
+            self._new_params.update(result.params)
+            self._new_records.update({c.id: c for c in judged.records})
+        population.cap(self.settings.population_cap)
+
+    def publish(self) -> tuple[system.Path, list[str], list[str]]:
+        """Puts the best path's new components, publishes it and retires the agent's others.
+
+        One store transaction (`Store.publish`): a crash leaves either the old or the new
+        published state, never half of it.
+
+        Returns:
+          The published best path, the ids of its new components, and the retired path ids.
+
+        Raises:
+          RuntimeError: the population is empty.
+        """
+        store, agent, task, state = self.store, self.agent, self.task, self.state
+        ranked = self.population.ranked()
+        if not ranked:
+            raise RuntimeError(f"Task {task!r} has no path after its iteration.")
+        offspring = self.population.offspring.get(ranked[0].id, 0)
+        best = dataclasses.replace(ranked[0], offspring=offspring)
+        fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
+        for component_id in fresh_ids:
+            store.put_component(self._new_records[component_id], self._new_params[component_id])
+        published_ids = self._published_ids
+        retire = sorted(
+            pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
+        )
+        foreign = sorted(pid for pid in published_ids if state.paths[pid].agent != agent)
+        if foreign:
+            logger.warning("evolve %s: cannot retire other agents' paths %s", task, foreign)
+        store.publish(agent, paths=[best], components=fresh_ids, retire=retire)
+        store.discard_staged(agent)
+        return best, fresh_ids, retire

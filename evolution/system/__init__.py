@@ -1,0 +1,1 @@
+"""The evolving system as values: components, paths, tasks, architectures, families."""
