@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from models import growth_hooks, task_shapes
 from tasks import registry
 from training import checkpoints as checkpoints_lib
-from training import curves, partitioning, reporting, settings, state_growth
+from training import curves, loop, partitioning, reporting, settings, state_growth
 from training import data as data_lib
 from training import evaluation as evaluation_lib
 from training import growth_schedule as growth_schedule_lib
@@ -201,7 +201,6 @@ def train(
         evaluator = _Evaluations(
             trainer, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
         )
-        cleanup.callback(lambda: evaluator.close())  # the evaluator of the latest growth
         writer = reporting.create_writer(os.path.join(model_dir, "train"))
         reporter = reporting.MetricsReporter(model_dir, total_steps, step, writer)
         cleanup.callback(reporter.close)
@@ -212,26 +211,28 @@ def train(
 
         platforms = [device.platform for device in partitioner.mesh.local_devices]
         stats_period = stats_period or eval_period or total_steps
-
-        # What the loop does after a step; blocks of steps end only at such steps.
-        def reports_at(s: int) -> bool:
-            return s % stats_period == 0 or s == total_steps or schedule.at(s) is not None
-
-        def saves_at(s: int) -> bool:
-            return save_cfg is not None and (
-                bool(save_cfg.period and s % save_cfg.period == 0) or s == total_steps
-            )
-
-        def evaluates_at(s: int) -> bool:
-            return bool(eval_period and s % eval_period == 0) or s == total_steps
-
-        def stops_at(s: int) -> bool:
-            return reports_at(s) or saves_at(s) or evaluates_at(s)
+        actions = _LauncherActions(
+            total_steps=total_steps,
+            stats_period=stats_period,
+            eval_period=eval_period,
+            save_period=None if save_cfg is None else save_cfg.period,
+            schedule=schedule,
+            reporter=reporter,
+            checkpointer=checkpointer,
+            metadata=metadata,
+            evaluator=evaluator,
+            new_evaluator=lambda t: _Evaluations(
+                t, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
+            ),
+            grow=lambda t, st, event, probe: _grow(t, st, event, seed, probe, model_dir, writer),
+            write_predictions=write_predictions,
+        )
+        cleanup.callback(lambda: actions.evaluator.close())  # the latest growth's evaluator
 
         per_execution = steps_per_execution or default_steps_per_execution(platforms)
         host_batches = data_lib.numpy_steps(
             train_stream(step),
-            dispatch_sizes(step, total_steps, per_execution, stops_at),
+            loop.dispatch_sizes(step, total_steps, per_execution, actions.stops_at),
             chunk=per_execution if per_execution > 1 else 16,
         )
         batches = data_lib.DevicePrefetcher(
@@ -249,42 +250,18 @@ def train(
             model_dir,
             per_execution,
         )
-        acc = trainer.empty_metrics()
-        while step < total_steps:
-            # Only dispatches: metrics stay on device until the reporter's thread reads them.
-            steps, batch = next(batches)
-            if steps == 1:
-                state, acc = trainer.train_step(state, acc, batch)
-            else:
-                state, acc = trainer.train_steps(state, acc, batch)
-            step += steps
-            event = schedule.at(step)
-            if reports_at(step):
-                reporter.report(step, acc)
-                acc = trainer.empty_metrics()
-            if event is not None:
-                probe = batch if steps == 1 else jax.tree.map(lambda x: x[-1], batch)
-                trainer, state = _grow(trainer, state, event, seed, probe, model_dir, writer)
-                metadata["architecture"] = checkpoints_lib.architecture_metadata(trainer.model)
-                metadata["growth_events"] = [*metadata["growth_events"], event.to_json()]
-                evaluator.close()
-                evaluator = _Evaluations(
-                    trainer, model_dir, train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_steps
-                )
-            if saves_at(step):
-                checkpointer.save(step, state, metadata)
-            if evaluates_at(step):
-                evaluator.run(state, step, write_predictions)
+        # Only dispatches: metrics stay on device until the reporter's thread reads them.
+        progress = loop.Progress(trainer, state, trainer.empty_metrics(), step)
+        progress = loop.run(progress, actions.watch(batches), total_steps, actions.actions())
+        step, state = progress.step, progress.state
     if jax.process_index() == 0:
         logger.info("training curves: %s", curves.plot_training_curves(model_dir))
     return step, state
 
 
-# On a host whose devices are its CPU cores, each dispatch of a small step costs the
-# host work that competes with the step for the same cores. Measured in-process (a
-# jitted scan of k steps against one step per call, same batches in memory, ViT of
-# `bench trainer`): tiny, 8 simulated devices, k=2: 1.18x the steps/s, k=4: 1.19x,
-# k=10: 1.30x; tiny, one device, k=4: 1.07x; small, 8 devices, k=4: 1.18x.
+# On a host whose devices are its CPU cores, each dispatch of a small step costs host
+# work that competes with the step for the same cores; a scan of several steps per
+# dispatch pays it once (docs/benchmarks.md has the A/B).
 CPU_STEPS_PER_EXECUTION = 10
 
 
@@ -323,41 +300,6 @@ def default_steps_per_execution(platforms: list[str]) -> int:
       batches on device; set it to try more).
     """
     return CPU_STEPS_PER_EXECUTION if all(p == "cpu" for p in platforms) else 1
-
-
-def dispatch_sizes(
-    start: int, total: int, steps_per_execution: int, stops_at: Callable[[int], bool]
-) -> Iterator[int]:
-    """Yields how many steps each dispatch of the loop runs, from `start` to `total`.
-
-    A block of `steps_per_execution` steps starts at a multiple of it and holds no step
-    the loop acts at (`stops_at`) but its last; every other step is dispatched alone. So
-    every run that reaches a step dispatches the same blocks from the next multiple on,
-    resumed or not.
-
-    Args:
-      start: the first step's number (steps done so far).
-      total: the step to stop at.
-      steps_per_execution: the block size (1: every step alone).
-      stops_at: whether the loop reports, saves, evaluates or grows after a step.
-
-    Yields:
-      1 or `steps_per_execution`, summing to `total - start`.
-    """
-    k = steps_per_execution
-    step = start
-    while step < total:
-        if (
-            k > 1
-            and step % k == 0
-            and step + k <= total
-            and not any(stops_at(s) for s in range(step + 1, step + k))
-        ):
-            yield k
-            step += k
-        else:
-            yield 1
-            step += 1
 
 
 def _check_applied_growth(
@@ -422,6 +364,109 @@ def _grow(
         after["loss"],
     )
     return result.trainer, result.state
+
+
+class _LauncherActions:
+    """What the launcher's loop does after a step, in order: report, grow, save, evaluate.
+
+    A growth event swaps the trainer and state (`Progress`) and the evaluator; the
+    checkpoint metadata records the grown architecture and the events so far.
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        stats_period: int,
+        eval_period: int | None,
+        save_period: int | None,
+        schedule: growth_schedule_lib.GrowthSchedule,
+        reporter: reporting.MetricsReporter,
+        checkpointer: checkpoints_lib.Checkpointer,
+        metadata: dict[str, Any],
+        evaluator: _Evaluations,
+        new_evaluator: Callable[[trainer_lib.Trainer], _Evaluations],
+        grow: Callable[..., tuple[trainer_lib.Trainer, trainer_lib.TrainState]],
+        write_predictions: bool,
+    ):
+        self.total_steps = total_steps
+        self.stats_period = stats_period
+        self.eval_period = eval_period
+        self.save_period = save_period
+        self.schedule = schedule
+        self.reporter = reporter
+        self.checkpointer = checkpointer
+        self.metadata = metadata
+        self.evaluator = evaluator
+        self._new_evaluator = new_evaluator
+        self._grow = grow
+        self._write_predictions = write_predictions
+        self._last: tuple[int, Any] | None = None
+
+    def reports_at(self, s: int) -> bool:
+        """Train metrics are reported every stats period, at the end and at growth."""
+        return s % self.stats_period == 0 or s == self.total_steps or self.grows_at(s)
+
+    def grows_at(self, s: int) -> bool:
+        """A growth event of the schedule is at step `s`."""
+        return self.schedule.at(s) is not None
+
+    def saves_at(self, s: int) -> bool:
+        """A checkpoint is saved every save period and at the end (when saving)."""
+        if self.save_period is None:
+            return False
+        return bool(self.save_period and s % self.save_period == 0) or s == self.total_steps
+
+    def evaluates_at(self, s: int) -> bool:
+        """Evaluations run every eval period and at the end."""
+        return bool(self.eval_period and s % self.eval_period == 0) or s == self.total_steps
+
+    def stops_at(self, s: int) -> bool:
+        """Whether any action is due after step `s` (a block of steps must end there)."""
+        return self.reports_at(s) or self.saves_at(s) or self.evaluates_at(s)
+
+    def watch(self, batches: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        """Passes `batches` through, remembering the latest (a growth event's probe)."""
+        for item in batches:
+            self._last = item
+            yield item
+
+    def actions(self) -> list[loop.Action]:
+        """The loop's actions."""
+        return [
+            loop.When(self.reports_at, self.report),
+            loop.When(self.grows_at, self.grow),
+            loop.When(self.saves_at, self.save),
+            loop.When(self.evaluates_at, self.evaluate),
+        ]
+
+    def report(self, progress: loop.Progress) -> None:
+        """Hands the metrics to the reporter's thread and starts a new accumulator."""
+        self.reporter.report(progress.step, progress.metrics)
+        progress.metrics = progress.trainer.empty_metrics()
+
+    def grow(self, progress: loop.Progress) -> None:
+        """Applies the step's growth event; the probe is the batch of that step."""
+        event = self.schedule.at(progress.step)
+        assert event is not None and self._last is not None
+        steps, batch = self._last
+        probe = batch if steps == 1 else jax.tree.map(lambda x: x[-1], batch)
+        progress.trainer, progress.state = self._grow(
+            progress.trainer, progress.state, event, probe
+        )
+        model = progress.trainer.model
+        self.metadata["architecture"] = checkpoints_lib.architecture_metadata(model)
+        self.metadata["growth_events"] = [*self.metadata["growth_events"], event.to_json()]
+        self.evaluator.close()
+        self.evaluator = self._new_evaluator(progress.trainer)
+
+    def save(self, progress: loop.Progress) -> None:
+        """Saves a checkpoint of the state."""
+        self.checkpointer.save(progress.step, progress.state, self.metadata)
+
+    def evaluate(self, progress: loop.Progress) -> None:
+        """Runs the evaluations."""
+        self.evaluator.run(progress.state, progress.step, self._write_predictions)
 
 
 class _Evaluations:

@@ -11,7 +11,7 @@ import trainer_testlib as tl
 from clu import metrics as clu_metrics
 
 from evogrow import train
-from training import checkpoints, data, partitioning, trainer
+from training import checkpoints, data, loop, partitioning, trainer
 
 
 def _cfg(split, shuffle=False):
@@ -63,10 +63,10 @@ def test_dispatch_sizes_block_between_stops():
     def stops_at(step):  # stats every 5, checkpoints every 10, the end
         return step % 5 == 0 or step % 10 == 0 or step == 24
 
-    assert list(train.dispatch_sizes(0, 24, 4, stops_at)) == [4] + [1] * 12 + [4, 4]
-    assert list(train.dispatch_sizes(13, 24, 4, stops_at)) == [1, 1, 1, 4, 4]
-    assert list(train.dispatch_sizes(0, 7, 1, stops_at)) == [1] * 7
-    assert list(train.dispatch_sizes(0, 10, 4, lambda s: s == 10)) == [4, 4, 1, 1]
+    assert list(loop.dispatch_sizes(0, 24, 4, stops_at)) == [4] + [1] * 12 + [4, 4]
+    assert list(loop.dispatch_sizes(13, 24, 4, stops_at)) == [1, 1, 1, 4, 4]
+    assert list(loop.dispatch_sizes(0, 7, 1, stops_at)) == [1] * 7
+    assert list(loop.dispatch_sizes(0, 10, 4, lambda s: s == 10)) == [4, 4, 1, 1]
     assert train.default_steps_per_execution(["cpu"] * 8) == train.CPU_STEPS_PER_EXECUTION > 1
     assert train.default_steps_per_execution(["gpu"]) == 1
     with pytest.raises(ValueError, match="steps_per_execution"):

@@ -110,6 +110,10 @@ class Trainer:
       input_shapes: feature -> global train batch shape.
       input_types: feature -> dtype.
       rng: base key of dropout; step t uses `fold_in(rng, t)`.
+      trainable_mask: a pytree of bools shaped like the params (True = trains), or a
+        callable of the (abstract) params returning one; None trains every leaf. Frozen
+        leaves get no gradient and no optimizer state, and the step returns them as
+        they came (bit for bit).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Trainer:
         input_shapes: Mapping[str, tuple[int, ...]],
         input_types: Mapping[str, Any],
         rng: jax.Array,
+        trainable_mask: Any = None,
     ):
         self.model = model
         self.partitioner = partitioner
@@ -126,14 +131,28 @@ class Trainer:
         self._input_shapes = dict(input_shapes)
         self._input_types = dict(input_types)
         self._dropout_rng = rng
+        self._trainable_mask = trainable_mask
 
         boxed = abstract_variables(model, input_shapes, input_types)["params"]
         self.param_specs = partitioner.param_specs(boxed)
         abstract_params = nn.unbox(boxed)
+        self._mask = None if trainable_mask is None else self._mask_of(abstract_params)
         self.abstract_state = jax.eval_shape(self._state_from_params, abstract_params)
         state_specs = partitioner.state_specs(
             self.abstract_state, self.param_specs, abstract_params
         )
+        if self._mask is not None:
+            # The optimizer state mirrors the trainable leaves only (frozen ones are None).
+            trainable_specs = jax.tree.map(
+                lambda keep, spec: spec if keep else None, self._mask, self.param_specs
+            )
+            state_specs = state_specs.replace(
+                opt_state=partitioner.state_specs(
+                    self.abstract_state.opt_state,
+                    trainable_specs,
+                    self.trainable_params(abstract_params),
+                )
+            )
         self.state_shardings = partitioner.shardings(state_specs)
         batch_sharding = partitioner.batch_sharding
         batch_shardings = {key: batch_sharding for key in input_shapes}
@@ -146,6 +165,11 @@ class Trainer:
         replicated = partitioner.replicated
         self._init_state = partitioner.partition(
             self._init_state_fn, in_shardings=(replicated,), out_shardings=self.state_shardings
+        )
+        self._state_from = partitioner.partition(
+            self._state_from_params,
+            in_shardings=(self.state_shardings.params,),
+            out_shardings=self.state_shardings,
         )
         self._train_step = partitioner.partition(
             self._train_step_fn,
@@ -176,9 +200,32 @@ class Trainer:
             for key, shape in self._input_shapes.items()
         }
 
+    def _mask_of(self, params: Any) -> Any:
+        mask = self._trainable_mask
+        return mask(params) if callable(mask) else mask
+
+    def trainable_params(self, params: Any) -> Any:
+        """The trainable leaves of `params` (frozen leaves are None; all without a mask)."""
+        if self._mask is None:
+            return params
+        return jax.tree.map(lambda keep, leaf: leaf if keep else None, self._mask, params)
+
+    def _merge(self, params: Any, trainable: Any) -> Any:
+        if self._mask is None:
+            return trainable
+        return jax.tree.map(
+            lambda keep, leaf, new: new if keep else leaf,
+            self._mask,
+            params,
+            trainable,
+            is_leaf=lambda node: node is None,
+        )
+
     def _state_from_params(self, params: Any) -> TrainState:
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.optimizer.init(self.trainable_params(params)),
         )
 
     def _init_state_fn(self, rng: jax.Array) -> TrainState:
@@ -186,15 +233,21 @@ class Trainer:
         return self._state_from_params(nn.unbox(variables["params"]))
 
     def _loss_and_grads(self, params: Any, batch: Mapping, dropout_rng: Any) -> Any:
-        return jax.value_and_grad(self.model.loss_fn, has_aux=True)(params, batch, dropout_rng)
+        """((loss, metrics), grads of the trainable leaves) at `params`."""
+
+        def loss_fn(trainable: Any) -> Any:
+            return self.model.loss_fn(self._merge(params, trainable), batch, dropout_rng)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(self.trainable_params(params))
 
     def _train_step_fn(
         self, state: TrainState, acc: MetricsAccumulator, batch: Mapping
     ) -> tuple[TrainState, MetricsAccumulator]:
         dropout_rng = jax.random.fold_in(self._dropout_rng, state.step)
         (_, metrics), grads = self._loss_and_grads(state.params, batch, dropout_rng)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        trainable = self.trainable_params(state.params)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+        params = self._merge(state.params, optax.apply_updates(trainable, updates))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, merge_metrics(acc, metrics)
 
@@ -223,7 +276,12 @@ class Trainer:
         Its steps compile on first use (once per growth event).
         """
         return Trainer(
-            model, self.partitioner, self._input_shapes, self._input_types, self._dropout_rng
+            model,
+            self.partitioner,
+            self._input_shapes,
+            self._input_types,
+            self._dropout_rng,
+            self._trainable_mask,
         )
 
     def train_step_flops(self) -> float:
@@ -252,6 +310,17 @@ class Trainer:
           the partitioned train state at step 0.
         """
         return self._init_state(rng)
+
+    def state_from_params(self, params: Any) -> TrainState:
+        """A step-0 train state of given params (fresh optimizer state), in its shardings.
+
+        Args:
+          params: unboxed params shaped like the model's (numpy or device arrays).
+
+        Returns:
+          the partitioned train state.
+        """
+        return self._state_from(params)
 
     def empty_metrics(self) -> MetricsAccumulator:
         """Returns a fresh (zero-step) metrics accumulator on device."""
