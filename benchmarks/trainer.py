@@ -104,7 +104,7 @@ def ours_window_rates(
             partitioner=partitioning.Partitioner(logical_axis_rules=RULES),
             model_dir=model_dir,
             total_steps=WARMUP_STEPS + steps,
-            eval_steps=0,
+            eval_steps=1,  # no eval data set: nothing is evaluated
             eval_period=0,
             stats_period=WINDOW,
             random_seed=0,
