@@ -30,7 +30,6 @@ from typing import Any, cast
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -176,11 +175,6 @@ def rekey_opt_state(opt_state: Any, keys: Collection[str], mapping: Mapping[str,
     )
 
 
-def _signature(tree: Any) -> tuple[Any, ...]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
-
-
 def inherit_opt_state(
     fresh_state: Any,
     parent_state: Any,
@@ -224,7 +218,7 @@ def inherit_opt_state(
         node = dict(child)
         for child_id, parent_id in sources.items():
             if child_id in node and parent_id in parent:
-                if _signature(node[child_id]) == _signature(parent[parent_id]):
+                if path_model.signature(node[child_id]) == path_model.signature(parent[parent_id]):
                     node[child_id] = parent[parent_id]
         merged.append(node)
     return jax.tree_util.tree_unflatten(child_def, merged)
@@ -403,8 +397,8 @@ class StepCache:
           the trainer.
         """
         trainable = tuple(slot for slot in slots if slot in trainable_slots)
-        key: tuple[Any, ...] = (config, slots, trainable, settings, _signature(params))
-        key += (_signature(batch), _device_key(device))
+        key: tuple[Any, ...] = (config, slots, trainable, settings, path_model.signature(params))
+        key += (path_model.signature(batch), _device_key(device))
 
         def build() -> trainer_lib.Trainer:
             self.train_signatures += 1
@@ -433,7 +427,8 @@ class StepCache:
         Returns:
           the trainer (its optimizer is never used).
         """
-        key = (config, slots, _signature(params), _signature(batch), _device_key(device))
+        key = (config, slots, path_model.signature(params), path_model.signature(batch))
+        key += (_device_key(device),)
 
         def build() -> trainer_lib.Trainer:
             self.eval_signatures += 1

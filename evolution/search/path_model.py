@@ -100,6 +100,12 @@ def classification_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dic
     return loss, {"loss": MaskedMean.from_model_output(loss), "accuracy": accuracy}
 
 
+def signature(tree: Any) -> tuple[Any, ...]:
+    """The tree's structure and its leaves' shapes and dtypes (hashable: a cache key)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
+
+
 def abstract_tree(tree: Any) -> Any:
     """The tree's leaves as ShapeDtypeStructs (shapes and dtypes only)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
