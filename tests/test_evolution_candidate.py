@@ -264,8 +264,8 @@ def test_best_validation_is_kept_when_training_gets_worse(cache):
 
 def test_compiled_steps_are_reused_across_candidates(trained, cache):
     # The fixture compiled the step of (block_0, final_norm, head) with V=3, B=20.
-    assert cache.train_compilations >= 1 and cache.eval_compilations >= 1
-    before = (cache.train_compilations, cache.eval_compilations)
+    assert cache.train_signatures >= 1 and cache.eval_signatures >= 1
+    before = (cache.train_signatures, cache.eval_signatures)
     root = _root_pool(seed=3)
     slots = ("block_0", "final_norm", "head")
     first, pool1, src1 = _child(root, slots, "a")
@@ -273,12 +273,12 @@ def test_compiled_steps_are_reused_across_candidates(trained, cache):
     # Other ids, parameters, learning rate and momentum: the same executables.
     reused = _train(pool1, first, src1.keys(), cache=cache, values={**VALUES, "lr": 0.02})
     _train(pool2, second, src2.keys(), cache=cache, values={**VALUES, "momentum": 0.5})
-    assert (cache.train_compilations, cache.eval_compilations) == before
+    assert (cache.train_signatures, cache.eval_signatures) == before
     assert reused.compile_seconds == 0 and reused.train_seconds > 0
     # Another set of trainable slots is another signature (evaluation is shared).
     third, pool3, src3 = _child(root, ("final_norm", "head"), "c")
     result = _train(pool3, third, src3.keys(), cache=cache)
-    assert (cache.train_compilations, cache.eval_compilations) == (before[0] + 1, before[1])
+    assert (cache.train_signatures, cache.eval_signatures) == (before[0] + 1, before[1])
     assert result.compile_seconds > 0
 
 

@@ -15,9 +15,11 @@ The value of y is the mixture sum_p r_p z_p; each connector receives dL/dy unwei
 at w0 * z_0: the same classes as path_0 (its quality), on a smaller logit scale.
 
 Only the router and the connectors are trained (SGD with the candidates' optimiser,
-`candidate.make_optimizer`); the frozen paths run inside the step as inputs that nothing
-differentiates. Validation runs at step 0 too and the best-validation parameters are
-kept, so the result's quality is never below path_0's on the same batches.
+`candidate.make_optimizer`). The model trains like every other run: a
+`training.trainer.Trainer` whose mask freezes the paths' parameters (no gradient, no
+optimizer state, returned bit for bit), in `training.loop.run` with `loop.KeepBest`.
+Validation runs at step 0 too and the best-validation parameters are kept, so the
+result's quality is never below path_0's on the same batches.
 
 Nothing is published: `system.Path` refuses repeated slots, `agent_view.check_state`
 refuses foreign slots (every agent would stop), and best_path / inference / plan_child /
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,11 +42,13 @@ import numpy as np
 import optax
 
 from evolution import store as store_lib
-from evolution.search import candidate
+from evolution.search import candidate, path_model
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of
 from models import encoder, vit
+from training import loop, partitioning
+from training import trainer as trainer_lib
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -224,39 +229,96 @@ def _frozen_outputs(
     return logits_0, features
 
 
-@functools.lru_cache(maxsize=16)
-def _steps(
+class _MultipathModel:
+    """The multipath model in the trainer's contract: params {"router", "connectors", "paths"}.
+
+    "paths" holds every frozen path's parameters by slot (the trainer's mask freezes
+    them); the metrics are the loss, the accuracy and each path's mean router weight
+    ("weight_p"), over the rows of `_mask` where a batch has one.
+    """
+
+    def __init__(
+        self,
+        frozen: tuple[_FrozenPath, ...],
+        abstract_params: Params,
+        optimizer: optax.GradientTransformation,
+        gradient_scale: float,
+    ):
+        self.frozen = frozen
+        self.optimizer_def = optimizer
+        self._abstract_params = abstract_params
+        self._gradient_scale = gradient_scale
+        self._input_key = families.family_of(frozen[0].config).input_key
+
+    def get_initial_variables(
+        self, rng: jax.Array, input_shapes: Mapping, input_types: Mapping
+    ) -> dict[str, Any]:
+        """Zero parameters of the model's shapes (training starts from given ones)."""
+        del rng, input_shapes, input_types
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_params)
+        return {"params": zeros}
+
+    def loss_fn(self, params: Params, batch: Batch, dropout_rng: Any) -> tuple[jax.Array, Any]:
+        """Cross-entropy of y, and the loss, accuracy and mean router weight metrics."""
+        del dropout_rng
+        logits_0, features = _frozen_outputs(self.frozen, params["paths"], batch[self._input_key])
+        y, r_BxP = multipath_logits(
+            params["router"],
+            params["connectors"],
+            logits_0,
+            features,
+            gradient_scale=self._gradient_scale,
+        )
+        loss, metrics = path_model.classification_loss(y, batch)
+        mask = batch.get(path_model.MASK_KEY)
+        rows = None if mask is None else mask > 0
+        for p in range(r_BxP.shape[-1]):
+            metrics[f"weight_{p}"] = path_model.MaskedMean.from_model_output(r_BxP[:, p], mask=rows)
+        return loss, metrics
+
+
+_TRAINABLE = {"router": True, "connectors": True, "paths": False}
+
+
+_TRAINERS: dict[Any, trainer_lib.Trainer] = {}
+_MAX_TRAINERS = 16  # layouts whose compiled steps are kept (an agent trains one per cycle)
+
+
+def _trainer(
     frozen: tuple[_FrozenPath, ...],
     settings: candidate.OptimizerSettings,
     gradient_scale: float,
-    input_key: str,
-) -> tuple[Any, Any]:
-    """The jitted (train step, eval step) of one multipath layout."""
+    params: Params,
+    batch: Batch,
+) -> trainer_lib.Trainer:
+    """The trainer of one multipath layout on the default device (its steps compile once).
 
-    def apply(trainable: Params, frozen_params: Sequence[Params], inputs: jax.Array) -> Any:
-        logits_0, features = _frozen_outputs(frozen, frozen_params, inputs)
-        router, connectors = trainable["router"], trainable["connectors"]
-        return multipath_logits(
-            router, connectors, logits_0, features, gradient_scale=gradient_scale
+    Args:
+      frozen: the paths' configs and slots.
+      settings: the optimizer's static settings.
+      gradient_scale: m.
+      params: the model's parameters (only shapes and dtypes are read).
+      batch: a batch with `_mask` (only shapes and dtypes are read).
+
+    Returns:
+      the trainer, shared by every run of the same layout.
+    """
+    key = (frozen, settings, gradient_scale)
+    key += (path_model.signature(params), path_model.signature(batch))
+    if key not in _TRAINERS:
+        if len(_TRAINERS) >= _MAX_TRAINERS:
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+        abstract = path_model.abstract_tree(params)
+        model = _MultipathModel(frozen, abstract, settings.injected(), gradient_scale)
+        _TRAINERS[key] = trainer_lib.Trainer(
+            model,
+            partitioning.Partitioner(devices=jax.local_devices()[:1]),
+            {name: np.shape(value) for name, value in batch.items()},
+            {name: np.asarray(value).dtype for name, value in batch.items()},
+            jax.random.key(0),
+            trainable_mask=_TRAINABLE,
         )
-
-    def loss_fn(trainable: Params, frozen_params: Sequence[Params], batch: Batch) -> jax.Array:
-        y, _ = apply(trainable, frozen_params, batch[input_key])
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(y, batch["label"]))
-
-    def train_step(trainable, frozen_params, opt_state, batch, lr, momentum, loss_sum):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen_params, batch)
-        updates, opt_state = settings.optimizer(lr, momentum).update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss_sum + loss
-
-    def eval_step(trainable, frozen_params, batch, correct, count, weight_sum):
-        y, r_BxP = apply(trainable, frozen_params, batch[input_key])
-        mask = batch["_mask"].astype(jnp.float32)
-        hits = (jnp.argmax(y, axis=-1) == batch["label"]).astype(jnp.float32)
-        weights = weight_sum + jnp.sum(r_BxP * mask[:, None], axis=0)
-        return correct + jnp.sum(hits * mask), count + jnp.sum(mask), weights
-
-    return jax.jit(train_step), jax.jit(eval_step)
+    return _TRAINERS[key]
 
 
 # -- companions and training -------------------------------------------------------------
@@ -365,12 +427,13 @@ class MultipathResult:
         return json.loads(json.dumps(out))
 
 
-def _batch(batch: Batch, family: families.Family, evaluation: bool) -> dict[str, Any]:
-    out = {family.input_key: jnp.asarray(batch[family.input_key], family.input_dtype)}
-    out["label"] = jnp.asarray(batch["label"], jnp.int32)
-    if evaluation:
-        mask = batch.get("_mask", np.ones(len(out["label"]), np.int32))
-        out["_mask"] = jnp.asarray(mask)
+def _batch(batch: Batch, family: families.Family) -> dict[str, np.ndarray]:
+    """The input, the labels and `_mask` (all ones where the batch has none)."""
+    out = {family.input_key: np.asarray(batch[family.input_key], family.input_dtype)}
+    out["label"] = np.asarray(batch["label"], np.int32)
+    mask = batch.get(path_model.MASK_KEY)
+    rows = len(out["label"])
+    out[path_model.MASK_KEY] = np.ones(rows, np.int32) if mask is None else np.asarray(mask)
     return out
 
 
@@ -432,83 +495,61 @@ def train_multipath(
     config = frozen[0].config
     family = families.family_of(config)
     pool = {cid: store.load_params(cid) for p in paths for cid in dict.fromkeys(p.component_ids)}
-    frozen_params = [
-        jax.tree_util.tree_map(jnp.asarray, {slot: pool[cid] for slot, cid in p.components})
-        for p in paths
-    ]
+    path_params = [{slot: pool[cid] for slot, cid in p.components} for p in paths]
     num_classes = int(config.num_classes or 0)
-    eval_batches = [_batch(b, family, True) for b in validation_batches]
-    probe = eval_batches[0]
+    eval_batches = [_batch(b, family) for b in validation_batches]
     _, features = jax.eval_shape(
-        functools.partial(_frozen_outputs, frozen), frozen_params, probe[family.input_key]
+        functools.partial(_frozen_outputs, frozen),
+        path_model.abstract_tree(path_params),
+        path_model.abstract_tree(eval_batches[0][family.input_key]),
     )
-    trainable = jax.tree_util.tree_map(
-        jnp.asarray,
-        {
-            "router": init_router(num_classes, len(paths), main_weight),
-            "connectors": [init_connector(int(f.shape[-1]), num_classes) for f in features],
-        },
-    )
+    params = {
+        "router": init_router(num_classes, len(paths), main_weight),
+        "connectors": [init_connector(int(f.shape[-1]), num_classes) for f in features],
+        "paths": path_params,
+    }
     settings = candidate.OptimizerSettings.from_values(values, steps, steps_per_validation)
-    train_step, eval_step = _steps(frozen, settings, float(gradient_scale), family.input_key)
-    opt_state = settings.optimizer(float(values["lr"]), 0.0).init(trainable)
-    lr = np.float32(values["lr"])
-    momentum = np.float32(values.get("momentum") or 0.0)
-
-    def evaluate(params: Params) -> tuple[float, tuple[float, ...]]:
-        correct, count = jnp.zeros(()), jnp.zeros(())
-        weights = jnp.zeros(len(paths))
-        for batch in eval_batches:
-            correct, count, weights = eval_step(
-                params, frozen_params, batch, correct, count, weights
-            )
-        total = float(count)
-        mean = tuple(float(w) / total if total else 0.0 for w in np.asarray(weights))
-        return (float(correct) / total if total else 0.0), mean
+    train = (_batch(b, family) for b in train_batches)
+    first = next(train, None)
+    if first is None:
+        raise ValueError("The train batches ran out.")
 
     start = time.perf_counter()
-    main_params = {slot: pool[cid] for slot, cid in main_path.components}
-    single = candidate.validate(config, frozen[0].slots, main_params, validation_batches)
-    best_quality, best_weights = evaluate(trainable)
-    best_params, best_step = trainable, 0
-    validations = [(0, best_quality)]
-    losses: list[float] = []
-    for interval in range(steps // steps_per_validation):
-        loss_sum = jnp.zeros((), jnp.float32)
-        for _ in range(steps_per_validation):
-            try:
-                batch = _batch(next(train_batches), family, False)
-            except StopIteration as error:
-                raise ValueError("The train batches ran out.") from error
-            trainable, opt_state, loss_sum = train_step(
-                trainable, frozen_params, opt_state, batch, lr, momentum, loss_sum
-            )
-        losses.append(float(loss_sum) / steps_per_validation)
-        quality, weights = evaluate(trainable)
-        step_number = (interval + 1) * steps_per_validation
-        validations.append((step_number, quality))
-        if quality > best_quality:  # Ties keep the earlier (step 0: path_0's classes).
-            best_params, best_quality, best_step, best_weights = (
-                trainable,
-                quality,
-                step_number,
-                weights,
-            )
+    trainer = _trainer(frozen, settings, float(gradient_scale), params, first)
+    placed = jax.device_put(eval_batches, trainer.partitioner.batch_sharding)
+    single = candidate.validate(config, frozen[0].slots, path_params[0], validation_batches)
+    weights: list[tuple[float, ...]] = []  # each validation's mean router weights
 
-    best = jax.device_get(best_params)
-    trainable_count = system.num_params_of(best)
+    def evaluate(params: Params) -> float:
+        metrics = trainer.evaluate(params, iter(placed))
+        weights.append(tuple(metrics.get(f"weight_{p}", 0.0) for p in range(len(paths))))
+        return metrics.get("accuracy", 0.0)
+
+    state = candidate.with_hyperparams(trainer, trainer.state_from_params(params), values)
+    keep = loop.KeepBest(steps_per_validation, evaluate)
+    keep.consider(0, trainer, state.params)  # step 0: path_0's classes; ties keep it
+    loop.run(
+        loop.Progress.start(trainer, state),
+        loop.single_steps(itertools.chain([first], train)),
+        steps,
+        [keep],
+    )
+    best = jax.device_get(keep.best_params)
+    best_weights = weights[[step for step, _ in keep.validations].index(keep.best_step)]
+    trained = {"router": best["router"], "connectors": best["connectors"]}
+    trainable_count = system.num_params_of(trained)
     frozen_count = sum(system.num_params_of(tree) for tree in pool.values())
     return MultipathResult(
         task=task,
         path_ids=tuple(p.id for p in paths),
         router_params=best["router"],
         connector_params=tuple(best["connectors"]),
-        quality=best_quality,
+        quality=keep.best_quality,
         single_path_quality=single,
-        best_step=best_step,
-        validations=tuple(validations),
+        best_step=keep.best_step,
+        validations=tuple(keep.validations),
         router_mean_weights=best_weights,
-        train_losses=tuple(losses),
+        train_losses=tuple(keep.train_losses),
         trainable_params=trainable_count,
         activated_params=frozen_count + trainable_count,
         train_seconds=time.perf_counter() - start,

@@ -2,16 +2,19 @@
 
 A candidate (a planned child, evolution/search/mutations.py) trains V x B steps on its task,
 validating every B steps, and keeps the parameters of its best validation (muNet; the
-score's quality is that best accuracy). Only the candidate's new components (clones,
-fresh heads and adapters, grown blocks) are differentiated and updated; the components
-it references are an input of the step that nothing writes back, so a published path
-never changes. The optimiser is the notebooks': clip by global norm 1, then SGD with
+score's quality is that best accuracy). It trains like every other run: its path is a
+`path_model.PathModel`, trained by a `training.trainer.Trainer` in `training.loop.run`
+with `loop.KeepBest`. Only the candidate's new components (clones, fresh heads and
+adapters, grown blocks) are differentiated and updated: the others are frozen by the
+trainer's mask, which returns them bit for bit, so a published path never changes.
+The optimiser is the notebooks': clip by global norm 1, then SGD with
 (optionally Nesterov) momentum and a constant, warmup+cosine or cosine-with-restarts
 schedule (`make_optimizer`).
 
-Compiled steps are reused across candidates (`StepCache`): parameter trees inside the
-step are keyed by slot, not by component id, and the learning rate and momentum are
-traced arguments, so every candidate with the same architecture, the same trainable
+Compiled steps are reused across candidates (`StepCache` keeps one trainer per
+signature): parameter trees inside the step are keyed by slot, not by component id, and
+the learning rate and momentum are values of the optimizer state
+(`OptimizerSettings.injected`), so every candidate with the same architecture, the same trainable
 slots and the same static optimiser settings (schedule kind, warmup steps, Nesterov,
 momentum on/off, step count) runs the same executable. mu2Net+ inheritance of
 optimizer state goes through `inherit_opt_state`, keyed by component id.
@@ -20,19 +23,20 @@ optimizer state goes through `inherit_opt_state`, keyed by component id.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evolution.search import mutations, timing
+from evolution.search import path_model, timing
 from evolution.system import families
-from models import adapters
+from training import loop, partitioning
+from training import trainer as trainer_lib
 
 Params = Any
 Batch = Mapping[str, Any]
@@ -171,11 +175,6 @@ def rekey_opt_state(opt_state: Any, keys: Collection[str], mapping: Mapping[str,
     )
 
 
-def _signature(tree: Any) -> tuple[Any, ...]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
-
-
 def inherit_opt_state(
     fresh_state: Any,
     parent_state: Any,
@@ -219,45 +218,14 @@ def inherit_opt_state(
         node = dict(child)
         for child_id, parent_id in sources.items():
             if child_id in node and parent_id in parent:
-                if _signature(node[child_id]) == _signature(parent[parent_id]):
+                if path_model.signature(node[child_id]) == path_model.signature(parent[parent_id]):
                     node[child_id] = parent[parent_id]
         merged.append(node)
     return jax.tree_util.tree_unflatten(child_def, merged)
 
 
-def forward(
-    config: families.ModelConfig,
-    slots: Sequence[str],
-    params_by_slot: Mapping[str, Params],
-    inputs: Any,
-) -> jax.Array:
-    """Runs a path's components (including residual adapters) on a batch of inputs.
-
-    The components are applied by the config's family (`evolution.system.families`); a
-    residual adapter (slot "adapter_i") maps the running activation to itself plus its
-    bottleneck branch, whatever the family.
-
-    Args:
-      config: the path's config (`vit.ViTConfig`, `encoder.EncoderConfig`).
-      slots: the path's slots in order ("embed", ..., "adapter_0", "block_0", ..., "head").
-      params_by_slot: slot -> the component's (unboxed) parameters.
-      inputs: the family's input feature: [B, H, W, C] float images (ViT) or [B, L]
-        int32 token ids, 0 = padding (encoder).
-
-    Returns:
-      Logits [B, classes].
-    """
-    family = families.family_of(config)
-    context = family.context(config, inputs)
-    x = inputs
-    for slot in slots:
-        params = params_by_slot[slot]
-        if mutations.slot_kind(slot) == "adapter":
-            size = int(np.shape(params["down"]["kernel"])[-1])
-            x = adapters.ResidualAdapter(config, size).apply({"params": params}, x)
-        else:
-            x = family.apply_component(config, slot, params, x, context)
-    return x
+# Callers name the path's forward pass `candidate.forward`.
+forward = path_model.forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,96 +273,197 @@ class OptimizerSettings:
         }
         return make_optimizer(values, self.total_steps, cycle_steps=self.cycle_steps)
 
+    def injected(self) -> optax.GradientTransformation:
+        """`optimizer` with the learning rate (and momentum) kept as values of its state.
+
+        `optax.inject_hyperparams` holds them in the state's `hyperparams` (set by
+        `with_hyperparams`), so one compiled step serves every value; its `inner_state`
+        is `optimizer`'s state.
+        """
+        if self.momentum:
+            return optax.inject_hyperparams(self.optimizer)(lr=1.0, momentum=0.0)
+        return optax.inject_hyperparams(lambda lr: self.optimizer(lr, None))(lr=1.0)
+
+
+def with_hyperparams(
+    trainer: trainer_lib.Trainer,
+    state: trainer_lib.TrainState,
+    hparam_values: Mapping[str, Any],
+    inner_state: Any = None,
+) -> trainer_lib.TrainState:
+    """A train state of an `OptimizerSettings.injected` optimizer with the given values.
+
+    Args:
+      trainer: the trainer whose state it is (its shardings place the values).
+      state: the state (e.g. `trainer.state_from_params`).
+      hparam_values: "lr" and "momentum" (None or missing: 0, unused without momentum).
+      inner_state: the optimizer's inner state to start from (None: keep the state's).
+
+    Returns:
+      the state with those values in its optimizer state.
+    """
+    opt_state = state.opt_state
+    shardings = trainer.state_shardings.opt_state
+    values = {"lr": hparam_values["lr"], "momentum": hparam_values.get("momentum") or 0.0}
+    hyperparams = {
+        name: jax.device_put(np.float32(values[name]), shardings.hyperparams[name])
+        for name in opt_state.hyperparams
+    }
+    opt_state = opt_state._replace(hyperparams=hyperparams)
+    if inner_state is not None:
+        opt_state = opt_state._replace(
+            inner_state=jax.device_put(inner_state, shardings.inner_state)
+        )
+    return state.replace(opt_state=opt_state)
+
+
+def _slots_to_ids(opt_state: Any, slots: Collection[str], id_of: Mapping[str, str]) -> Any:
+    """An optimizer state over a path's slots (frozen ones None) as one over trainable ids."""
+    is_tree = _is_keyed_by(frozenset(slots))
+
+    def rekey(node: Any) -> Any:
+        return {id_of[s]: v for s, v in node.items() if s in id_of} if is_tree(node) else node
+
+    return jax.tree_util.tree_map(rekey, opt_state, is_leaf=is_tree)
+
+
+def _ids_to_slots(opt_state: Any, slots: Sequence[str], id_of: Mapping[str, str]) -> Any:
+    """The inverse of `_slots_to_ids` (frozen slots None again)."""
+    is_tree = _is_keyed_by(frozenset(id_of.values()))
+
+    def rekey(node: Any) -> Any:
+        return {s: node[id_of[s]] if s in id_of else None for s in slots} if is_tree(node) else node
+
+    return jax.tree_util.tree_map(rekey, opt_state, is_leaf=is_tree)
+
+
+def _device_key(device: jax.Device) -> tuple[int, ...]:
+    return (device.id,)
+
 
 class StepCache:
-    """Compiled train and eval steps, shared by candidates with the same signature.
+    """Trainers of candidate paths, shared by candidates with the same signature.
 
-    A train step is keyed by the config, the slots, the trainable slots, the shapes and
-    dtypes of the trainable and frozen trees and of the batch, and the
-    `OptimizerSettings`; an eval step by the config, the slots and the shapes of the
-    merged parameters and of the batch. Each key is lowered and compiled once (ahead of
-    time, so the counters are exact, and timed as the "compile" phase of the calling
-    thread's `timing.Timer`); `clear` drops them.
+    A `training.trainer.Trainer` compiles each of its steps once, on first use, so the
+    candidates that share a trainer share its executables. A train trainer is keyed by the
+    config, the slots, the trainable slots, the `OptimizerSettings`, the shapes and dtypes
+    of the parameters and of the batch, and the device (the learning rate and momentum are
+    values of the train state, not of the program); an eval trainer by the config, the
+    slots, the shapes and the device, so the candidates of one architecture share the
+    validation's executable whatever they train. Candidates of a generation train in
+    threads (one per device); building a trainer is serialised.
 
     Attributes:
-      train_compilations: train steps compiled so far.
-      eval_compilations: eval steps compiled so far.
+      train_signatures: train trainers built so far.
+      eval_signatures: eval trainers built so far.
     """
 
     def __init__(self) -> None:
         """Starts empty."""
-        self._train: dict[Any, Any] = {}
-        self._eval: dict[Any, Any] = {}
-        self.train_compilations = 0
-        self.eval_compilations = 0
-        # Candidates of a generation train in threads (one per device): compilation is
-        # serialised.
-        self._lock = threading.RLock()
+        self._train: dict[Any, trainer_lib.Trainer] = {}
+        self._eval: dict[Any, trainer_lib.Trainer] = {}
+        self.train_signatures = 0
+        self.eval_signatures = 0
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
-        """Drops every compiled step (counters are kept)."""
-        self._train.clear()
-        self._eval.clear()
+        """Drops every trainer and its compiled steps (counters are kept)."""
+        with self._lock:
+            self._train.clear()
+            self._eval.clear()
 
-    def train_step(
+    def train_trainer(
         self,
         config: families.ModelConfig,
         slots: tuple[str, ...],
+        trainable_slots: Collection[str],
         settings: OptimizerSettings,
-        args: tuple[Any, ...],
-    ) -> Any:
-        """The compiled train step for these arguments (compiled on first use).
+        params: Mapping[str, Params],
+        batch: Batch,
+        device: jax.Device,
+    ) -> trainer_lib.Trainer:
+        """The trainer of a path whose `trainable_slots` train (built on first use).
 
-        The step maps (trainable, frozen, opt_state, batch, lr, momentum, loss_sum) to
-        (trainable, opt_state, loss_sum + this batch's mean loss).
+        Args:
+          config: the path's config.
+          slots: its slots in order.
+          trainable_slots: the slots that train (the others are frozen).
+          settings: the optimizer's static settings (`OptimizerSettings.injected`).
+          params: slot -> parameters (only shapes and dtypes are read).
+          batch: a train batch (only shapes and dtypes are read).
+          device: the device it trains on.
+
+        Returns:
+          the trainer.
         """
-        trainable, frozen, _, batch = args[:4]
-        key: tuple[Any, ...] = (config, slots, settings, _signature(trainable))
-        key += (_signature(frozen), _signature(batch), _device_of(trainable, frozen))
+        trainable = tuple(slot for slot in slots if slot in trainable_slots)
+        key: tuple[Any, ...] = (config, slots, trainable, settings, path_model.signature(params))
+        key += (path_model.signature(batch), _device_key(device))
+
+        def build() -> trainer_lib.Trainer:
+            self.train_signatures += 1
+            mask = {slot: slot in trainable for slot in slots}
+            return _trainer(config, slots, params, batch, device, settings.injected(), mask)
+
+        return self._get(self._train, key, build)
+
+    def eval_trainer(
+        self,
+        config: families.ModelConfig,
+        slots: tuple[str, ...],
+        params: Mapping[str, Params],
+        batch: Batch,
+        device: jax.Device,
+    ) -> trainer_lib.Trainer:
+        """The trainer whose `evaluate` validates a path (built on first use).
+
+        Args:
+          config: the path's config.
+          slots: its slots in order.
+          params: slot -> parameters (only shapes and dtypes are read).
+          batch: an eval batch (only shapes and dtypes are read).
+          device: the device it runs on.
+
+        Returns:
+          the trainer (its optimizer is never used).
+        """
+        key = (config, slots, path_model.signature(params), path_model.signature(batch))
+        key += (_device_key(device),)
+
+        def build() -> trainer_lib.Trainer:
+            self.eval_signatures += 1
+            return _trainer(config, slots, params, batch, device, optax.identity(), None)
+
+        return self._get(self._eval, key, build)
+
+    def _get(
+        self, table: dict[Any, trainer_lib.Trainer], key: Any, build: Any
+    ) -> trainer_lib.Trainer:
         with self._lock:
-            if key in self._train:
-                return self._train[key]
+            if key not in table:
+                table[key] = build()
+            return table[key]
 
-            def loss_fn(trainable: Params, frozen: Params, batch: Batch) -> jax.Array:
-                inputs = batch[families.family_of(config).input_key]
-                logits = forward(config, slots, {**frozen, **trainable}, inputs)
-                losses = optax.softmax_cross_entropy_with_integer_labels(
-                    logits.astype(jnp.float32), batch["label"]
-                )
-                return jnp.mean(losses)
 
-            def step(trainable, frozen, opt_state, batch, lr, momentum, loss_sum):
-                loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
-                tx = settings.optimizer(lr, momentum)
-                updates, opt_state = tx.update(grads, opt_state, trainable)
-                return optax.apply_updates(trainable, updates), opt_state, loss_sum + loss
-
-            self._train[key] = self._compile(step, args)
-            self.train_compilations += 1
-            return self._train[key]
-
-    def eval_step(
-        self, config: families.ModelConfig, slots: tuple[str, ...], args: tuple[Any, ...]
-    ) -> Any:
-        """The compiled eval step: (params_by_slot, batch, correct, count) -> sums so far."""
-        key = (config, slots, _signature(args[0]), _signature(args[1]), _device_of(args[0]))
-        with self._lock:
-            if key in self._eval:
-                return self._eval[key]
-
-            def step(params, batch, correct, count):
-                logits = forward(config, slots, params, batch[families.family_of(config).input_key])
-                hits = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
-                mask = batch["_mask"].astype(jnp.float32)
-                return correct + jnp.sum(hits * mask), count + jnp.sum(mask)
-
-            self._eval[key] = self._compile(step, args)
-            self.eval_compilations += 1
-            return self._eval[key]
-
-    def _compile(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        with timing.phase("compile"):
-            return jax.jit(fn).lower(*args).compile()
+def _trainer(
+    config: families.ModelConfig,
+    slots: tuple[str, ...],
+    params: Mapping[str, Params],
+    batch: Batch,
+    device: jax.Device,
+    optimizer: optax.GradientTransformation,
+    mask: Any,
+) -> trainer_lib.Trainer:
+    """A trainer of the path on one device (no dropout: its key is never used)."""
+    model = path_model.PathModel(config, slots, path_model.abstract_tree(params), optimizer)
+    return trainer_lib.Trainer(
+        model,
+        partitioning.Partitioner(devices=[device]),
+        {key: np.shape(value) for key, value in batch.items()},
+        {key: np.asarray(value).dtype for key, value in batch.items()},
+        jax.random.key(0),
+        trainable_mask=mask,
+    )
 
 
 _DEFAULT_CACHE = StepCache()
@@ -418,8 +487,8 @@ class CandidateResult:
       validations: (step, accuracy) for every validation, in order.
       train_losses: mean training loss of each interval of B steps.
       seconds: wall time by phase (`timing.Timer`): "train" (the training steps),
-        "eval" (the validations), "compile" (new steps compiled for this candidate);
-        train and eval exclude the compilation inside them.
+        "eval" (the validations), "compile" (JAX tracing and compiling for this
+        candidate); train and eval exclude the compilation inside them.
     """
 
     params: dict[str, Params]
@@ -442,8 +511,8 @@ class CandidateResult:
 
     @property
     def compile_seconds(self) -> float:
-        """Wall time spent compiling new steps for this candidate."""
-        return self.seconds.get("compile", 0.0)
+        """Wall time spent tracing and compiling for this candidate."""
+        return self.seconds.get(timing.COMPILE, 0.0)
 
 
 def _train_batch(batch: Batch) -> dict[str, np.ndarray]:
@@ -457,24 +526,31 @@ def _train_batch(batch: Batch) -> dict[str, np.ndarray]:
 
 def _eval_batch(batch: Batch) -> dict[str, np.ndarray]:
     out = _train_batch(batch)
-    mask = batch.get("_mask")
-    out["_mask"] = np.ones(len(out["label"]), np.int32) if mask is None else np.asarray(mask)
+    mask = batch.get(path_model.MASK_KEY)
+    rows = len(out["label"])
+    out[path_model.MASK_KEY] = np.ones(rows, np.int32) if mask is None else np.asarray(mask)
     return out
 
 
-def _to_device(tree: Any, device: jax.Device | None = None) -> Any:
-    """The (unboxed) tree as arrays on `device` (None: the default device)."""
-    if device is None:
-        return jax.tree_util.tree_map(jnp.asarray, nn.unbox(tree))
-    return jax.device_put(nn.unbox(tree), device)
+def _default_device(device: jax.Device | None) -> jax.Device:
+    return device if device is not None else jax.local_devices()[0]
 
 
-def _device_of(*trees: Any) -> Any:
-    """The device a step's arguments live on (part of a compiled step's key)."""
-    for leaf in jax.tree_util.tree_leaves(trees):
-        if isinstance(leaf, jax.Array):
-            return tuple(sorted(d.id for d in leaf.devices()))
-    return None
+def _accuracy_of(
+    cache: StepCache,
+    config: families.ModelConfig,
+    slots: tuple[str, ...],
+    params: Mapping[str, Params],
+    batches: Sequence[Batch],
+    device: jax.Device,
+) -> Callable[[Any], float]:
+    """The accuracy on `batches` (placed on the device once) of params, by an eval trainer."""
+    if not batches:
+        return lambda params: 0.0
+    eval_batches = [_eval_batch(batch) for batch in batches]
+    trainer = cache.eval_trainer(config, slots, params, eval_batches[0], device)
+    placed = jax.device_put(eval_batches, trainer.partitioner.batch_sharding)
+    return lambda params: trainer.evaluate(params, iter(placed)).get("accuracy", 0.0)
 
 
 def validate(
@@ -500,15 +576,11 @@ def validate(
     Returns:
       The fraction of correctly classified examples (0 when there are none).
     """
-    cache = cache or _DEFAULT_CACHE
-    params = _to_device({slot: params_by_slot[slot] for slot in slots}, device)
-    correct = _to_device(np.zeros((), np.float32), device)
-    count = _to_device(np.zeros((), np.float32), device)
-    for batch in batches:
-        args = (params, _to_device(_eval_batch(batch), device), correct, count)
-        correct, count = cache.eval_step(config, tuple(slots), args)(*args)
-    total = float(count)
-    return float(correct) / total if total else 0.0
+    slots = tuple(slots)
+    params = nn.unbox({slot: params_by_slot[slot] for slot in slots})
+    device = _default_device(device)
+    accuracy = _accuracy_of(cache or _DEFAULT_CACHE, config, slots, params, batches, device)
+    return accuracy(jax.device_put(params, device))
 
 
 def train_candidate(
@@ -530,8 +602,10 @@ def train_candidate(
 ) -> CandidateResult:
     """Trains a candidate path for V x B steps and keeps its best-validation parameters.
 
-    Only the components in `trainable_ids` are differentiated and updated; the others are
-    read from `pool` and never written. The compiled step is taken from `cache`.
+    The path trains as a `path_model.PathModel` through `training.loop.run`, validated
+    every B steps by `loop.KeepBest`. Only the components in `trainable_ids` are
+    differentiated and updated (the trainer's mask); the others are read from `pool` and
+    never written. The trainer, and so its compiled steps, is taken from `cache`.
 
     Args:
       config: the path's config (adapters are sized from their parameters).
@@ -563,6 +637,7 @@ def train_candidate(
     if num_validations < 1 or steps_per_validation < 1:
         raise ValueError(f"V={num_validations} and B={steps_per_validation} must be >= 1.")
     cache = cache or _DEFAULT_CACHE
+    device = _default_device(device)
     timer = timing.Timer()
     slots = tuple(slot for slot, _ in components)
     trainable_set = set(trainable_ids)
@@ -576,62 +651,51 @@ def train_candidate(
     if missing:
         raise ValueError(f"Trainable ids {sorted(missing)} are not in the path.")
     id_of = {slot: component_id for component_id, slot in slot_of.items()}
-    trainable = _to_device({slot: pool[cid] for cid, slot in slot_of.items()}, device)
-    frozen = _to_device({s: pool[cid] for s, cid in components if cid not in trainable_set}, device)
+    params = nn.unbox({slot: pool[cid] for slot, cid in components})
+    batches = (_train_batch(batch) for batch in train_batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("The train batches ran out.")
 
     total_steps = num_validations * steps_per_validation
     settings = OptimizerSettings.from_values(hparam_values, total_steps, steps_per_validation)
-    opt_state = settings.optimizer(float(hparam_values["lr"]), 0.0).init(trainable)
-    if parent_opt_state is not None and clone_sources and trainable:
-        by_id = rekey_opt_state(opt_state, id_of.keys(), id_of)
-        by_id = inherit_opt_state(
-            by_id,
-            parent_opt_state,
-            clone_sources,
-            child_ids=slot_of.keys(),
-            parent_ids=parent_trainable_ids,
-        )
-        opt_state = rekey_opt_state(by_id, slot_of.keys(), slot_of)
-    opt_state = _to_device(opt_state, device)
-    lr = np.float32(hparam_values["lr"])
-    momentum = np.float32(hparam_values.get("momentum") or 0.0)
-
-    best_params, best_quality, best_step = trainable, -1.0, 0
-    validations: list[tuple[int, float]] = []
-    losses: list[float] = []
-    for validation in range(num_validations):
-        loss_sum = _to_device(np.zeros((), np.float32), device)
-        with timer.phase("train"):
-            for _ in range(steps_per_validation):
-                try:
-                    batch = _to_device(_train_batch(next(train_batches)), device)
-                except StopIteration as error:
-                    raise ValueError("The train batches ran out.") from error
-                args = (trainable, frozen, opt_state, batch, lr, momentum, loss_sum)
-                step = cache.train_step(config, slots, settings, args)
-                trainable, opt_state, loss_sum = step(*args)
-            losses.append(float(loss_sum) / steps_per_validation)
-
-        with timer.phase("eval"):
-            quality = validate(
-                config,
-                slots,
-                {**frozen, **trainable},
-                validation_batches,
-                cache=cache,
-                device=device,
+    with timer.phase("train"):
+        trainer = cache.train_trainer(config, slots, id_of.keys(), settings, params, first, device)
+        accuracy = _accuracy_of(cache, config, slots, params, validation_batches, device)
+        state = trainer.state_from_params(params)
+        inner_state = None
+        if parent_opt_state is not None and clone_sources and id_of:
+            fresh = _slots_to_ids(jax.device_get(state.opt_state.inner_state), slots, id_of)
+            inherited = inherit_opt_state(
+                fresh,
+                parent_opt_state,
+                clone_sources,
+                child_ids=slot_of.keys(),
+                parent_ids=parent_trainable_ids,
             )
-        step_number = (validation + 1) * steps_per_validation
-        validations.append((step_number, quality))
-        if quality > best_quality:
-            best_params, best_quality, best_step = trainable, quality, step_number
+            inner_state = _ids_to_slots(inherited, slots, id_of)
+        state = with_hyperparams(trainer, state, hparam_values, inner_state)
+
+        def validate_params(params: Any) -> float:
+            with timer.phase("eval"):
+                return accuracy(params)
+
+        keep = loop.KeepBest(steps_per_validation, validate_params)
+        progress = loop.run(
+            loop.Progress.start(trainer, state),
+            loop.single_steps(itertools.chain([first], batches)),
+            total_steps,
+            [keep],
+        )
+        best = jax.device_get(keep.best_params)
+        opt_state = jax.device_get(progress.state.opt_state.inner_state)
 
     return CandidateResult(
-        params={id_of[slot]: p for slot, p in jax.device_get(best_params).items()},
-        quality=best_quality,
-        best_step=best_step,
-        opt_state=jax.device_get(rekey_opt_state(opt_state, slot_of.values(), id_of)),
-        validations=tuple(validations),
-        train_losses=tuple(losses),
+        params={id_of[slot]: best[slot] for slot in id_of},
+        quality=keep.best_quality,
+        best_step=keep.best_step,
+        opt_state=_slots_to_ids(opt_state, slots, id_of),
+        validations=tuple(keep.validations),
+        train_losses=tuple(keep.train_losses),
         seconds=dict(timer.seconds),
     )
