@@ -1,31 +1,41 @@
-"""The root model the muNet system grows from: a small ViT pretrained on Fashion-MNIST.
+"""The root model the muNet system grows from: a small ViT, or a public pretrained one.
 
-The papers start from an ImageNet-21k ViT; no pretrained ViT ships in a package here
-(only data sets do), so `pretrain_root` trains one on `fashion_mnist_rgb32_v1`
-(32x32x3, the data set the evolved tasks leave out, `tasks.offline_image`) with a plain
-jitted AdamW loop (linear warmup, cosine decay), and writes it to a root directory:
+The papers start from an ImageNet-21k ViT. Offline (the default) no pretrained ViT ships
+in a package here (only data sets do), so `pretrain_root` trains one from scratch on
+`fashion_mnist_rgb32_v1` (32x32x3, the data set the evolved tasks leave out,
+`tasks.offline_image`). Given `init_checkpoint` (a big_vision `.npz`, e.g. ViT-Ti/16 or
+ViT-B/16 of ImageNet-21k), the root starts from those weights instead
+(`models.vit_checkpoints`: position embeddings resampled to the task's patch grid, a
+fresh zero head for its classes) and is fine-tuned for `steps` (0: used as is).
+
+Training runs through the trainer's loop (`training.loop.run` with a `Trainer`): AdamW,
+linear warmup, cosine decay; its actions log progress and save orbax checkpoints. A
+root directory holds:
 
     root_dir/root.npz         parameters keyed "slot/.../leaf" (`vit.component_slots`)
     root_dir/root.json        architecture (`architecture_of`), settings, accuracies, times
-    root_dir/checkpoint.npz   the latest training checkpoint (params, optimizer state,
-                              step, settings), for resuming a killed run
+    root_dir/checkpoints/     the latest training checkpoint (orbax: params, optimizer
+                              state, and the settings it belongs to), for resuming
 
-Every file is written atomically (a temporary name, fsync, then rename), root.json
-last: a root directory with a root.json holds a finished root. Batches are a pure
-function of (seed, step), so a resumed run ends with the same parameters, bit for bit,
-as one that was never interrupted. `ensure_root` reuses a finished root with the same
-settings; `seed_store` puts it into a store as the system's root path.
+root.npz and root.json are written atomically (a temporary name, fsync, then rename),
+root.json last: a root directory with a root.json holds a finished root. Batches are a
+pure function of (seed, step), so a resumed run ends with the same parameters, bit for
+bit, as one that was never interrupted. `ensure_root` reuses a finished root with the
+same settings; `seed_store` puts it into a store as the system's root path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import itertools
 import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -41,12 +51,16 @@ from evolution.search import batches
 from evolution.search.task_data import load_task_arrays
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK, architecture_of, config_of
-from models import vit
+from models import classifier, vit, vit_checkpoints
+from training import checkpoints as checkpoints_lib
+from training import loop, partitioning
+from training import trainer as trainer_lib
 
 logger = logging.getLogger("evogrow")
 
 DEFAULT_TASK = "fashion_mnist_rgb32_v1"
 FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
 _EVAL_BATCH = 250  # One shape for every split: one compiled forward.
 
 
@@ -71,6 +85,7 @@ class RootResult:
       root_dir: where it is stored.
       start_step: the step this call resumed from (0: from scratch).
       reused: `ensure_root` found it finished instead of training it.
+      init_checkpoint: the ViT checkpoint it started from (None: from scratch).
     """
 
     config: vit.ViTConfig
@@ -85,6 +100,7 @@ class RootResult:
     root_dir: str
     start_step: int = 0
     reused: bool = False
+    init_checkpoint: str | None = None
 
 
 def default_root_config(num_classes: int = 10) -> vit.ViTConfig:
@@ -169,12 +185,21 @@ def load_root(root_dir: str) -> tuple[vit.ViTConfig, dict[str, Any]]:
 # -- training -----------------------------------------------------------------------------
 
 
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     """Everything that determines the trained parameters (`pretrain_root`'s arguments).
 
     Validated on construction; a None config becomes `default_root_config` with the
-    task's class count.
+    task's class count, or with `init_checkpoint` the checkpoint's architecture fitted
+    to the task (its content's SHA-256 is recorded, so a changed file is a new root).
     """
 
     steps: int
@@ -186,18 +211,41 @@ class _Settings:
     config: vit.ViTConfig | None = None
     seed: int = 0
     max_train_examples: int | None = None
+    init_checkpoint: str | None = None
+    init_checkpoint_sha256: str | None = dataclasses.field(default=None, init=False)
 
     def __post_init__(self):
-        if min(self.steps, self.batch_size) < 1 or not 0 <= self.warmup_steps < self.steps:
+        fewest = 0 if self.init_checkpoint else 1
+        if (
+            self.steps < fewest
+            or self.batch_size < 1
+            or not (0 <= self.warmup_steps < self.steps or self.steps == 0 <= self.warmup_steps)
+        ):
             raise ValueError(
-                f"pretrain_root: steps ({self.steps}) and batch_size ({self.batch_size}) must "
-                f"be >= 1, warmup_steps={self.warmup_steps} in [0, steps)."
+                f"pretrain_root: steps ({self.steps}) must be >= {fewest} (0 only with an "
+                f"init_checkpoint), batch_size ({self.batch_size}) >= 1, "
+                f"warmup_steps={self.warmup_steps} in [0, steps)."
+            )
+        if self.init_checkpoint and self.config is not None:
+            raise ValueError(
+                "pretrain_root: give either config or init_checkpoint (the checkpoint's "
+                "architecture is the root's), not both."
             )
         if self.task not in tasks.registered_names():  # Fails when read, naming close ones.
             object.__setattr__(self, "config", self.config or default_root_config())
             return
         info = tasks.info(self.task)
-        config = self.config or default_root_config(num_classes=info.num_classes)
+        if self.init_checkpoint:
+            if info.image_shape is None:
+                raise ValueError(
+                    f"init_checkpoint is a ViT of images; task {self.task!r} has no images."
+                )
+            config, _ = vit_checkpoints.load_npz(
+                self.init_checkpoint, image_shape=info.image_shape, num_classes=info.num_classes
+            )
+            object.__setattr__(self, "init_checkpoint_sha256", _file_sha256(self.init_checkpoint))
+        else:
+            config = self.config or default_root_config(num_classes=info.num_classes)
         if (tuple(config.image_shape), config.num_classes) != (
             tuple(info.image_shape or config.image_shape),
             info.num_classes,
@@ -231,7 +279,7 @@ class _Settings:
                 0.0, self.learning_rate, self.warmup_steps, self.steps, end_value=0.0
             )
         else:
-            schedule = optax.cosine_decay_schedule(self.learning_rate, self.steps)
+            schedule = optax.cosine_decay_schedule(self.learning_rate, max(self.steps, 1))
         decay_mask = lambda params: jax.tree_util.tree_map(lambda x: np.ndim(x) >= 2, params)
         return optax.chain(
             optax.clip_by_global_norm(1.0),
@@ -251,81 +299,143 @@ def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-@functools.lru_cache(maxsize=4)
-def _init_fn(config: vit.ViTConfig) -> Any:
-    return jax.jit(vit.ViT(config).init)
+def _initial_params(run: _Settings) -> dict[str, Any] | None:
+    """The init checkpoint's parameters fitted to the task (None: start from scratch)."""
+    if not run.init_checkpoint:
+        return None
+    config, params = vit_checkpoints.load_npz(
+        run.init_checkpoint,
+        image_shape=run.vit_config.image_shape,
+        num_classes=run.vit_config.num_classes,
+    )
+    if config != run.vit_config or _file_sha256(run.init_checkpoint) != run.init_checkpoint_sha256:
+        raise ValueError(f"{run.init_checkpoint} changed while the root was being made.")
+    return params
 
 
-@functools.lru_cache(maxsize=4)
-def _train_step_fn(run: _Settings) -> Any:
-    """The jitted step (params, opt_state, images, labels, step) -> (params, opt_state, loss).
+def _trainer(run: _Settings) -> trainer_lib.Trainer:
+    """The root's trainer: one device (the root is small), dropout keys from the seed."""
+    model = classifier.ImageClassifierModel(vit.ViT(run.vit_config), optimizer_def=run.optimizer())
+    return trainer_lib.Trainer(
+        model,
+        partitioning.Partitioner(devices=jax.local_devices()[:1]),
+        {"image": (run.batch_size, *run.vit_config.image_shape), "label": (run.batch_size,)},
+        {"image": jnp.float32, "label": jnp.int32},
+        jax.random.key(run.seed),
+    )
 
-    Cached per settings, so a run resumed in the same process reuses the executable.
-    """
-    model, tx, seed = vit.ViT(run.vit_config), run.optimizer(), run.seed
-    train = run.vit_config.dropout_rate > 0
 
-    def loss_fn(params, images, labels, step):
-        rngs = {"dropout": jax.random.fold_in(jax.random.PRNGKey(seed), step)} if train else None
-        logits = model.apply({"params": params}, images, not train, rngs=rngs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _train_batches(
+    run: _Settings, images: np.ndarray, labels: np.ndarray, start: int
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """The loop's input from step `start` on: one batch per step, a function of (seed, step)."""
+    for step in itertools.count(start):
+        take = run.batch_indices(step, len(labels))
+        yield 1, {"image": images[take], "label": labels[take]}
 
-    def step_fn(params, opt_state, images, labels, step):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, step)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+def _open_checkpointer(root_dir: str, run: _Settings) -> checkpoints_lib.Checkpointer:
+    """The root's checkpoints; those of other settings are deleted (they cannot resume)."""
+    directory = os.path.join(root_dir, CHECKPOINT_DIR)
+    save_cfg = checkpoints_lib.SaveCheckpointConfig(period=0, keep=1, async_save=True)
+    checkpointer = checkpoints_lib.Checkpointer(directory, save_cfg)
+    latest = checkpointer.latest_step()
+    if latest is None or checkpointer.read_metadata(latest).get("settings") == run.to_json():
+        return checkpointer
+    logger.warning("root: %s holds a checkpoint of other settings; starting afresh.", directory)
+    checkpointer.close()
+    shutil.rmtree(directory)
+    return checkpoints_lib.Checkpointer(directory, save_cfg)
+
+
+def _start(
+    run: _Settings, trainer: trainer_lib.Trainer, checkpointer: checkpoints_lib.Checkpointer
+) -> tuple[trainer_lib.TrainState, int, float]:
+    """(state, start step, train seconds so far): the latest checkpoint's, else step 0."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        params = _initial_params(run)
+        if params is None:
+            return trainer.init_state(jax.random.key(run.seed)), 0, 0.0
+        return trainer.state_from_params(params), 0, 0.0
+    target = partitioning.with_shardings(trainer.abstract_state, trainer.state_shardings)
+    items, meta = checkpointer.restore(
+        {"params": target.params, "opt_state": target.opt_state}, latest
+    )
+    step = jax.device_put(np.int32(latest), trainer.state_shardings.step)
+    return trainer_lib.TrainState(step=step, **items), latest, float(meta["train_seconds"])
+
+
+class _Log:
+    """The loop's progress action: mean loss and accuracy of the window, steps/s, ETA."""
+
+    def __init__(self, every: int, total: int, start: int):
+        self.every, self.total = every, total
+        self._time, self._step = time.perf_counter(), start
+
+    def due(self, step: int) -> bool:
+        """Every `every` steps and at the last."""
+        return step % self.every == 0 or step == self.total
+
+    def __call__(self, progress: loop.Progress) -> None:
+        """Logs the window's metrics (waits for its steps, so the rate is real)."""
+        values = trainer_lib.compute_metrics(progress.metrics)
+        progress.metrics = progress.trainer.empty_metrics()
+        now = time.perf_counter()
+        rate = (progress.step - self._step) / max(now - self._time, 1e-9)
+        logger.info(
+            "root: step %d/%d loss %.4f, train accuracy %.4f, %.2f steps/s, ETA %.0f s",
+            *(progress.step, self.total, values["loss"], values["accuracy"], rate),
+            (self.total - progress.step) / rate,
+        )
+        self._time, self._step = now, progress.step
 
 
 def _train(
     run: _Settings, root_dir: str, checkpoint_every: int, log_every: int
 ) -> tuple[Any, int, float]:
     """Runs (or resumes) the training loop; returns (params, start step, train seconds)."""
+    if run.steps == 0:  # The init checkpoint as it is (the settings demand one).
+        params = _initial_params(run)
+        assert params is not None
+        return jax.device_get(params), 0, 0.0
     images, labels = load_task_arrays(run.task, "train", max_examples=run.max_train_examples)
     if len(labels) < run.batch_size:
         raise ValueError(f"{len(labels)} train examples < batch_size {run.batch_size}.")
-    sample = jnp.zeros((1, *run.vit_config.image_shape), jnp.float32)
-    params = nn.unbox(_init_fn(run.vit_config)(jax.random.PRNGKey(run.seed), sample)["params"])
-    opt_state = run.optimizer().init(params)
-    fingerprint = json.dumps(run.to_json(), sort_keys=True)
-    start_step, train_seconds = 0, 0.0
-    restored = root_files.restore_checkpoint(root_dir, fingerprint, (params, opt_state))
-    if restored is not None:
-        start_step, (params, opt_state), train_seconds = restored
-        logger.info("root: resuming %s at step %d/%d", root_dir, start_step, run.steps)
-    logger.info(
-        "root: pretraining a %d-parameter ViT on %s (%d examples), %d steps of %d",
-        system.num_params_of(jax.device_get(params)),
-        run.task,
-        len(labels),
-        run.steps,
-        run.batch_size,
-    )
-    step_fn = _train_step_fn(run)
-    params, opt_state = jax.device_put((params, opt_state))
-    loop_start = window_start = time.perf_counter()
-    window_step = start_step
-    for step in range(start_step, run.steps):
-        take = run.batch_indices(step, len(labels))
-        params, opt_state, loss = step_fn(
-            params, opt_state, images[take], labels[take], np.int32(step)
+    trainer = _trainer(run)
+    checkpointer = _open_checkpointer(root_dir, run)
+    try:
+        state, start_step, train_seconds = _start(run, trainer, checkpointer)
+        if start_step:
+            logger.info("root: resuming %s at step %d/%d", root_dir, start_step, run.steps)
+        logger.info(
+            "root: training a %d-parameter ViT (%s) on %s (%d examples), %d steps of %d",
+            system.num_params_of(trainer.abstract_state.params),
+            f"from {run.init_checkpoint}" if run.init_checkpoint else "from scratch",
+            *(run.task, len(labels), run.steps, run.batch_size),
         )
-        done = step + 1
-        if done % log_every == 0 or done == run.steps:
-            loss_value = float(loss)  # Waits for the step, so the rate is real.
-            now = time.perf_counter()
-            rate = (done - window_step) / max(now - window_start, 1e-9)
-            logger.info(
-                "root: step %d/%d loss %.4f, %.2f steps/s, ETA %.0f s",
-                *(done, run.steps, loss_value, rate, (run.steps - done) / rate),
-            )
-            window_start, window_step = now, done
-        if done % checkpoint_every == 0 or done == run.steps:
+        metadata = {
+            "settings": run.to_json(),
+            "architecture": checkpoints_lib.architecture_metadata(trainer.model),
+        }
+        loop_start = time.perf_counter()
+
+        def save(progress: loop.Progress) -> None:
             seconds = train_seconds + time.perf_counter() - loop_start
-            root_files.save_checkpoint(root_dir, done, (params, opt_state), seconds, fingerprint)
-    train_seconds += time.perf_counter() - loop_start
-    return jax.device_get(params), start_step, train_seconds
+            checkpointer.save(progress.step, progress.state, {**metadata, "train_seconds": seconds})
+
+        actions: list[loop.Action] = [
+            _Log(log_every, run.steps, start_step),
+            loop.When(lambda s: s % checkpoint_every == 0 or s == run.steps, save),
+        ]
+        progress = loop.Progress(trainer, state, trainer.empty_metrics(), start_step)
+        batch_stream = _train_batches(run, images, labels, start_step)
+        progress = loop.run(progress, batch_stream, run.steps, actions)
+        params = jax.device_get(progress.state.params)
+        train_seconds += time.perf_counter() - loop_start
+    finally:
+        checkpointer.close()  # Waits for the last save.
+    return params, start_step, train_seconds
 
 
 @functools.lru_cache(maxsize=8)
@@ -372,6 +482,7 @@ def _result(
         root_dir=root_dir,
         start_step=int(info["steps"]) if reused else int(info["resumed_from_step"]),
         reused=reused,
+        init_checkpoint=info.get("init_checkpoint"),
     )
 
 
@@ -389,35 +500,43 @@ def pretrain_root(
     checkpoint_every: int = 500,
     log_every: int = 100,
     max_train_examples: int | None = None,
+    init_checkpoint: str | None = None,
 ) -> RootResult:
     """Pretrains the root ViT on a seqio image task and writes it to `root_dir`.
 
-    Resumes from `root_dir/checkpoint.npz` when it holds a checkpoint of the same
-    settings (a killed run continues; its final parameters equal an
-    uninterrupted run's). Logs loss, steps/s and ETA every `log_every` steps to the
-    "evogrow" logger; at the end evaluates validation and test accuracy and writes
-    root.npz and root.json (see the module docstring). The launcher's entry point
-    (gin/runs/pretrain_root.gin binds every argument).
+    Starts from scratch, or from the weights of `init_checkpoint`. Resumes from the
+    orbax checkpoint in `root_dir/checkpoints` when it holds one of the same settings (a
+    killed run continues; its final parameters equal an uninterrupted run's). Logs
+    loss, steps/s and ETA every `log_every` steps to the "evogrow" logger; at the end
+    evaluates validation and test accuracy and writes root.npz and root.json (see the
+    module docstring). The launcher's entry point (gin/runs/pretrain_root.gin binds
+    every argument).
 
     Args:
       root_dir: the root directory (created if missing).
       task: the registered image task to pretrain on.
-      config: the ViT; None: `default_root_config` with the task's class count.
-      steps: training steps.
+      config: the ViT; None: `default_root_config` with the task's class count (or,
+        with `init_checkpoint`, the checkpoint's architecture: give only one of both).
+      steps: training steps (0 only with `init_checkpoint`: its weights as they are).
       batch_size: examples per step.
       learning_rate: peak AdamW learning rate.
-      warmup_steps: linear warmup steps (< steps).
+      warmup_steps: linear warmup steps (< steps; ignored when steps is 0).
       weight_decay: AdamW weight decay (on matrices).
       seed: initialisation and batch-order (and dropout) seed.
       checkpoint_every: steps between checkpoints (the last step is always saved).
       log_every: steps between progress lines.
       max_train_examples: train on the first this many examples only (None: all).
+      init_checkpoint: a big_vision / AugReg ViT `.npz` to start from (position
+        embeddings resampled to the task's patch grid, a fresh zero head for its
+        classes; `models.vit_checkpoints`); None: from scratch.
 
     Returns:
       The finished root.
 
     Raises:
       ValueError: invalid settings, or a config that does not fit the task.
+      models.vit_checkpoints.CheckpointError: `init_checkpoint` is unreadable or not a
+        ViT in big_vision's layout (a ValueError).
       training.data.UnknownTaskError, tasks.MissingDataError: as `load_task_arrays`.
     """
     start = time.perf_counter()
@@ -433,6 +552,7 @@ def pretrain_root(
         config=config,
         seed=seed,
         max_train_examples=max_train_examples,
+        init_checkpoint=init_checkpoint,
     )
     os.makedirs(root_dir, exist_ok=True)
     params, start_step, train_seconds = _train(run, root_dir, checkpoint_every, log_every)
@@ -471,8 +591,9 @@ def ensure_root(*, root_dir: str, **pretrain_kwargs: Any) -> RootResult:
     """Reuses the finished root in `root_dir` when its settings match, else pretrains it.
 
     The settings compared are everything that determines the parameters: task,
-    architecture, steps, batch size, learning rate, warmup, weight decay, seed and the
-    train-example limit (not `checkpoint_every` / `log_every`).
+    architecture, steps, batch size, learning rate, warmup, weight decay, seed, the
+    train-example limit and the init checkpoint (its path and content), not
+    `checkpoint_every` / `log_every`.
 
     Args:
       root_dir: the root directory.
