@@ -356,8 +356,9 @@ class SystemState:
         the tasks holding a lock on c plus the path's own task (a path that is not yet
         published counts as one more user of what it shares). With muNet's accounting
         the root's lock is not a user, so a root component used by one task is paid in
-        full by it (the root path itself still pays for its own components); with
-        mu2Net+'s the root counts as a user like any task.
+        full by it (the root path's own components are split among the tasks using
+        them, and paid in full by the root when none does); with mu2Net+'s the root
+        counts as a user like any task.
 
         Args:
           path: the path (published or a candidate).
@@ -380,7 +381,7 @@ class SystemState:
             component = self.components.get(component_id)
             if component is None:
                 raise KeyError(f"Path {path.id!r} references unknown component {component_id!r}.")
-            users = (self.locks_of(component_id) - not_users) | {path.task}
+            users = (self.locks_of(component_id) | {path.task}) - not_users or {path.task}
             total += component.num_params / len(users)
         return total
 
