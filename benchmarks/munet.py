@@ -112,7 +112,10 @@ def main(argv: list[str]) -> int:
         for name in names:
             path = state.best_path(name)
             assert path is not None
-            evolved[name] = (outcome.test_accuracy[name], state.accounted_params(path))
+            evolved[name] = (
+                outcome.test_accuracy[name],
+                state.accounted_params(path, accounting="munet"),
+            )
         baseline_tasks = {}
         for name in names:
             images, labels = task_data.load_task_arrays(name, "test")

@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
             path = state.best_path(name)
             assert path is not None
             accuracy = _test_accuracy(store, name, *test[name])
-            evolved[name] = (accuracy, state.accounted_params(path))
+            evolved[name] = (accuracy, state.accounted_params(path, accounting="munet"))
         baseline_start = time.perf_counter()
         baseline_results = baselines.run_baselines(
             store=store,

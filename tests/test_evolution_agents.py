@@ -155,7 +155,10 @@ reader = sqlite_store.SqliteStore(store_dir)
 def on_publish(result):
     logits = inference.predict(reader, task, test_x)
     best = reader.load_state().best_path(task)
-    np.save(os.path.join(out_dir, f"{name}-{len(published)}.npy"), logits)
+    # Numbered across restarts (the records file is appended by every process).
+    records = os.path.join(out_dir, f"{name}.jsonl")
+    index = sum(1 for _ in open(records)) if os.path.exists(records) else 0
+    np.save(os.path.join(out_dir, f"{name}-{index}.npy"), logits)
     record = {"path": result.path.id, "best": best.id, "new": result.new_path,
               "components": [list(c) for c in result.path.components],
               "reused": list(result.reused_components), "wall": result.wall_seconds}
@@ -413,6 +416,10 @@ def test_killed_agent_restarts_and_its_private_state_stays_private(tmp_path, war
         np.testing.assert_array_equal(
             _path_logits(reader, first_path, DATA[task]["test_x"]),
             _recorded_logits(tmp_path, name, 0),
+        )
+        np.testing.assert_array_equal(
+            _path_logits(reader, state.paths[records[1]["best"]], DATA[task]["test_x"]),
+            _recorded_logits(tmp_path, name, 1),
         )
         assert set(os.listdir(os.path.join(store_dir, "params"))) == set(state.components)
 

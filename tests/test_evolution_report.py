@@ -261,6 +261,10 @@ def test_table_rows_and_markdown():
         assert row["path"] == best.id
         assert row["accounted_params"] == STATE.accounted_params(best)
         assert row["params_over_root"] == pytest.approx(row["accounted_params"] / root_params)
+        assert row["accounted_params_munet"] == STATE.accounted_params(best, system.MUNET)
+        assert row["params_over_root_munet"] == pytest.approx(
+            row["accounted_params_munet"] / root_params
+        )
     assert (by_task["task_a"]["owned"], by_task["task_a"]["shared"]) == (4, 4)
     assert (by_task["task_b"]["owned"], by_task["task_b"]["shared"]) == (4, 4)
     assert (by_task["task_c"]["owned"], by_task["task_c"]["shared"]) == (2, 5)
@@ -275,9 +279,13 @@ def test_table_rows_and_markdown():
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:3] == ["task_a", "pa", "3"]
     assert cells[3:6] == ["0.9200", "0.9100", "0.9300"]
-    assert cells[6] == f"{STATE.accounted_params(STATE.paths['pa']):,.0f}"
-    assert cells[8] == "4 / 4"
-    assert cells[9] == "hp:lr, add:adapter_1, clone:block_1"
+    pa = STATE.paths["pa"]
+    assert cells[6] == f"{STATE.accounted_params(pa, system.MUNET):,.0f}"
+    assert cells[8] == f"{STATE.accounted_params(pa, system.MU2NET_PLUS):,.0f}"
+    # muNet's accounting is the stricter: the root's lock is no user of what it shares.
+    assert STATE.accounted_params(pa, system.MUNET) > STATE.accounted_params(pa)
+    assert cells[10] == "4 / 4"
+    assert cells[11] == "hp:lr, add:adapter_1, clone:block_1"
     assert len([ln for ln in lines if ln.startswith("| task_")]) == 3
     live = {cid for p in system_picture.drawn_paths(STATE) for cid in p.component_ids}
     total = sum(STATE.components[c].num_params for c in live)

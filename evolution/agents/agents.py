@@ -333,7 +333,12 @@ def _baseline_cycle(
     would_be = system.SystemState(components, paths, state.tasks, state.root_path_id)
     # One scorer serves both systems: they share the root.
     scorer = iteration.Scorer.of_system(
-        state, store.load_params, scale=settings.scale, flops_scale=settings.flops_scale
+        state,
+        store.load_params,
+        scale=settings.scale,
+        flops_scale=settings.flops_scale,
+        flops_term=settings.flops_term,
+        accounting=settings.accounting,
     )
     new = _scored(
         new, would_be, lambda c: params[c] if c in params else store.load_params(c), scorer

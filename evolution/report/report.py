@@ -1,6 +1,7 @@
 """Seeing the evolved system: a table, plots, TensorBoard scalars and progress lines.
 
-`system_table` summarises every task's best path (quality, accounted parameters, what it
+`system_table` summarises every task's best path (quality, accounted parameters under
+muNet's and mu2Net+'s accounting, what it
 owns and shares, the mutations that made it); `plot_accuracy_vs_params` compares the
 evolved system with baselines (finetune, freeze, adapters); `write_tensorboard` logs
 per-task and system scalars; `format_progress` is the search's progress line. The
@@ -66,8 +67,10 @@ def task_rows(
 
     Returns:
       Dicts with "task", "path" (id or None without an active path), "generation",
-      "quality", "test_accuracy", "accounted_params" (`state.accounted_params`),
-      "params_over_root", "owned" (components the task created), "shared" (created by
+      "quality", "test_accuracy", "accounted_params" and "params_over_root" (mu2Net+'s
+      accounting, `state.accounted_params`: the root counts as a user),
+      "accounted_params_munet" and "params_over_root_munet" (muNet's: the root's lock is
+      no user), "owned" (components the task created), "shared" (created by
       another task or the root), "applied" (mutations, `path.metrics["applied"]`) and
       "baselines" ({method: accuracy or None}).
     """
@@ -83,6 +86,8 @@ def task_rows(
             "test_accuracy": None if test_accuracy is None else test_accuracy.get(task),
             "accounted_params": None,
             "params_over_root": None,
+            "accounted_params_munet": None,
+            "params_over_root_munet": None,
             "owned": None,
             "shared": None,
             "applied": [],
@@ -91,13 +96,16 @@ def task_rows(
         if best is not None:
             ids = list(dict.fromkeys(best.component_ids))
             owned = sum(state.components[cid].task == task for cid in ids)
-            accounted = state.accounted_params(best)
+            accounted = state.accounted_params(best, system.MU2NET_PLUS)
+            accounted_munet = state.accounted_params(best, system.MUNET)
             row.update(
                 path=best.id,
                 generation=best.generation,
                 quality=best.quality,
                 accounted_params=accounted,
                 params_over_root=None if not root_params else accounted / root_params,
+                accounted_params_munet=accounted_munet,
+                params_over_root_munet=None if not root_params else accounted_munet / root_params,
                 owned=owned,
                 shared=len(ids) - owned,
                 applied=list(best.metrics.get("applied") or []),
@@ -159,7 +167,8 @@ def system_table(
     header = ["task", "best path", "generation", "validation quality"]
     header += ["test accuracy"] if test_accuracy is not None else []
     header += [f"{method} accuracy" for method in methods]
-    header += ["accounted params", "x root", "owned / shared", "mutations"]
+    header += ["params (muNet)", "x root (muNet)", "params (mu2Net+)", "x root (mu2Net+)"]
+    header += ["owned / shared", "mutations"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [_cell(row["task"]), _cell(row["path"]), _cell(row["generation"])]
@@ -167,6 +176,8 @@ def system_table(
         if test_accuracy is not None:
             cells.append(_cell(row["test_accuracy"], ".4f"))
         cells += [_cell(row["baselines"][method], ".4f") for method in methods]
+        cells.append(_cell(row["accounted_params_munet"], ",.0f"))
+        cells.append(_cell(row["params_over_root_munet"], ".3f"))
         cells.append(_cell(row["accounted_params"], ",.0f"))
         cells.append(_cell(row["params_over_root"], ".3f"))
         owned = "-" if row["owned"] is None else f"{row['owned']} / {row['shared']}"
@@ -270,7 +281,8 @@ def tensorboard_scalars(
       test_accuracy: task -> test accuracy of its best path (optional).
 
     Returns:
-      "<metric>/<task>" for quality, score, accounted_params, params_over_root and
+      "<metric>/<task>" for quality, score, accounted_params and params_over_root
+      (mu2Net+'s accounting, and the same with "_munet" for muNet's), and
       test_accuracy (when known) of each task's best path, and "system/<total>" for
       the `system_totals`.
     """
@@ -283,6 +295,8 @@ def tensorboard_scalars(
             "score": None if best is None else best.score,
             "accounted_params": row["accounted_params"],
             "params_over_root": row["params_over_root"],
+            "accounted_params_munet": row["accounted_params_munet"],
+            "params_over_root_munet": row["params_over_root_munet"],
             "test_accuracy": row["test_accuracy"],
         }
         for name, value in values.items():

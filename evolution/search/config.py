@@ -12,6 +12,7 @@ from typing import Any
 
 from evolution.search import hparams, mutations
 from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.system import state as system
 
 # Where a generation's candidates train (`SearchConfig.executor`).
 EXECUTORS = ("threads", "ray")
@@ -37,11 +38,27 @@ class SearchConfig:
         the space's default (0.1, the notebooks'). Children inherit their parent's mu,
         which mu2Net+ then tunes; with a few candidates per task it cannot climb far, so
         a short search may start higher.
-      inherit_opt_state: mu2Net+: a child clone starts from its parent's optimizer
-        state when the parent was trained in this iteration.
-      flops_scale: mu2Net+'s compute factor of the score, paid per root-model's worth
-        of FLOPs per example (XLA cost analysis, `flops.path_flops`); 1.0 leaves it out.
+      inherit_opt_state: mu2Net+: the optimizer state (momentum) travels with the
+        components: a published component is stored with its slice of the state it was
+        trained with, and a child's clone starts from its source's state, held in
+        memory for parents trained in this iteration, read from the store otherwise
+        (other iterations, other agents).
+      flops_scale: a compute factor of the score of its own, paid per root-model's
+        worth of FLOPs per example (XLA cost analysis, `flops.path_flops`); 1.0 leaves
+        it out unless `flops_term`.
+      flops_term: mu2Net+'s compute term: the score is further multiplied by
+        scale ** (flops / F), the same factor s as for parameters (F: the root path's
+        FLOPs per example). Exclusive with a `flops_scale` below 1.
       population_cap: mu2Net+'s per-task population cap (None: unbounded).
+      accounting: how shared parameters are paid for in the score
+        (`system.state.MUNET`: the root's lock is no user; `MU2NET_PLUS`: the root
+        counts as a user).
+      seed_sweep: muNet: each task iteration first trains one unmutated clone of every
+        seed (the root and other tasks' best paths, in that order), then selects
+        parents by decaying probability; the data hyperparameters of a generation that
+        holds sweep candidates are the best path's, unmutated.
+      private_tasks: muNet's private tasks: their paths are never seeds (nor parents)
+        of another task's candidates; they may still start from other tasks' paths.
       devices: how many local devices a generation's candidates train on at once
         (None: all; `placement.search_devices`).
       executor: where a generation's candidates train: "threads" (this process's
@@ -64,7 +81,11 @@ class SearchConfig:
     mu: float | None = None
     inherit_opt_state: bool = True
     flops_scale: float = 1.0
+    flops_term: bool = False
     population_cap: int | None = None
+    accounting: str = system.MU2NET_PLUS
+    seed_sweep: bool = False
+    private_tasks: tuple[str, ...] = ()
     devices: int | None = None
     executor: str = "threads"
     ray_address: str | None = None
@@ -87,6 +108,16 @@ class SearchConfig:
                 f"SearchConfig.mu={self.mu} is not on the grid of mutation rates "
                 f"{list(hparams.MU_GRID)}."
             )
+        if self.flops_term and self.flops_scale < 1.0:
+            raise ValueError(
+                "SearchConfig.flops_term uses the scale for FLOPs; leave flops_scale at 1.0."
+            )
+        if self.accounting not in system.ACCOUNTINGS:
+            raise ValueError(
+                f"SearchConfig.accounting={self.accounting!r} is unknown; use one of "
+                f"{system.ACCOUNTINGS}."
+            )
+        object.__setattr__(self, "private_tasks", tuple(str(t) for t in self.private_tasks))
         if self.population_cap is not None and self.population_cap < 1:
             raise ValueError(f"SearchConfig.population_cap={self.population_cap} must be >= 1.")
         if self.executor not in EXECUTORS:

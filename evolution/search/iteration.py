@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import candidate, hparams, mutations, placement, scoring, selection
+from evolution.search import (
+    candidate,
+    hparams,
+    mutations,
+    opt_states,
+    placement,
+    scoring,
+    selection,
+)
 from evolution.search import flops as flops_lib
 from evolution.search.batches import Batch
 from evolution.search.config import SearchConfig
@@ -41,6 +49,7 @@ logger = logging.getLogger("evogrow")
 # Data hyperparameters that `batches.array_train_batches` implements; the default search
 # space pins the others (random crop, mixup) to their no-op value.
 _FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
+_REMOVE_PREFIX = mutations.REMOVE_LAYERS.split(":", 1)[0] + ":"
 
 
 def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
@@ -78,12 +87,14 @@ class Scorer:
       root_flops: F, the root path's FLOPs per example (None when `flops_scale` is 1).
       scale: s of the score.
       flops_scale: the compute factor (1.0 leaves FLOPs out).
+      accounting: how shared parameters are paid for (`system.ACCOUNTINGS`).
     """
 
     root_params: int
     root_flops: float | None
     scale: float
     flops_scale: float
+    accounting: str = system.MU2NET_PLUS
 
     @classmethod
     def of_system(
@@ -93,6 +104,8 @@ class Scorer:
         *,
         scale: float,
         flops_scale: float,
+        flops_term: bool = False,
+        accounting: str = system.MU2NET_PLUS,
     ) -> Scorer:
         """The scorer of a system with a root path.
 
@@ -101,15 +114,20 @@ class Scorer:
           params_of: component id -> parameters (for the root's FLOPs).
           scale: s of the score.
           flops_scale: the compute factor.
+          flops_term: mu2Net+'s compute term: FLOPs pay the same factor `scale` as
+            parameters (`flops_scale` must then be 1).
+          accounting: how shared parameters are paid for.
 
         Returns:
           The scorer.
         """
+        if flops_term:
+            flops_scale = scale
         root_flops = None
         if flops_scale < 1.0:
             root = state.paths[str(state.root_path_id)]
             root_flops = flops_lib.path_flops(model_config_of(root), root.components, params_of)
-        return cls(state.root_params(), root_flops, scale, flops_scale)
+        return cls(state.root_params(), root_flops, scale, flops_scale, accounting)
 
     def of_values(self, quality: float, accounted: float, flops: float | None) -> float:
         """The score of a quality at `accounted` parameters and `flops` FLOPs per example."""
@@ -137,7 +155,7 @@ class Scorer:
         flops = path.metrics.get("flops") if path.metrics else None
         if flops is None and self.flops_scale < 1.0:
             flops = flops_lib.path_flops(model_config_of(path), path.components, params_of)
-        return self.of_values(quality, state.accounted_params(path), flops)
+        return self.of_values(quality, state.accounted_params(path, self.accounting), flops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +272,31 @@ def check_space(space: hparams.HParamSpace, config: families.ModelConfig) -> Non
             raise ValueError(f"The space lacks the optimizer hyperparameter {name!r}.")
 
 
+def unmutated_options(options: mutations.MutationOptions) -> mutations.MutationOptions:
+    """The options of an unmutated clone (muNet's seed sweep): no mutation can fire.
+
+    Every hyperparameter, depth, adapter and clone decision gets probability 0, so the
+    child keeps its parent's hyperparameters and architecture and references the
+    parent's components (what is trainable for the task, and the final norm, is still
+    cloned; a head of another task is still re-initialised).
+
+    Args:
+      options: the method's options.
+
+    Returns:
+      The options with every decision's probability fixed to 0.
+    """
+    fixed = dict.fromkeys(options.fixed_probabilities, 0.0)
+    for prefix in (
+        hparams.HPARAM_PREFIX,
+        mutations.ADD_PREFIX,
+        mutations.CLONE_PREFIX,
+        _REMOVE_PREFIX,
+    ):
+        fixed[prefix + "*"] = 0.0
+    return dataclasses.replace(options, fixed_probabilities=fixed)
+
+
 class TaskIteration:
     """One task iteration's view of the system and what it has trained so far.
 
@@ -295,7 +338,12 @@ class TaskIteration:
         self._new_params: dict[str, Any] = {}
         self._new_records: dict[str, system.Component] = {}
         self.scorer = Scorer.of_system(
-            state, store.load_params, scale=settings.scale, flops_scale=settings.flops_scale
+            state,
+            store.load_params,
+            scale=settings.scale,
+            flops_scale=settings.flops_scale,
+            flops_term=settings.flops_term,
+            accounting=settings.accounting,
         )
         # The task's own paths, re-scored with today's sharing.
         published = []
@@ -311,7 +359,11 @@ class TaskIteration:
         )
         entropy = [int(settings.seed), zlib.crc32(task.encode()), int(self.base_generation)]
         self._rng = np.random.default_rng(np.random.SeedSequence(entropy))
-        self._seeds = [p.id for p in state.seed_paths(task)]
+        self._seeds = [p.id for p in state.seed_paths(task, settings.private_tasks)]
+        # muNet's seed sweep: the iteration's first candidates are unmutated clones of
+        # every seed, in order; PPDecay selection takes over when it is done.
+        self._sweep = list(self._seeds) if settings.seed_sweep else []
+        self._stored_slices: dict[str, Any] = {}
         # The system the current generation was planned in (its children are judged in it).
         self._generation_state = self.working_state()
 
@@ -390,6 +442,9 @@ class TaskIteration:
 
         The data hyperparameters are mutated once from the best path's; each child's
         parent is selected from the population (0.5 ** offspring), the seeds as fallback.
+        With `seed_sweep`, the iteration's first children are unmutated clones of the
+        seeds (one each, in order), and a generation holding any of them keeps the best
+        path's data hyperparameters unmutated (as muNet's sampling does while it sweeps).
 
         Args:
           generation: the children's generation number.
@@ -400,14 +455,22 @@ class TaskIteration:
         space, population, rng = self.space, self.population, self._rng
         ranked = population.ranked()
         best_hparams = hparams.HParams.from_json(ranked[0].hparams) if ranked else space.defaults()
-        data_indices, _ = hparams.generation_data_indices(best_hparams, rng, space=space)
+        data_mu = 0.0 if self._sweep else None
+        data_indices, _ = hparams.generation_data_indices(
+            best_hparams, rng, space=space, mu=data_mu
+        )
         data_values = {name: space[name].values[i] for name, i in data_indices.items()}
         work = self._generation_state = self.working_state()
         planned: list[Planned] = []
         for _ in range(self.settings.candidates_per_generation):
-            parent_id = selection.select_parent(
-                [p.id for p in ranked], population.offspring, self._seeds, rng
-            )
+            options = self._options
+            if self._sweep:
+                parent_id = self._sweep.pop(0)
+                options = unmutated_options(options)
+            else:
+                parent_id = selection.select_parent(
+                    [p.id for p in ranked], population.offspring, self._seeds, rng
+                )
             parent = population.paths.get(parent_id) or self.state.paths[parent_id]
             if parent_id in population.paths:
                 population.offspring[parent_id] = population.offspring.get(parent_id, 0) + 1
@@ -418,7 +481,7 @@ class TaskIteration:
                 agent=self.agent,
                 rng=rng,
                 space=space,
-                options=self._options,
+                options=options,
                 data_indices=data_indices,
                 generation=generation,
             )
@@ -428,16 +491,16 @@ class TaskIteration:
                 plan, pool, model_config_of(parent), num_classes=self.task_classes
             )
             pool.update(created)
-            inherited: Any = None
-            parent_trainable: tuple[str, ...] = ()
-            if self.settings.inherit_opt_state and parent_id in population.opt_states:
-                inherited, parent_trainable = population.opt_states[parent_id]
+            hparam_values = space.values(plan.hparams)
+            inherited, parent_trainable = self._inherited_opt_state(
+                parent_id, plan.clones, hparam_values
+            )
             job = placement.CandidateJob(
                 config=child_config,
                 components=plan.path.components,
                 pool=pool,
                 trainable_ids=tuple(plan.trainable_ids),
-                hparam_values=space.values(plan.hparams),
+                hparam_values=hparam_values,
                 data_values=data_values,
                 data_seed=data_seed,
                 parent_opt_state=inherited,
@@ -446,6 +509,35 @@ class TaskIteration:
             )
             planned.append(Planned(parent, plan, job))
         return planned
+
+    def _inherited_opt_state(
+        self, parent_id: str, clones: Mapping[str, str], hparam_values: Mapping[str, Any]
+    ) -> tuple[Any, tuple[str, ...]]:
+        """The optimizer state a child inherits (mu2Net+), and the ids it is keyed by.
+
+        A parent trained in this iteration hands over its state from memory; otherwise
+        the cloned components' stored slices are read from the store (other iterations
+        and other agents published them).
+        """
+        if not self.settings.inherit_opt_state or not clones:
+            return None, ()
+        if parent_id in self.population.opt_states:
+            return self.population.opt_states[parent_id]
+        slices = {}
+        for source in dict.fromkeys(clones.values()):
+            if source in self.state.components:
+                if source not in self._stored_slices:
+                    self._stored_slices[source] = self.store.load_opt_state(source)
+                if self._stored_slices[source] is not None:
+                    slices[source] = self._stored_slices[source]
+        settings = self.settings
+        return opt_states.parent_state(
+            slices,
+            self.params_of,
+            hparam_values,
+            total_steps=settings.num_validations * settings.steps_per_validation,
+            cycle_steps=settings.steps_per_validation,
+        )
 
     def judge(
         self,
@@ -479,7 +571,7 @@ class TaskIteration:
             work.tasks,
             work.root_path_id,
         )
-        accounted = would_be.accounted_params(child)
+        accounted = would_be.accounted_params(child, self.settings.accounting)
         flops = flops_lib.path_flops(item.job.config, child.components, item.job.pool.__getitem__)
         child_score = self.scorer.of_values(quality, accounted, flops)
         accepted = scoring.accept(child_score, parent.score, parent.task == self.task)
@@ -543,8 +635,16 @@ class TaskIteration:
         offspring = self.population.offspring.get(ranked[0].id, 0)
         best = dataclasses.replace(ranked[0], offspring=offspring)
         fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
+        trained = (
+            self.population.opt_states.get(best.id) if self.settings.inherit_opt_state else None
+        )
         for component_id in fresh_ids:
-            store.put_component(self._new_records[component_id], self._new_params[component_id])
+            opt_slice = None
+            if trained is not None:
+                opt_slice = opt_states.component_slice(trained[0], trained[1], component_id)
+            store.put_component(
+                self._new_records[component_id], self._new_params[component_id], opt_slice
+            )
         published_ids = self._published_ids
         retire = sorted(
             pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent

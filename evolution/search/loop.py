@@ -26,9 +26,12 @@ One call of `evolve_task` is one *task iteration* of the muNet family
 A generation's candidates are planned first and then trained together
 (`evolution.search.placement`): one per local device at a time (`SearchConfig.devices`), or each
 as a Ray task (`SearchConfig.executor="ray"`, `evolution.search.ray_executor`), with the same
-results either way. mu2Net+ optimizer-state inheritance applies to parents trained in the
-same iteration (their state is held in memory); a parent read from the store starts its
-child's optimizer afresh. FLOPs for the score's compute term come from `evolution.search.flops`.
+results either way. mu2Net+ optimizer-state inheritance: a parent trained in the same
+iteration hands its state over from memory; a published component is stored with its slice
+of the state (`evolution.search.opt_states`), which a later clone of it reads back. FLOPs for
+the score's compute term come from `evolution.search.flops`. muNet's seed sweep
+(`SearchConfig.seed_sweep`) makes an iteration's first candidates unmutated clones of every
+seed; private tasks (`SearchConfig.private_tasks`) are never seeds of another task.
 
 The root model is stored by `seeding.seed_root`; `evolve_round_robin` iterates tasks in turn
 (`selection.next_task`), a task joining the rotation when it first appears (dynamic task
@@ -208,7 +211,7 @@ def evolve_task(
         best_path=published_best,
         quality=float(published_best.quality or 0.0),
         score=float(published_best.score or 0.0),
-        accounted_params=final_state.accounted_params(published_best),
+        accounted_params=final_state.accounted_params(published_best, search_config.accounting),
         root_params=it.scorer.root_params,
         candidates=tuple(records),
         published_components=tuple(fresh_ids),

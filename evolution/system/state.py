@@ -20,7 +20,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,13 @@ import numpy as np
 ACTIVE = "active"
 RETIRED = "retired"
 PATH_STATUSES = (ACTIVE, RETIRED)
+
+# How shared parameters are paid for (`SystemState.accounted_params`). muNet's: the
+# root's lock is no user (a root component used by one task is paid in full by it);
+# mu2Net+'s: the root agent counts as one more user.
+MUNET = "munet"
+MU2NET_PLUS = "mu2net_plus"
+ACCOUNTINGS = (MUNET, MU2NET_PLUS)
 
 # Ids name parameter folders on disk: a leading letter or digit keeps them apart from
 # the store's hidden temporary folders, and no '/' keeps them one path segment.
@@ -342,27 +349,39 @@ class SystemState:
             raise KeyError(f"Unknown component {component_id!r}.")
         return not (self.locks_of(component_id) - {task})
 
-    def accounted_params(self, path: Path) -> float:
+    def accounted_params(self, path: Path, accounting: str = MU2NET_PLUS) -> float:
         """The parameters a path pays for: shared components are split among their users.
 
-        Sum over the path's components c of num_params(c) / |locks(c) U {task}|; a
-        path that is not (yet) published counts as one more user of what it shares.
+        Sum over the path's components c of num_params(c) / |users(c)|, the users being
+        the tasks holding a lock on c plus the path's own task (a path that is not yet
+        published counts as one more user of what it shares). With muNet's accounting
+        the root's lock is not a user, so a root component used by one task is paid in
+        full by it (the root path's own components are split among the tasks using
+        them, and paid in full by the root when none does); with mu2Net+'s the root
+        counts as a user like any task.
 
         Args:
           path: the path (published or a candidate).
+          accounting: `MUNET` or `MU2NET_PLUS`.
 
         Returns:
           The accounted parameter count.
 
         Raises:
           KeyError: the path references an unknown component.
+          ValueError: an unknown accounting.
         """
+        if accounting not in ACCOUNTINGS:
+            raise ValueError(f"accounting={accounting!r} is unknown; use one of {ACCOUNTINGS}.")
+        not_users: frozenset[str] = frozenset()
+        if accounting == MUNET and self.root_path_id is not None:
+            not_users = frozenset({self.paths[self.root_path_id].task})
         total = 0.0
         for component_id in dict.fromkeys(path.component_ids):
             component = self.components.get(component_id)
             if component is None:
                 raise KeyError(f"Path {path.id!r} references unknown component {component_id!r}.")
-            users = self.locks_of(component_id) | {path.task}
+            users = (self.locks_of(component_id) | {path.task}) - not_users or {path.task}
             total += component.num_params / len(users)
         return total
 
@@ -382,11 +401,13 @@ class SystemState:
         root = self.paths[self.root_path_id]
         return sum(self.components[cid].num_params for cid in dict.fromkeys(root.component_ids))
 
-    def seed_paths(self, task: str) -> list[Path]:
+    def seed_paths(self, task: str, private: Collection[str] = ()) -> list[Path]:
         """The seeds of a task: the root path, then other tasks' best paths in task order.
 
         Args:
           task: the task that looks for seeds (its own paths are excluded).
+          private: private tasks (muNet's option): their paths are never seeds of
+            another task.
 
         Returns:
           Distinct active paths; the root path is included even if retired.
@@ -395,7 +416,7 @@ class SystemState:
         if self.root_path_id is not None:
             seeds[self.root_path_id] = self.paths[self.root_path_id]
         for record in sorted(self.tasks.values(), key=lambda t: t.order):
-            if record.name == task:
+            if record.name == task or record.name in private:
                 continue
             best = self.best_path(record.name)
             if best is not None:
