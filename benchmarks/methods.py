@@ -173,10 +173,11 @@ def _table(names: Sequence[str], rows: Mapping[str, Sequence[Mapping[str, TaskFi
     header = "| task | " + " | ".join(f"{m} acc | {m} params | {m} MFLOPs" for m in methods)
     lines = [header + " |", "|" + "---|" * (1 + 3 * len(methods))]
 
-    def cell(values: Sequence[float], fmt: str) -> str:
+    def cell(values: Sequence[float], fmt: str, unit: str = "") -> str:
+        mean = format(float(np.mean(values)), fmt) + unit
         if len(values) == 1:
-            return format(values[0], fmt)
-        return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values)), fmt)}"
+            return mean
+        return f"{mean} ± {format(float(np.std(values)), fmt)}{unit}"
 
     for name in [*names, "mean"]:
         cells = []
@@ -187,7 +188,7 @@ def _table(names: Sequence[str], rows: Mapping[str, Sequence[Mapping[str, TaskFi
             acc = [float(np.mean([f.accuracy for f in fs])) for fs in picked]
             params = [float(np.mean([f.params for f in fs])) / 1e3 for fs in picked]
             mflops = [float(np.mean([f.flops for f in fs])) / 1e6 for fs in picked]
-            cells.append(f"{cell(acc, '.4f')} | {cell(params, '.1f')}k | {cell(mflops, '.2f')}")
+            cells.append(f"{cell(acc, '.4f')} | {cell(params, '.1f', 'k')} | {cell(mflops, '.2f')}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
