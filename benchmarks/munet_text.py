@@ -1,6 +1,6 @@
 """muNet benchmark, text variant: the evolved system from the MiniLM root against baselines.
 
-    python -m benchmarks munet_text [--tasks T ...] [--rounds R] [--generations G]
+    python -m benchmarks munet_text [--seeds S] [--tasks T ...] [--rounds R] [--generations G]
         [--candidates D] [--validations V] [--steps_per_validation B] [--num_layers K]
         [--sequence_length L] [--scale S] [--out DIR]
 
@@ -13,23 +13,26 @@ bottom K blocks, post-norm, mean pooling):
    adapters, clones, top-block removal and hyperparameter mutations; no block addition
    (depth growth is not function-preserving for a post-norm encoder, `growth.rules`),
    and the image augmentations pinned off (`text_root.text_search_space`);
-2. baselines (`evolution.agents.baselines`): full fine-tuning, freeze the bottom half of the
-   blocks, residual adapters, each given as many training steps per task as the
-   evolution spent on that task;
-3. report: per task and mean test accuracy and the parameters each task pays for, a
-   Markdown table and a plot of accuracy against parameters.
+2. baselines as muNet.ipynb trains them (`evolution.agents.baselines`, as in
+   `benchmarks.munet`): per task D replicas from the root with the default
+   hyperparameters, each trained for one evolutionary chain's steps in parallel, the
+   best-validation one kept: "Finetune all", "Freeze bottom layers:K" (default half the
+   blocks), "Adapters:X" before every block;
+3. report: per task and mean test accuracy, the parameters each task pays for (muNet's
+   accounting, mu2Net+'s beside it), FLOPs per example, a Markdown table (mean ± std
+   over the S seeds of `--seeds`) and a plot of accuracy against parameters.
 
 CPU sizing (2 shared cores): MiniLM's 6 blocks at length 64 take about 1.4 s per
 training step at batch 16; the defaults (K=2 blocks, L=32 ids, batch 16: about 0.3 s
 per step with every block training, 0.1 s with the blocks frozen; G=2, D=2, V=2, B=25)
-train a 50-step candidate in about 15 s (compilation and validation included), and the
-default run took 11.5 minutes (3.3 evolving, 7.7 for the baselines' 200 steps per task
-and method) with other jobs sharing the cores. Train, validation and test splits are
-used whole (the `--max_*_examples` options take seeded random subsets).
+train a 50-step candidate in about 15 s (compilation and validation included). Train,
+validation and test splits are used whole (the `--max_*_examples` options take seeded
+random subsets).
 
 The last line is one JSON object with evolved_mean_acc, finetune_mean_acc,
-adapters_mean_acc, freeze_mean_acc and params_ratio (the evolved system's mean accounted
-parameters per task over fine-tuning's).
+adapters_mean_acc, freeze_mean_acc, params_ratio (the evolved system's mean accounted
+parameters per task over fine-tuning's, muNet's accounting), params_ratio_mu2net_plus
+and the FLOPs per task of each method, each the mean over the seeds with its _std.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from evolution import store as store_lib
 from evolution.agents import baselines
 from evolution.export import inference
 from evolution.roots import text_root
-from evolution.search import batches, mutations, task_data
+from evolution.search import batches, mutations, placement, task_data
 from evolution.search import loop as search
 
 logger = logging.getLogger("evogrow")
@@ -60,6 +63,7 @@ _PREDICT_BATCH = 256
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks munet_text")
+    parser.add_argument("--seeds", type=int, default=3, help="runs with seeds N, N + 1, ...")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--generations", type=int, default=2)
@@ -72,6 +76,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapters", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--freeze_layers", type=int, default=None, help="K (default: half the root's blocks)"
+    )
+    parser.add_argument(
+        "--adapter_size",
+        type=int,
+        default=baselines.NOTEBOOK_ADAPTER_SIZE,
+        help=f"X, one of muNet.ipynb's {baselines.NOTEBOOK_ADAPTER_SIZES}",
+    )
     # Random subsets (seeded), not the first examples; None: the whole split.
     parser.add_argument("--max_train_examples", type=int, default=None)
     parser.add_argument("--max_eval_examples", type=int, default=None)
@@ -109,20 +122,8 @@ def _test_accuracy(store: store_lib.Store, name: str, inputs: np.ndarray, labels
     return float(np.mean(np.concatenate(predicted) == np.asarray(labels)))
 
 
-def main(argv: list[str]) -> int:
-    """Runs the benchmark; prints the table, then the JSON summary as the last line.
-
-    Args:
-      argv: the benchmark's arguments.
-
-    Returns:
-      the exit status.
-    """
-    args = _parse(argv)
-    out = methods.start_run(args.out, "bench_munet_text")
-    names = list(args.tasks)
-    start = time.perf_counter()
-
+def _load_tasks(names: list[str], args: argparse.Namespace) -> tuple[dict, dict]:
+    """Each task's search data and test split (token ids, labels)."""
     data: dict[str, search.TaskData] = {}
     test: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in names:
@@ -136,37 +137,31 @@ def main(argv: list[str]) -> int:
             metadata={"seqio_task": name, "sequence_length": args.sequence_length},
         )
         logger.info("%s: %d train, %d validation examples", name, len(train[1]), len(validation[1]))
-    data_wall = time.perf_counter() - start
+    return data, test
 
-    config = search.SearchConfig(
-        generations=args.generations,
-        candidates_per_generation=args.candidates,
-        num_validations=args.validations,
-        steps_per_validation=args.steps_per_validation,
-        batch_size=args.batch_size,
-        scale=args.scale,
-        seed=args.seed,
-        mutation_options=mutations.MutationOptions(add_blocks=False, adapters=args.adapters),
-        space=text_root.text_search_space(),
-    )
-    store = store_lib.open_store(os.path.join(out, "store"))
+
+def _one_seed(
+    args: argparse.Namespace,
+    config: search.SearchConfig,
+    folder: str,
+    data: dict[str, search.TaskData],
+    test: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> dict:
+    """Evolves and trains the baselines for one seed; its figures and timings."""
+    names = list(data)
+    store = store_lib.open_store(os.path.join(folder, "store"))
     try:
         text_root.seed_text_root(store, num_layers=args.num_layers, max_len=args.sequence_length)
         root_params = store.load_state().root_params()
-        print(f"root: MiniLM embeddings + {args.num_layers} blocks, {root_params} params")
         evolve_start = time.perf_counter()
         results = search.evolve_round_robin(
             store, data, config, iterations=args.rounds * len(names)
         )
         evolve_wall = time.perf_counter() - evolve_start
-        steps = methods.evolution_steps(results, args.validations * args.steps_per_validation)
-        state = store.load_state()
-        evolved = {}
-        for name in names:
-            path = state.best_path(name)
-            assert path is not None
-            accuracy = _test_accuracy(store, name, *test[name])
-            evolved[name] = (accuracy, state.accounted_params(path, accounting="munet"))
+        steps_per_candidate = args.validations * args.steps_per_validation
+        chain = methods.chain_steps(results, steps_per_candidate)
+        accuracy = {name: _test_accuracy(store, name, *test[name]) for name in names}
+        evolved = methods.evolved_figures(store, accuracy)
         baseline_start = time.perf_counter()
         baseline_results = baselines.run_baselines(
             store=store,
@@ -177,36 +172,92 @@ def main(argv: list[str]) -> int:
                 for name in names
             },
             methods=baselines.METHODS,
-            steps_per_task=steps,
+            steps_per_task=chain,
             steps_per_validation=args.steps_per_validation,
+            replicas=args.candidates,
+            devices=placement.search_devices(config.devices),
             batch_size=args.batch_size,
-            seed=args.seed,
+            seed=config.seed,
+            freeze_layers=args.freeze_layers,
+            adapter_size=args.adapter_size,
             hparam_values=text_root.NO_AUGMENTATION,
         )
         baseline_wall = time.perf_counter() - baseline_start
     finally:
         store.close()
+    wall = sum(r.wall_seconds for r in results)
+    return {
+        "rows": {"evolved": evolved, **methods.baseline_figures(baseline_results)},
+        "variants": sorted({r.spec.name for r in baseline_results}),
+        "root_params": root_params,
+        "timings": {
+            "evolve_wall_s": evolve_wall,
+            "baselines_wall_s": baseline_wall,
+            "evolution_overhead_share": (
+                sum(r.overhead_seconds for r in results) / wall if wall else 0.0
+            ),
+        },
+        "chain_steps_per_task": chain,
+        "evolution_steps_per_task": methods.evolution_steps(results, steps_per_candidate),
+    }
 
+
+def main(argv: list[str]) -> int:
+    """Runs the benchmark; prints the table, then the JSON summary as the last line.
+
+    Args:
+      argv: the benchmark's arguments.
+
+    Returns:
+      the exit status.
+    """
+    args = _parse(argv)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds} < 1.")
+    configs = [
+        search.SearchConfig(
+            generations=args.generations,
+            candidates_per_generation=args.candidates,
+            num_validations=args.validations,
+            steps_per_validation=args.steps_per_validation,
+            batch_size=args.batch_size,
+            scale=args.scale,
+            seed=args.seed + i,
+            mutation_options=mutations.MutationOptions(add_blocks=False, adapters=args.adapters),
+            space=text_root.text_search_space(),
+        )
+        for i in range(args.seeds)
+    ]
+    out = methods.start_run(args.out, "bench_munet_text")
+    names = list(args.tasks)
+    start = time.perf_counter()
+    data, test = _load_tasks(names, args)
+    data_wall = time.perf_counter() - start
+    runs = [
+        _one_seed(args, config, os.path.join(out, f"seed_{config.seed}"), data, test)
+        for config in configs
+    ]
+    print(f"root: MiniLM embeddings + {args.num_layers} blocks, {runs[0]['root_params']} params")
     comparison = methods.compare_methods(
         names,
-        evolved,
-        baseline_results,
+        [run["rows"] for run in runs],
         out,
         table_name="munet_text.md",
         title="muNet benchmark (text)",
     )
-    wall = sum(r.wall_seconds for r in results)
     summary = {
         "tasks": len(names),
         "task_names": names,
+        "seeds": [config.seed for config in configs],
         **comparison.summary,
-        "root_params": root_params,
+        **methods.mean_and_std([run["timings"] for run in runs]),
+        "variants": runs[0]["variants"],
+        "replicas": args.candidates,
+        "root_params": runs[0]["root_params"],
         "root": f"all-MiniLM-L6-v2, bottom {args.num_layers} blocks, length {args.sequence_length}",
-        "steps_per_task": steps,
+        "chain_steps_per_task": [run["chain_steps_per_task"] for run in runs],
+        "evolution_steps_per_task": [run["evolution_steps_per_task"] for run in runs],
         "data_wall_s": data_wall,
-        "evolve_wall_s": evolve_wall,
-        "baselines_wall_s": baseline_wall,
-        "evolution_overhead_share": sum(r.overhead_seconds for r in results) / wall if wall else 0,
         "total_wall_s": time.perf_counter() - start,
     }
     print(comparison.table)

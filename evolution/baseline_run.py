@@ -3,7 +3,8 @@
     ./run.sh baseline --gin_file=gin/runs/baseline.gin --gin.STORE_DIR=... --gin.OUTPUT_DIR=...
 
 Runs `evolution.agents.baselines.run_baselines` (full fine-tuning, freeze bottom k, residual
-adapters, each from the store's root, never written to the store) on seqio tasks read
+adapters, each D replicas from the store's root, the best-validation one kept, never
+written to the store) on seqio tasks read
 with `evolution.search.task_data`, prints a Markdown table with a mean row per method and
 writes `baselines.json` and `baselines.md`.
 """
@@ -33,7 +34,8 @@ def summarize(results: Sequence[BaselineResult]) -> dict[str, dict[str, float]]:
 
     Returns:
       method -> {"tasks", "mean_test_accuracy", "mean_validation_accuracy",
-      "mean_accounted_params", "mean_trainable_params"}.
+      "mean_accounted_params" (mu2Net+'s accounting), "mean_accounted_params_munet",
+      "mean_trainable_params"}.
     """
     out: dict[str, dict[str, float]] = {}
     for method in dict.fromkeys(r.method for r in results):
@@ -42,6 +44,7 @@ def summarize(results: Sequence[BaselineResult]) -> dict[str, dict[str, float]]:
             "mean_test_accuracy": float(np.mean([r.test_accuracy for r in mine])),
             "mean_validation_accuracy": float(np.mean([r.validation_accuracy for r in mine])),
             "mean_accounted_params": float(np.mean([r.accounted_params for r in mine])),
+            "mean_accounted_params_munet": float(np.mean([r.accounted_params_munet for r in mine])),
             "mean_trainable_params": float(np.mean([r.trainable_params for r in mine])),
             "tasks": len(mine),
         }
@@ -51,19 +54,21 @@ def summarize(results: Sequence[BaselineResult]) -> dict[str, dict[str, float]]:
 def markdown_table(results: Sequence[BaselineResult]) -> str:
     """A Markdown table: one row per (task, method), then each method's mean."""
     lines = [
-        "| task | method | test acc | val acc | accounted params | trainable params | steps |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| task | method | test acc | val acc | accounted params (muNet) "
+        "| accounted params (mu2Net+) | trainable params | replicas x steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.task} | {r.method} | {r.test_accuracy:.4f} | {r.validation_accuracy:.4f} "
-            f"| {r.accounted_params:,.0f} | {r.trainable_params:,} | {r.steps} |"
+            f"| {r.task} | {r.spec.name} | {r.test_accuracy:.4f} | {r.validation_accuracy:.4f} "
+            f"| {r.accounted_params_munet:,.0f} | {r.accounted_params:,.0f} "
+            f"| {r.trainable_params:,} | {r.replicas} x {r.steps} |"
         )
     for method, s in summarize(results).items():
         lines.append(
             f"| mean ({int(s['tasks'])} tasks) | {method} | {s['mean_test_accuracy']:.4f} "
-            f"| {s['mean_validation_accuracy']:.4f} | {s['mean_accounted_params']:,.0f} "
-            f"| {s['mean_trainable_params']:,.0f} | |"
+            f"| {s['mean_validation_accuracy']:.4f} | {s['mean_accounted_params_munet']:,.0f} "
+            f"| {s['mean_accounted_params']:,.0f} | {s['mean_trainable_params']:,.0f} | |"
         )
     return "\n".join(lines)
 
@@ -77,6 +82,7 @@ def baseline(
     steps_per_validation: int,
     output_dir: str,
     steps_per_task: Mapping[str, int] | None = None,
+    replicas: int = 1,
     batch_size: int = 32,
     eval_batch_size: int = 256,
     max_train_examples: int | None = None,
@@ -98,10 +104,12 @@ def baseline(
       store_dir: an existing store with a root (read only).
       methods: baseline methods to run.
       tasks: task names (`evolution.search.task_data`).
-      steps: training steps per task (unless in `steps_per_task`).
+      steps: training steps of each replica per task (unless in `steps_per_task`).
       steps_per_validation: B.
       output_dir: where the report goes.
-      steps_per_task: task -> steps, e.g. the evolution's steps on it.
+      steps_per_task: task -> steps of each replica, e.g. one evolutionary chain's.
+      replicas: D, replicas per task trained from the root in parallel on the local
+        devices; the best-validation one is kept (muNet's protocol).
       batch_size: training batch size.
       eval_batch_size: validation and test batch size.
       max_train_examples: cap on training examples per task (None: all).
@@ -138,6 +146,7 @@ def baseline(
     per_task = {name: int((steps_per_task or {}).get(name, steps)) for name in tasks}
     options: dict[str, Any] = dict(
         steps_per_validation=steps_per_validation,
+        replicas=replicas,
         hparam_values=dict(hparam_values or {}),
         seed=seed,
         freeze_layers=freeze_layers,

@@ -440,9 +440,10 @@ def test_retired_parents_and_same_task_agents(tmp_path, monkeypatch):
             )
 
         first_a = cycle("tex_a", "munet", "munet-a").path
-        # An adapters baseline on the same task: its path cannot be a muNet parent.
+        # An adapters baseline on the same task: its adapters precede the blocks, as an
+        # evolved path's do, so its path could be a muNet parent.
         adapters_path = cycle("tex_a", "adapters", "adapters-a").path
-        assert not agent_view.can_be_parent(adapters_path)
+        assert agent_view.can_be_parent(adapters_path)
 
         # munet-b builds on munet-a's path (its selection is forced to pick it), and
         # munet-a retires that path while munet-b trains.
@@ -463,7 +464,8 @@ def test_retired_parents_and_same_task_agents(tmp_path, monkeypatch):
         _path_logits(store, state.paths[b.id], DATA["tex_b"]["test_x"])  # loads and runs
 
         # With munet-b's path retired as well, only the root is left to build on (the
-        # adapters path of tex_a is no parent; munet-a's own path is retired).
+        # adapters path of tex_a is another agent's path of the same task, hidden from
+        # munet-a's search; munet-a's own path is retired).
         other.publish("munet-b", retire=[b.id])
         view = agent_view.AgentView(store, agent="munet-a", task="tex_a", for_search=True)
         assert [p.id for p in view.load_state().seed_paths("tex_a")] == [root_id]

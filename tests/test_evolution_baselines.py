@@ -1,10 +1,13 @@
-"""The baselines (evolution/agents/baselines.py): each method trains only what it should and never
-writes the store, adapters start as the identity, accounted-parameter arithmetic, test
-accuracy from the best-validation parameters, determinism, clear errors, and the gin entry
-point end to end.
+"""The baselines (evolution/agents/baselines.py): muNet's protocol (D replicas from the same
+root with the default hyperparameters, each trained for the steps given, the
+best-validation replica kept), each method trains only what it should and never writes
+the store, adapters come before every block and start as the identity, both
+accounted-parameter accountings, test accuracy from the best-validation parameters,
+determinism, clear errors, and the gin entry point end to end.
 
 A tiny 2-block root ViT (hidden 16, 4x4 patches of 8x8x1 images) with random parameters;
-two synthetic 4-class texture tasks; each baseline trains 10 steps validating every 5.
+two synthetic 4-class texture tasks; each baseline trains 2 replicas of 10 steps
+validating every 5.
 """
 
 import dataclasses
@@ -23,7 +26,7 @@ from evogrow import gin_utils
 from evolution import baseline_run
 from evolution.agents import baselines
 from evolution.roots import seeding
-from evolution.search import batches, candidate, mutations
+from evolution.search import batches, candidate, iteration, mutations
 from evolution.search import loop as search
 from evolution.search import task_data as task_data_lib
 from evolution.store import sqlite as sqlite_store
@@ -35,7 +38,9 @@ pytestmark = pytest.mark.slow  # trains every baseline method
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = dataclasses.replace(TINY_VIT, num_layers=2)
 TASKS = ("tex_a", "tex_b")
-OPTIONS = dict(steps_per_validation=5, batch_size=16, freeze_layers=1, adapter_size=8, seed=3)
+OPTIONS = dict(
+    steps_per_validation=5, batch_size=16, freeze_layers=1, adapter_size=8, seed=3, replicas=2
+)
 STEPS = 10
 
 
@@ -158,14 +163,55 @@ def test_plans_reference_clone_and_init_what_each_method_says(store):
         ("final_norm", clone),
         ("head", init),
     ]
-    assert actions["adapters"] == [
-        *[(s, ref) for s in slots[:4]],
-        ("adapter_0", init),
-        ("block_1", ref),
-        ("adapter_1", init),
-        ("final_norm", clone),
-        ("head", init),
-    ]
+    assert (
+        actions["adapters"]
+        == [  # muNet's Encoder: residual_adapter_i, then block i
+            *[(s, ref) for s in slots[:3]],
+            ("adapter_0", init),
+            ("block_0", ref),
+            ("adapter_1", init),
+            ("block_1", ref),
+            ("final_norm", clone),
+            ("head", init),
+        ]
+    )
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_freeze_bottom_k_trains_the_top_blocks_final_norm_and_head(store, layers):
+    root = store.load_state().paths["root:path"]
+    spec = baselines.BaselineSpec("freeze", freeze_layers=layers)
+    plan = baselines.plan_baseline(root, spec, task="t", num_classes=3, init_seed=0)
+    trained = {s.slot for s in plan.slots if s.action != mutations.REFERENCE}
+    top = {f"block_{i}" for i in range(layers, CONFIG.num_layers)}
+    assert trained == top | {"final_norm", "head"}
+    assert len(plan.trainable_ids) == len(trained)
+
+
+def test_adapters_come_before_every_block_for_any_depth(store):
+    root_path = store.load_state().paths["root:path"]
+    for depth in (1, 3):
+        architecture = {**root_path.architecture, "num_layers": depth}
+        blocks = tuple((f"block_{i}", f"root:block_{i}") for i in range(depth))
+        root = dataclasses.replace(
+            root_path,
+            architecture=architecture,
+            components=(*root_path.components[:3], *blocks, *root_path.components[-2:]),
+        )
+        spec = baselines.BaselineSpec("adapters", adapter_size=16)
+        plan = baselines.plan_baseline(root, spec, task="t", num_classes=3, init_seed=0)
+        order = [s.slot for s in plan.slots]
+        for i in range(depth):
+            assert order[order.index(f"block_{i}") - 1] == f"adapter_{i}"
+        assert sum(s.startswith("adapter") for s in order) == depth
+        assert all(s.config == {"size": 16} for s in plan.slots if s.slot.startswith("adapter"))
+
+
+def test_variants_are_named_as_the_notebook_names_them():
+    assert baselines.BaselineSpec("finetune").name == "Finetune all"
+    assert baselines.BaselineSpec("freeze", freeze_layers=2).name == "Freeze bottom layers:2"
+    assert baselines.BaselineSpec("adapters", adapter_size=64).name == "Adapters:64"
+    assert baselines.NOTEBOOK_ADAPTER_SIZE in baselines.NOTEBOOK_ADAPTER_SIZES
 
 
 def test_adapters_start_as_the_identity(store):
@@ -226,10 +272,13 @@ def test_each_method_trains_only_its_own_components(store, world):
 def test_accounted_params_split_root_components_among_the_runs_tasks(store, world):
     (state, _), results = world
     sizes = {cid: c.num_params for cid, c in state.components.items()}
-    users = 1 + len(TASKS)  # the root path stays active, as in the evolved system
+    users = 1 + len(TASKS)  # mu2Net+: the root path stays active, a user of its components
     for (method, _), result in results.items():
         shared = sum(sizes[cid] for cid in result.path.component_ids if cid in sizes)
         assert result.accounted_params == pytest.approx(result.trainable_params + shared / users)
+        # muNet: the root's lock is not a user, the run's tasks share the root alone.
+        munet = result.trainable_params + shared / len(TASKS)
+        assert result.accounted_params_munet == pytest.approx(munet)
         if method == "finetune":
             assert shared == 0 and result.trainable_params == state.root_params()
     assert (
@@ -240,6 +289,7 @@ def test_accounted_params_split_root_components_among_the_runs_tasks(store, worl
     alone = _single(store, "freeze")
     shared = sum(sizes[cid] for cid in alone.path.component_ids if cid in sizes)
     assert alone.accounted_params == pytest.approx(alone.trainable_params + shared / 2)
+    assert alone.accounted_params_munet == pytest.approx(alone.trainable_params + shared)
     with pytest.raises(ValueError, match="one path per task"):
         baselines.accounted_params_per_task(state, [alone.path, alone.path], alone.components)
 
@@ -260,6 +310,49 @@ def test_test_accuracy_is_that_of_the_best_validation_params(store, world):
         validation = batches.array_eval_batches(*DATA[task]["validation"], 32)
         assert candidate.validate(config, slots, params, test) == result.test_accuracy
         assert candidate.validate(config, slots, params, validation) == best
+
+
+def test_replicas_start_from_the_root_with_the_defaults_and_the_best_is_kept(store, monkeypatch):
+    """muNet's protocol: D replicas of the same root and hyperparameters, each trained for
+    the steps given (one chain's), with different fresh adapters; the best validation wins."""
+    calls = []
+    real = candidate.train_candidate
+
+    def spy(**kwargs):
+        result = real(**kwargs)
+        calls.append((kwargs, result))
+        return result
+
+    monkeypatch.setattr(candidate, "train_candidate", spy)
+    replicas = 3
+    result = _single(store, "adapters", replicas=replicas)
+    assert len(calls) == replicas
+    state, root_params = _snapshot(store)
+    root = state.paths[state.root_path_id]
+    space = iteration.default_search_space(config_of(root))
+    defaults = space.values(space.defaults())
+    fresh = []
+    for kwargs, trained in calls:
+        assert kwargs["hparam_values"] == defaults
+        assert kwargs["num_validations"] * kwargs["steps_per_validation"] == STEPS
+        assert kwargs["steps_per_validation"] == OPTIONS["steps_per_validation"]
+        assert kwargs["parent_opt_state"] is None
+        for _, cid in kwargs["components"]:
+            if cid in root_params:  # referenced frozen: the root's parameters as stored
+                assert cid not in kwargs["trainable_ids"]
+                _assert_trees_equal(kwargs["pool"][cid], root_params[cid])
+        assert [s for s, _ in kwargs["components"]] == [s for s, _ in result.path.components]
+        # Heads start at zero; the adapters' down projections are drawn per replica.
+        fresh.append(kwargs["pool"][dict(kwargs["components"])["adapter_0"]])
+        assert len(trained.validations) == STEPS // OPTIONS["steps_per_validation"]
+    assert all(_trees_differ(a, b) for i, a in enumerate(fresh) for b in fresh[i + 1 :])
+    qualities = [trained.quality for _, trained in calls]
+    assert sorted(result.replica_validation_accuracies) == sorted(qualities)
+    assert result.replicas == replicas and result.steps == STEPS
+    assert result.validation_accuracy == max(qualities)
+    assert result.replica_validation_accuracies[result.kept_replica] == max(qualities)
+    assert any(result.training is trained for _, trained in calls)
+    assert result.training.quality == max(qualities)
 
 
 def test_a_seed_fixes_the_outcome(store, world):
@@ -286,6 +379,11 @@ def test_bad_arguments_are_clear_errors(store):
         _single(store, "finetune", hparam_values={"learning_rate": 0.1})
     with pytest.raises(ValueError, match=r"required by\) .freeze. only"):
         baselines.BaselineSpec("freeze")
+    with pytest.raises(ValueError, match="replicas=0 < 1"):
+        _single(store, "finetune", replicas=0)
+    stream = _task(TASKS[0]).data.train_batches_fn({}, batch_size=16, seed=0)
+    with pytest.raises(ValueError, match="2 replicas need a TrainBatchesFn"):
+        _single(store, "finetune", train_batches=stream)
     with pytest.raises(ValueError, match="Unknown baseline methods"):
         baselines.run_baselines(store=store, tasks={}, methods=["x"], steps_per_task={})
 
@@ -334,6 +432,7 @@ def test_gin_entry_point_end_to_end(store, world, fake_task_data, tmp_path, caps
             "FREEZE_LAYERS = 1",
             "ADAPTER_SIZE = 8",
             "HPARAM_VALUES = {'lr': 0.05}",
+            "REPLICAS = 2",
         ]
         gin_utils.parse_gin([str(REPO)], ["gin/runs/baseline.gin"], bindings)
         results = gin.get_configurable(baseline_run.baseline)()
@@ -346,11 +445,12 @@ def test_gin_entry_point_end_to_end(store, world, fake_task_data, tmp_path, caps
         ("adapters", TASKS[1], 10),
     ]
     assert results[0].spec.freeze_layers == 1 and results[2].spec.adapter_size == 8
+    assert all(r.replicas == 2 and len(r.replica_validation_accuracies) == 2 for r in results)
     report = json.loads((tmp_path / "baselines.json").read_text())
     assert [r["test_accuracy"] for r in report["results"]] == [r.test_accuracy for r in results]
     assert report["settings"]["hparam_values"] == {"lr": 0.05}
     assert report["root_params"] == state_before.root_params()
     assert set(report["summary"]) == {"freeze", "adapters"}
     printed = capsys.readouterr().out
-    assert "| task | method | test acc |" in printed and f"| {TASKS[1]} | adapters |" in printed
+    assert "| task | method | test acc |" in printed and f"| {TASKS[1]} | Adapters:8 |" in printed
     assert store.load_state() == state_before

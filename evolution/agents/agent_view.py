@@ -12,8 +12,9 @@ retired:
   publish and retire its own paths, and would otherwise try to republish another
   agent's best). A task's trainable set ignores its own locks and accounted
   parameters count tasks, not paths, so hiding them changes neither;
-- paths `mutations.plan_child` cannot take as a parent (the adapters baseline puts
-  "adapter_i" after "block_i"). Their locks on shared components are then not counted
+- paths `mutations.plan_child` cannot take as a parent (an "adapter_i" that does not
+  come right before "block_i", as paths written before the adapters baseline put its
+  adapters before the blocks had). Their locks on shared components are then not counted
   in the search's accounted parameters (a component they share costs the search's
   candidates a slightly larger share).
 """

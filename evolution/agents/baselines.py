@@ -1,22 +1,29 @@
-"""The papers' baselines (full fine-tuning, frozen bottom layers, residual adapters).
+"""muNet's baselines (muNet.ipynb: "Finetune all", "Freeze bottom layers:k", "Adapters:X").
 
 Each baseline is one path per task built from the store's root path, which is only read:
 nothing is put into or published in the store, so the evolved system never changes.
 
-- "finetune": every root component is cloned and trained; a fresh head.
-- "freeze": embed, cls, pos and the bottom k blocks are referenced frozen; the top L - k
-  blocks and the final norm are cloned and trained; a fresh head (0 <= k <= L).
-- "adapters": every root component is frozen but the final norm, which is cloned and
-  trained (as the evolved system always clones it); a residual adapter
-  (`models.adapters.ResidualAdapter`, the identity at initialisation) follows every
-  block and trains; a fresh head. The adapter after block i is slot "adapter_i" placed
-  right after "block_i" (`candidate.forward` runs slots in order), so the last one adapts
-  the features the head sees; evolved paths put "adapter_i" before "block_i" instead,
-  and baseline paths are never given to `mutations.plan_child`.
+- "finetune" (Finetune all): every root component is cloned and trained; a fresh head.
+- "freeze" (Freeze bottom layers:k): embed, cls, pos and the bottom k blocks are
+  referenced frozen; the top L - k blocks and the final norm are cloned and trained;
+  a fresh head (0 <= k <= L).
+- "adapters" (Adapters:X): every root component is frozen but the final norm, which
+  is cloned and trained (the notebook's `force_finetune_components`); a residual
+  adapter of width X (`models.adapters.ResidualAdapter`, the identity at
+  initialisation) comes before every block and trains; a fresh head. As in the
+  notebook's Encoder, slot "adapter_i" comes right before "block_i" (`candidate.forward`
+  runs slots in order), where evolved paths put their adapters too. The notebook's
+  widths are `NOTEBOOK_ADAPTER_SIZES`, its default 32 (the space's "adapter_size").
 
 The rules read slots, so they apply to any `evolution.system.families` root: a text-encoder
 root (embed, block_i, head) has no final norm, so "adapters" trains only its adapters
 and head, and "freeze" clones the top L - k blocks.
+
+The protocol is `exp_config_set_baseline_common`'s (`run_baseline`): D replicas per
+task, all from the root with the default hyperparameters, each trained for as many
+validation intervals as one evolutionary chain, in parallel on the devices a
+generation's candidates use; the replica with the best validation accuracy is kept.
+The total compute equals the evolution's, and no baseline run is longer than the chain.
 
 Fresh heads and adapters are made by `mutations.materialize`, as for evolved paths.
 Training is `candidate.train_candidate` (frozen components have no gradients or
@@ -25,11 +32,12 @@ whose test accuracy is reported. Hyperparameters default to the search space's
 (`iteration.default_search_space`: lr 0.01, cosine, warmup 0.05, momentum 0.9, flip).
 
 Accounted parameters use the evolved system's rule (`SystemState.accounted_params`: a
-component's size is split among the tasks whose active paths use it):
-`accounted_params_per_task` builds a state of the store's root path (active as stored,
-so the root task is one more user of each root component, as in the evolved system) and
-one path per task of a method's run. A frozen root component shared by the n tasks of a
-run costs each size / (n + 1); a task's own clones, adapters and head cost their size.
+component's size is split among the tasks whose active paths use it), in two
+accountings (`accounted_params_per_task`): mu2Net+'s keeps the store's root path active,
+so the root is one more user of each root component and a frozen root component shared
+by the n tasks of a run costs each size / (n + 1); with muNet's the root's lock is not a
+user, so the n tasks share it alone, size / n. A task's own clones, adapters and head
+cost their size in both.
 """
 
 from __future__ import annotations
@@ -46,7 +54,16 @@ from typing import Any
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import batches, candidate, hparams, iteration, mutations
+from evolution.search import (
+    batches,
+    candidate,
+    executors,
+    flops,
+    hparams,
+    iteration,
+    mutations,
+    placement,
+)
 from evolution.search import loop as search
 from evolution.search.batches import Batch, TrainBatchesFn
 from evolution.system import families
@@ -59,6 +76,9 @@ FINETUNE = "finetune"
 FREEZE = "freeze"
 ADAPTERS = "adapters"
 METHODS = (FINETUNE, FREEZE, ADAPTERS)
+# muNet.ipynb's adapter baselines ("Adapters:X") and its default `adapter_dim`.
+NOTEBOOK_ADAPTER_SIZES = (8, 16, 32, 64, 128, 256, 512)
+NOTEBOOK_ADAPTER_SIZE = 32
 AGENT_PREFIX = "baseline"
 _PREFIX_SLOTS = ("embed", "cls", "pos")
 
@@ -88,6 +108,15 @@ class BaselineSpec:
             raise ValueError(f"freeze_layers={self.freeze_layers} < 0.")
         if self.adapter_size is not None and int(self.adapter_size) < 1:
             raise ValueError(f"adapter_size={self.adapter_size} < 1.")
+
+    @property
+    def name(self) -> str:
+        """The variant as muNet.ipynb's CONFIGURATION names it, e.g. "Adapters:32"."""
+        if self.method == FREEZE:
+            return f"Freeze bottom layers:{self.freeze_layers}"
+        if self.method == ADAPTERS:
+            return f"Adapters:{self.adapter_size}"
+        return "Finetune all"
 
 
 def _id_prefix(method: str, task: str) -> str:
@@ -149,13 +178,13 @@ def plan_baseline(
             or (kind == "block" and int(slot.split("_")[1]) < (k or 0)),
             ADAPTERS: slot != "final_norm",
         }[spec.method]
+        if spec.method == ADAPTERS and kind == "block":
+            # The notebook's Encoder applies residual_adapter_i to the input of block i.
+            new(f"adapter_{slot.split('_')[1]}", mutations.INIT, size=int(spec.adapter_size or 0))
         if frozen:
             slots.append(mutations.SlotPlan(slot, component_id, mutations.REFERENCE, component_id))
         else:
             new(slot, mutations.CLONE, component_id)
-        if spec.method == ADAPTERS and kind == "block":
-            size = int(spec.adapter_size or 0)
-            new(f"adapter_{slot.split('_')[1]}", mutations.INIT, size=size)
 
     architecture = architecture_of(dataclasses.replace(config, num_classes=num_classes))
     adapter_sizes = {s.slot: int(s.config["size"]) for s in slots if s.kind == "adapter"}
@@ -184,17 +213,22 @@ def accounted_params_per_task(
     state: system.SystemState,
     paths: Sequence[system.Path],
     components: Iterable[system.Component],
+    *,
+    root_counts: bool = True,
 ) -> dict[str, float]:
     """The parameters each task of one method run pays for, by the evolved system's rule.
 
-    Builds a `SystemState` holding the store's root path (with its status as stored) and
-    the run's paths, one per task, and applies `SystemState.accounted_params`: a
-    component of size S used by u tasks' active paths costs each of them S / u.
+    Builds a `SystemState` holding the store's root path (active as stored when
+    `root_counts`) and the run's paths, one per task, and applies
+    `SystemState.accounted_params`: a component of size S used by u tasks' active paths
+    costs each of them S / u (with muNet's accounting the root's lock is not a user).
 
     Args:
       state: the store's state (its root path and root components).
       paths: the run's baseline paths, one per task.
       components: the run's new components (clones, fresh heads, adapters).
+      root_counts: mu2Net+'s accounting (the root is one more user of its components);
+        False: muNet's (it is not).
 
     Returns:
       task -> accounted parameters.
@@ -218,7 +252,8 @@ def accounted_params_per_task(
         pool, {root.id: root, **{p.id: p for p in paths}}, records, root.id
     )
     run_state.validate()
-    return {path.task: run_state.accounted_params(path) for path in paths}
+    accounting = system.MU2NET_PLUS if root_counts else system.MUNET
+    return {path.task: run_state.accounted_params(path, accounting) for path in paths}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,17 +266,23 @@ class BaselineResult:
       validation_accuracy: the best validation accuracy.
       test_accuracy: the test accuracy of the best-validation parameters.
       trainable_params: parameters created for the task (clones, fresh head, adapters).
-      accounted_params: parameters the task pays for (`accounted_params_per_task`: over
-        the method's tasks in `run_baselines`, the task alone in `run_baseline`).
-      steps: training steps.
+      accounted_params: parameters the task pays for by mu2Net+'s accounting (the root
+        is one more user of its components; `accounted_params_per_task`: over the
+        method's tasks in `run_baselines`, the task alone in `run_baseline`).
+      accounted_params_munet: the same by muNet's accounting (the root is not a user).
+      steps: training steps of each replica (one evolutionary chain's).
+      replicas: D, the replicas trained from the root.
+      kept_replica: the index of the replica kept (best validation accuracy).
+      replica_validation_accuracies: every replica's best validation accuracy.
+      flops: FLOPs of one example through the path (`flops.path_flops`).
       wall_seconds: wall time of the whole baseline (loading, training, testing).
-      train_seconds: wall time of its training steps (compilation excluded).
+      train_seconds: training-step time summed over the replicas (compilation excluded).
       spec: the method and its parameter.
-      path: the baseline path (never published).
+      path: the kept replica's path (never published).
       components: its new components' records (never published).
-      training: what `candidate.train_candidate` returned (best-validation `params` by
-        new component id, `best_step`, `validations`, `train_losses`, timings);
-        `params` and `opt_state` are emptied when not kept.
+      training: what `candidate.train_candidate` returned for the kept replica
+        (best-validation `params` by new component id, `best_step`, `validations`,
+        `train_losses`, timings); `params` and `opt_state` are emptied when not kept.
     """
 
     task: str
@@ -250,7 +291,12 @@ class BaselineResult:
     test_accuracy: float
     trainable_params: int
     accounted_params: float
+    accounted_params_munet: float
     steps: int
+    replicas: int
+    kept_replica: int
+    replica_validation_accuracies: tuple[float, ...]
+    flops: float
     wall_seconds: float
     train_seconds: float
     spec: BaselineSpec
@@ -264,6 +310,8 @@ class BaselineResult:
         out = {f.name: getattr(self, f.name) for f in fields if f.type in ("str", "int", "float")}
         losses = self.training.train_losses
         out.update(
+            variant=self.spec.name,
+            replica_validation_accuracies=list(self.replica_validation_accuracies),
             spec=dataclasses.asdict(self.spec),
             path={"id": self.path.id, "components": [list(c) for c in self.path.components]},
             trained_components=[c.id for c in self.components],
@@ -306,6 +354,8 @@ def run_baseline(
     num_classes: int,
     steps: int,
     steps_per_validation: int,
+    replicas: int = 1,
+    devices: Sequence[Any] | None = None,
     hparam_values: Mapping[str, Any] | None = None,
     seed: int = 0,
     freeze_layers: int | None = None,
@@ -313,35 +363,47 @@ def run_baseline(
     batch_size: int = 32,
     cache: candidate.StepCache | None = None,
 ) -> BaselineResult:
-    """Trains one baseline on one task from the store's root (read only).
+    """Trains one baseline on one task from the store's root (read only), as muNet does.
+
+    muNet.ipynb's `exp_config_set_baseline_common`: D replicas, all from the root with
+    the default hyperparameters, each trained for `steps` (as many validation intervals
+    as one evolutionary chain), in parallel on `devices` as a generation's candidates
+    are (`executors.train_generation`); the replica with the best validation accuracy
+    is kept and its best-validation parameters are tested. The replicas differ in the
+    seeds of their fresh head and adapters and of their training stream.
 
     Args:
       store: the store holding the root (`seeding.seed_root`); nothing is written to it.
       method: "finetune", "freeze" or "adapters".
       task: the task's name.
-      train_batches: an endless iterator of {"image", "label"} batches, or a
-        `TrainBatchesFn` (called with the space's data hyperparameters, `batch_size`
-        and a seed drawn from `seed` and the task, the same for every method).
+      train_batches: a `TrainBatchesFn` (called with the space's data hyperparameters,
+        `batch_size` and a seed drawn from `seed`, the task and the replica, the same for
+        every method), or an endless iterator of {"image", "label"} batches (one replica).
       validation_batches: fixed batches ("image", "label", optional "_mask").
       test_images: [N, H, W, C] float test images (for a text-encoder root: [N, L]
         int token ids).
       test_labels: [N] int test labels.
       num_classes: classes of the fresh head.
-      steps: training steps (a multiple of `steps_per_validation`).
+      steps: training steps of each replica (a multiple of `steps_per_validation`).
       steps_per_validation: B, steps between validations.
+      replicas: D, the replicas trained (the evolution's candidates per generation).
+      devices: where the replicas train, one per device at a time (None: every local
+        device, `placement.search_devices`).
       hparam_values: overrides of the space's default values ("lr", "schedule",
         "warmup", "momentum", "nesterov", "adapter_size", "flip", ...).
-      seed: seeds the fresh head and adapters (with task and method) and the data.
+      seed: seeds the fresh heads and adapters (with task, method and replica) and the data.
       freeze_layers: k of "freeze" (None: half the root's blocks, rounded down).
-      adapter_size: width of "adapters" (None: the hyperparameter "adapter_size").
+      adapter_size: width of "adapters" (None: the hyperparameter "adapter_size",
+        muNet's default 32).
       batch_size: training batch size (when `train_batches` is a function).
       cache: compiled steps (default: the process-wide cache).
 
     Returns:
-      The result; `accounted_params` as if the task were the method's only one.
+      The kept replica's result; `accounted_params` as if the task were the method's only one.
 
     Raises:
-      ValueError: unknown method, k out of range, bad step counts, or no root.
+      ValueError: unknown method, k out of range, bad step or replica counts, an
+        iterator for several replicas, or no root.
     """
     start = time.perf_counter()
     if steps < 1 or steps_per_validation < 1 or steps % min(steps_per_validation, steps):
@@ -351,6 +413,10 @@ def run_baseline(
         )
     if method not in METHODS:
         raise ValueError(f"Unknown baseline method {method!r}; expected one of {METHODS}.")
+    if replicas < 1:
+        raise ValueError(f"replicas={replicas} < 1.")
+    if replicas > 1 and isinstance(train_batches, Iterator):
+        raise ValueError(f"{replicas} replicas need a TrainBatchesFn, not one iterator.")
     state = store.load_state()
     if state.root_path_id is None:
         raise ValueError("The store has no root path; call seeding.seed_root first.")
@@ -365,29 +431,54 @@ def run_baseline(
         freeze_layers=freeze_layers if method == FREEZE else None,
         adapter_size=int(adapter_size or values["adapter_size"]) if method == ADAPTERS else None,
     )
-    init_seed = _seed_of(seed, task, method)
-    plan = plan_baseline(root, spec, task=task, num_classes=num_classes, init_seed=init_seed)
-    pool = {cid: store.load_params(cid) for cid in root.component_ids}
-    config, created = mutations.materialize(plan, pool, root_config, num_classes=num_classes)
-    pool.update(created)
+    root_pool = {cid: store.load_params(cid) for cid in root.component_ids}
+    data_values = {name: values[name] for name in space.data_names}
+    plans, pools, jobs = [], [], []
+    config = root_config
+    for replica in range(replicas):
+        init_seed = _seed_of(seed, task, method, replica)
+        plan = plan_baseline(root, spec, task=task, num_classes=num_classes, init_seed=init_seed)
+        config, created = mutations.materialize(
+            plan, root_pool, root_config, num_classes=num_classes
+        )
+        pool = {**root_pool, **created}
+        plans.append(plan)
+        pools.append(pool)
+        jobs.append(
+            placement.CandidateJob(
+                config=config,
+                components=plan.path.components,
+                pool=pool,
+                trainable_ids=plan.trainable_ids,
+                hparam_values=values,
+                data_values=data_values,
+                data_seed=_seed_of(seed, task, replica),
+            )
+        )
     if isinstance(train_batches, Iterator):
         stream = train_batches
+
+        def batches_fn(data_values: Mapping[str, Any], *, batch_size: int, seed: int):
+            del data_values, batch_size, seed  # The one replica reads the stream given.
+            return stream
+
+        train_batches_fn: TrainBatchesFn = batches_fn
     else:
-        data_values = {name: values[name] for name in space.data_names}
-        stream = train_batches(data_values, batch_size=batch_size, seed=_seed_of(seed, task))
+        train_batches_fn = train_batches
     interval = min(steps_per_validation, steps)
-    result = candidate.train_candidate(
-        config=config,
-        components=plan.path.components,
-        pool=pool,
-        trainable_ids=plan.trainable_ids,
-        hparam_values=values,
-        train_batches=stream,
+    trained = executors.train_generation(
+        jobs,
+        train_batches_fn=train_batches_fn,
         validation_batches=validation_batches,
-        num_validations=steps // interval,
-        steps_per_validation=interval,
-        cache=cache,
+        settings=placement.StepSettings(batch_size, steps // interval, interval),
+        executor="threads",
+        ray_address=None,
+        cache=cache or candidate.default_cache(),
+        devices=placement.search_devices(None) if devices is None else devices,
     )
+    # The notebook keeps the best-scoring path; a baseline's score is its quality.
+    kept = max(range(replicas), key=lambda r: (trained[r].quality, -r))
+    plan, pool, result = plans[kept], pools[kept], trained[kept]
     slots = [slot for slot, _ in plan.path.components]
     best = {slot: result.params.get(cid, pool[cid]) for slot, cid in plan.path.components}
     # Test batches of the validation batches' size run the same compiled eval step.
@@ -400,6 +491,7 @@ def run_baseline(
     records = tuple(mutations.component_records(plan, result.params, agent=plan.path.agent))
     path = dataclasses.replace(plan.path, quality=result.quality, metrics={"hparam_values": values})
     accounted = accounted_params_per_task(state, [path], records)[task]
+    munet = accounted_params_per_task(state, [path], records, root_counts=False)[task]
     outcome = BaselineResult(
         task=task,
         method=method,
@@ -407,9 +499,14 @@ def run_baseline(
         test_accuracy=float(test_accuracy),
         trainable_params=sum(c.num_params for c in records),
         accounted_params=accounted,
+        accounted_params_munet=munet,
         steps=steps,
+        replicas=replicas,
+        kept_replica=kept,
+        replica_validation_accuracies=tuple(float(r.quality) for r in trained),
+        flops=flops.path_flops(config, plan.path.components, pool.__getitem__),
         wall_seconds=time.perf_counter() - start,
-        train_seconds=result.train_seconds,
+        train_seconds=sum(r.train_seconds for r in trained),
         spec=spec,
         path=path,
         components=records,
@@ -417,10 +514,10 @@ def run_baseline(
     )
     seconds = (outcome.wall_seconds, outcome.train_seconds, result.compile_seconds)
     logger.info(
-        "baseline %s on %s: validation %.4f, test %.4f, %d trainable params, %d steps in "
-        "%.1fs (train %.1fs, compile %.1fs)",
-        *(method, task, outcome.validation_accuracy, outcome.test_accuracy),
-        *(outcome.trainable_params, steps, *seconds),
+        "baseline %s on %s: replica %d/%d kept, validation %.4f, test %.4f, %d trainable "
+        "params, %d x %d steps in %.1fs (train %.1fs, compile %.1fs)",
+        *(spec.name, task, kept + 1, replicas, outcome.validation_accuracy),
+        *(outcome.test_accuracy, outcome.trainable_params, replicas, steps, *seconds),
     )
     return outcome
 
@@ -478,15 +575,17 @@ def run_baselines(
       store: the store holding the root (read only).
       tasks: task name -> its data.
       methods: the methods, e.g. ("finetune", "freeze", "adapters").
-      steps_per_task: task -> training steps (e.g. what the evolution spent on it).
+      steps_per_task: task -> training steps of each replica (muNet: one evolutionary
+        chain's, task iterations x generations x V x B).
       keep_params: keep the trained parameters in the results (memory).
       cache: compiled steps shared by all runs (default: the process-wide cache).
       **options: `run_baseline`'s other arguments: steps_per_validation (required),
-        hparam_values, seed, freeze_layers, adapter_size, batch_size.
+        replicas, devices, hparam_values, seed, freeze_layers, adapter_size, batch_size.
 
     Returns:
       One result per (method, task), methods outer; `accounted_params` shares each frozen
-      root component among the method's tasks and the root (`accounted_params_per_task`).
+      root component among the method's tasks and the root, `accounted_params_munet`
+      among the method's tasks only (`accounted_params_per_task`).
 
     Raises:
       ValueError: an unknown method or a task without steps.
@@ -516,8 +615,13 @@ def run_baselines(
                 **options,
             )
             run.append(result if keep_params else result.without_params())
-        accounted = accounted_params_per_task(
-            state, [r.path for r in run], [c for r in run for c in r.components]
+        paths, components = [r.path for r in run], [c for r in run for c in r.components]
+        accounted = accounted_params_per_task(state, paths, components)
+        munet = accounted_params_per_task(state, paths, components, root_counts=False)
+        results.extend(
+            dataclasses.replace(
+                r, accounted_params=accounted[r.task], accounted_params_munet=munet[r.task]
+            )
+            for r in run
         )
-        results.extend(dataclasses.replace(r, accounted_params=accounted[r.task]) for r in run)
     return results
