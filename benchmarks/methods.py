@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from evolution.agents import baselines
 from evolution.report import report
 from evolution.roots import root
 from evolution.search import flops
