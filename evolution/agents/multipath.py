@@ -303,7 +303,7 @@ def _trainer(
     Returns:
       the trainer, shared by every run of the same layout.
     """
-    key = (frozen, settings, gradient_scale)
+    key: tuple[Any, ...] = (frozen, settings, gradient_scale)
     key += (path_model.signature(params), path_model.signature(batch))
     if key not in _TRAINERS:
         if len(_TRAINERS) >= _MAX_TRAINERS:

@@ -314,7 +314,7 @@ def with_hyperparams(
         opt_state = opt_state._replace(
             inner_state=jax.device_put(inner_state, shardings.inner_state)
         )
-    return state.replace(opt_state=opt_state)
+    return dataclasses.replace(state, opt_state=opt_state)
 
 
 def _slots_to_ids(opt_state: Any, slots: Collection[str], id_of: Mapping[str, str]) -> Any:
@@ -427,8 +427,8 @@ class StepCache:
         Returns:
           the trainer (its optimizer is never used).
         """
-        key = (config, slots, path_model.signature(params), path_model.signature(batch))
-        key += (_device_key(device),)
+        key: tuple[Any, ...] = (config, slots, path_model.signature(params))
+        key += (path_model.signature(batch), _device_key(device))
 
         def build() -> trainer_lib.Trainer:
             self.eval_signatures += 1

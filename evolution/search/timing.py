@@ -93,12 +93,12 @@ def phase(name: str) -> contextlib.AbstractContextManager[None]:
     return timer.phase(name) if timer is not None else contextlib.nullcontext()
 
 
-def _on_duration_event(event: str, duration: float, **_: object) -> None:
+def _on_duration_event(event: str, duration_secs: float, **_: str | int) -> None:
     """Counts a JAX compile event in the calling thread's active timer, if any."""
     if event in COMPILE_EVENTS:
         timer = _ACTIVE.get()
         if timer is not None:
-            timer.add(COMPILE, duration)
+            timer.add(COMPILE, duration_secs)
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
