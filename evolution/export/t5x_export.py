@@ -19,7 +19,7 @@ the gin factory of gin/t5x/system_model.gin; gin wraps it in
       --gin.CHECKPOINT_PATH="'MODEL_DIR/checkpoint_0'" --gin.INFER_OUTPUT_DIR="'I'"
 
 evaluate the whole system on the mixture in one run: accuracy per task from
-`training.t5x_evaluator.ClassificationEvaluator`, one prediction per example from infer.
+`training.evaluation.ClassificationEvaluator`, one prediction per example from infer.
 The checkpoint has no optimizer state: t5x's eval and infer restore params only.
 """
 
