@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from evolution.report import report
+from evolution.report import summaries
 from evolution.roots import root
 from evolution.search import loop as search
 
@@ -157,7 +157,7 @@ def compare_methods(
         f.write(table + "\n")
     points = [(n, "evolved", acc, params) for n, (acc, params) in evolved.items()]
     points += [(r.task, r.method, r.test_accuracy, r.accounted_params) for r in baseline_results]
-    plot = report.plot_accuracy_vs_params(
+    plot = summaries.plot_accuracy_vs_params(
         points, os.path.join(out, "accuracy_vs_params.png"), title=title
     )
 

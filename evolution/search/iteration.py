@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import candidate, hparams, mutations, placement, scoring, selection
+from evolution.search import candidate, hparams, mutations, scoring, selection
 from evolution.search import flops as flops_lib
 from evolution.search.batches import Batch
 from evolution.search.config import SearchConfig
+from evolution.search.execution import placement
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of
