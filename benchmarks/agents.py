@@ -53,7 +53,7 @@ import numpy as np
 
 from benchmarks import methods
 from evolution import store as store_lib
-from evolution.agents import agent_run, agents, multipath_agent
+from evolution.agents import agent_cycle, agent_run, multipath_agent
 from evolution.export import inference
 from evolution.roots import root
 from evolution.search import task_data
@@ -258,7 +258,7 @@ def _multipath(args: argparse.Namespace, store_dir: str, tests: dict[str, tuple]
     )
     out = {}
     for task in args.tasks:
-        config = agents.AgentConfig(task, agents.MULTIPATH, multipath=settings)
+        config = agent_cycle.AgentConfig(task, agent_cycle.MULTIPATH, multipath=settings)
         data = task_data.search_task_data(
             task, eval_batch_size=256, max_train_examples=args.max_train_examples
         )

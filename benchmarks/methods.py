@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from evolution.report import report
+from evolution.report import summaries
 from evolution.roots import root
 from evolution.search import flops
 from evolution.search import loop as search
@@ -285,7 +285,7 @@ def compare_methods(
         for method, per_task in seed.items()
         for n, figures in per_task.items()
     ]
-    plot = report.plot_accuracy_vs_params(
+    plot = summaries.plot_accuracy_vs_params(
         points, os.path.join(out, "accuracy_vs_params.png"), title=title
     )
     summary = mean_and_std([_summary(names, seed) for seed in rows])

@@ -52,8 +52,9 @@ from evolution import store as store_lib
 from evolution.agents import baselines
 from evolution.export import inference
 from evolution.roots import text_root
-from evolution.search import batches, mutations, placement, task_data
+from evolution.search import batches, mutations, task_data
 from evolution.search import loop as search
+from evolution.search.execution import placement
 
 logger = logging.getLogger("evogrow")
 

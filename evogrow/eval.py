@@ -122,8 +122,14 @@ def evaluate(
     model, params, shardings, step = restore_params(
         model, partitioner, dataset_cfg, restore_checkpoint_cfg
     )
-    evaluator = evaluation_lib.ClassificationEvaluator(model, partitioner, dataset_cfg, shardings)
-    metrics, _ = evaluator.evaluate(params)
+    evaluator = evaluation_lib.from_dataset_config(dataset_cfg, model.FEATURE_CONVERTER_CLS)
+    inference = evaluation_lib.PartitionedInference(
+        model, partitioner, shardings, dataset_cfg.batch_size
+    )
+    future, _ = evaluator.evaluate(
+        compute_metrics=True, step=step, predict_fn=inference.predict_fn(params)
+    )
+    metrics = future.result()
     if len(metrics) > 1:  # a mixture: one more row for all of it
         metrics[dataset_cfg.mixture_or_task_name] = mixture_summary(metrics)
     os.makedirs(output_dir, exist_ok=True)

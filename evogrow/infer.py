@@ -41,15 +41,24 @@ def infer(
     Returns:
       task -> path of its predictions file.
     """
+    if mode not in ("predict", "score"):
+        raise ValueError(f"mode must be 'predict' or 'score', got {mode!r}")
     model, params, shardings, step = restore_params(
         model, partitioner, dataset_cfg, restore_checkpoint_cfg
     )
-    evaluator = evaluation_lib.ClassificationEvaluator(
-        model, partitioner, dataset_cfg, shardings, mode=mode
+    evaluator = evaluation_lib.from_dataset_config(dataset_cfg, model.FEATURE_CONVERTER_CLS)
+    inference = evaluation_lib.PartitionedInference(
+        model, partitioner, shardings, dataset_cfg.batch_size
     )
+    if mode == "predict":
+        _, outputs = evaluator.evaluate(
+            compute_metrics=False, predict_fn=inference.predict_fn(params)
+        )
+    else:
+        _, outputs = evaluator.evaluate(compute_metrics=False, score_fn=inference.score_fn(params))
     paths = {}
-    for task in evaluator.task_names:
-        records = evaluator.predict(params, task)
+    for task, output in outputs.items():
+        records = evaluator.records(task, output)
         paths[task] = evaluation_lib.write_predictions(output_dir, task, step, records)
         logger.info("wrote %d %s records of %s to %s", len(records), mode, task, paths[task])
     return paths

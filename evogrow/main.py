@@ -41,7 +41,7 @@ COMMANDS = {
     "pretrain_root": "evolution.roots.root:pretrain_root",
     "evolve": "evolution.evolve:evolve",
     "baseline": "evolution.baseline_run:baseline",
-    "export_system": "evolution.export.export:export_system",
+    "export_system": "evolution.export.system_checkpoint:export_system",
     "export_system_t5x": "evolution.export.t5x_export:export_system_t5x",
     "agent": "evolution.agent_main:agent",
     "agents_ray": "evolution.ray_main:agents_ray",
@@ -186,13 +186,13 @@ def _user_errors(command: str) -> tuple[type[Exception], ...]:
     if COMMANDS[command].startswith("evolution."):
         from evolution import evolve
         from evolution import store as store_lib
-        from evolution.agents import agent_view, agents
-        from evolution.export import export, system_model
+        from evolution.agents import agent_cycle, agent_view
+        from evolution.export import system_checkpoint, system_model
         from evolution.roots import root
 
         errors += (evolve.EvolveError, root.RootNotFoundError, store_lib.StoreError)
-        errors += (agents.AgentError, agent_view.AgentStateError)
-        errors += (export.ExportError, system_model.MissingTaskError)
+        errors += (agent_cycle.AgentError, agent_view.AgentStateError)
+        errors += (system_checkpoint.ExportError, system_model.MissingTaskError)
         if command == "export_system_t5x":
             from evolution.export import t5x_export
 

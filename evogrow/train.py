@@ -486,16 +486,17 @@ class _Evaluations:
         self._eval_steps = eval_steps
         self._train_eval_batches: dict[str, list] = {}
         self._infer_split = infer_eval_cfg.split if infer_eval_cfg is not None else ""
-        self._infer = (
-            evaluation_lib.ClassificationEvaluator(
+        self._infer: evaluation_lib.ClassificationEvaluator | None = None
+        if infer_eval_cfg is not None:
+            self._infer = evaluation_lib.from_dataset_config(
+                infer_eval_cfg, trainer.model.FEATURE_CONVERTER_CLS
+            )
+            self._inference = evaluation_lib.PartitionedInference(
                 trainer.model,
                 trainer.partitioner,
-                infer_eval_cfg,
                 trainer.state_shardings.params,
+                infer_eval_cfg.batch_size,
             )
-            if infer_eval_cfg is not None
-            else None
-        )
         self._writers: dict[str, metric_writers.MetricWriter] = {}
         if train_eval_cfg is not None:
             data_lib.get_mixture_or_task(train_eval_cfg.mixture_or_task_name, train_eval_cfg.module)
@@ -548,12 +549,16 @@ class _Evaluations:
         self._train_eval(state, step)
         if self._infer is None:
             return {}
-        metrics, predictions = self._infer.evaluate(state.params)
+        future, outputs = self._infer.evaluate(
+            compute_metrics=True, step=step, predict_fn=self._inference.predict_fn(state.params)
+        )
+        metrics = future.result()
         for task, values in metrics.items():
             self._record("inference_eval", task, self._infer_split, step, values)
             if write_predictions:
+                records = self._infer.records(task, outputs[task])
                 evaluation_lib.write_predictions(
-                    os.path.join(self._model_dir, "inference_eval"), task, step, predictions[task]
+                    os.path.join(self._model_dir, "inference_eval"), task, step, records
                 )
         return metrics
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from evolution.agents import agent_run, agents, multipath_agent
+from evolution.agents import agent_cycle, agent_run, multipath_agent
 from evolution.search import loop as search
 from evolution.search import task_data
 
@@ -26,19 +26,19 @@ def agent(
     *,
     store_dir: str,
     task: str,
-    method: str = agents.MUNET,
+    method: str = agent_cycle.MUNET,
     name: str | None = None,
     root_dir: str | None = None,
     cycles: int | None = None,
     max_seconds: float | None = None,
     search_config: search.SearchConfig | None = None,
-    baseline: agents.BaselineSettings | None = None,
+    baseline: agent_cycle.BaselineSettings | None = None,
     multipath: multipath_agent.MultipathSettings | None = None,
     eval_batch_size: int = 256,
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     max_test_examples: int | None = None,
-) -> list[agents.AgentResult]:
+) -> list[agent_cycle.AgentResult]:
     """Entry point: runs one agent's cycles on the store in `store_dir`.
 
     Args:
@@ -65,15 +65,15 @@ def agent(
       The cycles' results.
 
     Raises:
-      agents.AgentError: a bad configuration, or an agent of this name is running.
+      agent_cycle.AgentError: a bad configuration, or an agent of this name is running.
       agent_view.AgentStateError: the store's published state is malformed or foreign.
     """
-    config = agents.AgentConfig(
+    config = agent_cycle.AgentConfig(
         task=task,
         method=method,
         name=name,
         search=search_config or search.SearchConfig(),
-        baseline=baseline or agents.BaselineSettings(),
+        baseline=baseline or agent_cycle.BaselineSettings(),
         multipath=multipath or multipath_agent.MultipathSettings(),
     )
     data = task_data.search_task_data(
@@ -83,7 +83,7 @@ def agent(
         max_eval_examples=max_eval_examples,
     )
     test_data = None
-    if method != agents.MUNET:
+    if method != agent_cycle.MUNET:
         test_data = task_data.load_task_arrays(task, "test", max_examples=max_test_examples)
     results = agent_run.run_agent(
         store_dir=store_dir,
@@ -98,7 +98,7 @@ def agent(
     if isinstance(last, multipath_agent.MultipathCycle):
         print(f"agent {config.agent}: {len(results)} cycles; last: {last.message}")
     elif last is not None:
-        new_paths = sum(isinstance(r, agents.CycleResult) and r.new_path for r in results)
+        new_paths = sum(isinstance(r, agent_cycle.CycleResult) and r.new_path for r in results)
         print(
             f"agent {config.agent}: {len(results)} cycles, "
             f"{new_paths} new paths; live path {last.path.id}: "

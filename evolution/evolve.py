@@ -39,7 +39,7 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.export import inference
-from evolution.report import report, system_picture
+from evolution.report import summaries, system_picture
 from evolution.roots import root
 from evolution.search import loop as search
 from evolution.search import task_data
@@ -237,18 +237,18 @@ def write_report(
     os.makedirs(output_dir, exist_ok=True)
     state = store.load_state()
     accuracy = test_accuracies(store, state)
-    table = report.system_table(state, test_accuracy=accuracy)
+    table = summaries.system_table(state, test_accuracy=accuracy)
     metrics = {task: {"test acc": acc} for task, acc in accuracy.items()}
     svg, png = system_picture.render_system_files(state, output_dir, task_metrics=metrics)
     points = [
         (task, "evolved", acc, state.accounted_params(state.best_path(task)))  # type: ignore[arg-type]
         for task, acc in accuracy.items()
     ]
-    plot = report.plot_accuracy_vs_params(
+    plot = summaries.plot_accuracy_vs_params(
         [*points, *extra_points], os.path.join(output_dir, "accuracy_vs_params.png")
     )
     tb_dir = os.path.join(output_dir, "tensorboard")
-    report.write_tensorboard(tb_dir, state, step=step, test_accuracy=accuracy)
+    summaries.write_tensorboard(tb_dir, state, step=step, test_accuracy=accuracy)
     with open(os.path.join(output_dir, "system.md"), "w") as f:
         f.write(table + "\n")
     files = {"picture_svg": svg, "picture_png": png, "plot": plot, "tensorboard": tb_dir}

@@ -6,14 +6,14 @@
 
 One agent per (task, method) pair, named "<method>-<task>", each a Ray task with one
 CPU on the cluster at $RAY_ADDRESS (or RAY_ADDRESS bound in gin; with neither, a local
-cluster on this machine). Multi-machine set-up: `evolution.search.ray_executor`.
+cluster on this machine). Multi-machine set-up: `evolution.search.execution.ray_executor`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from evolution.agents import agents, ray_agents
+from evolution.agents import agent_cycle, ray_agents
 from evolution.search import loop as search
 
 
@@ -21,26 +21,26 @@ def agents_ray(
     *,
     store: str,
     tasks: Sequence[str],
-    methods: Sequence[str] = (agents.MUNET,),
+    methods: Sequence[str] = (agent_cycle.MUNET,),
     root_dir: str | None = None,
     cycles: int | None = 1,
     max_seconds: float | None = None,
     concurrent: bool = True,
     ray_address: str | None = None,
     search_config: search.SearchConfig | None = None,
-    baseline: agents.BaselineSettings | None = None,
+    baseline: agent_cycle.BaselineSettings | None = None,
     eval_batch_size: int = 256,
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     max_test_examples: int | None = None,
-) -> list[list[agents.AgentResult]]:
+) -> list[list[agent_cycle.AgentResult]]:
     """Entry point: runs one agent per (task, method) pair on Ray and waits for them.
 
     Args:
       store: the shared store location: `postgresql://...?params_dir=/shared/dir`
         across machines, or a directory (the embedded SQLite store, one machine).
       tasks: the seqio tasks (`import tasks` registers them).
-      methods: the methods each task gets an agent of (`agents.METHODS`: "munet",
+      methods: the methods each task gets an agent of (`agent_cycle.METHODS`: "munet",
         "finetune", "freeze", "adapters", ...).
       root_dir: a pretrained root seeded when the store has none (None: the store must
         have a root).
@@ -60,17 +60,17 @@ def agents_ray(
       Each agent's cycle results, in (task, method) order.
 
     Raises:
-      agents.AgentError: a bad configuration (no tasks, an unknown method, no limit).
+      agent_cycle.AgentError: a bad configuration (no tasks, an unknown method, no limit).
       ImportError: Ray is not installed.
     """
     if not tasks or not methods:
-        raise agents.AgentError("agents_ray needs at least one task and one method.")
+        raise agent_cycle.AgentError("agents_ray needs at least one task and one method.")
     configs = [
-        agents.AgentConfig(
+        agent_cycle.AgentConfig(
             task=task,
             method=method,
             search=search_config or search.SearchConfig(),
-            baseline=baseline or agents.BaselineSettings(),
+            baseline=baseline or agent_cycle.BaselineSettings(),
         )
         for task in tasks
         for method in methods
@@ -96,7 +96,7 @@ def agents_ray(
             print(f"agent {config.agent}: no cycle ran")
             continue
         last = cycles_run[-1]
-        if not isinstance(last, agents.CycleResult):  # a multipath agent publishes nothing
+        if not isinstance(last, agent_cycle.CycleResult):  # a multipath agent publishes nothing
             print(f"agent {config.agent}: {len(cycles_run)} cycles; last: {last.message}")
             continue
         new_paths = sum(getattr(r, "new_path", False) for r in cycles_run)

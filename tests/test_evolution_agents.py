@@ -27,7 +27,7 @@ import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution import store as store_lib
-from evolution.agents import agent_run, agent_view, agents
+from evolution.agents import agent_cycle, agent_run, agent_view
 from evolution.export import inference
 from evolution.roots import seeding
 from evolution.search import batches, candidate, hparams, iteration, selection
@@ -71,7 +71,7 @@ SEARCH = search.SearchConfig(
         fixed_probabilities={"clone:*": 0.0, "clone:block_0": 0.5},
     ),
 )
-BASELINE = agents.BaselineSettings(steps=6)
+BASELINE = agent_cycle.BaselineSettings(steps=6)
 TASKS = ("tex_a", "tex_b", "tex_c", "tex_d")
 
 
@@ -124,7 +124,7 @@ import json, logging, os, signal, sys, time
 import numpy as np
 
 import test_evolution_agents as spec
-from evolution.agents import agent_run, agents
+from evolution.agents import agent_run, agent_cycle
 from evolution.search import candidate
 from evolution.export import inference
 from evolution.store import sqlite as sqlite_store
@@ -132,7 +132,7 @@ from evolution.store import sqlite as sqlite_store
 store_dir, task, method, name, cycles, out_dir = sys.argv[1:7]
 logging.basicConfig(format="%(asctime)s %(message)s")
 logging.getLogger("evogrow").setLevel(logging.INFO)
-config = agents.AgentConfig(task, method, name, spec.SEARCH, spec.BASELINE)
+config = agent_cycle.AgentConfig(task, method, name, spec.SEARCH, spec.BASELINE)
 test_x = spec.DATA[task]["test_x"]
 hook = os.environ.get("AGENT_TEST_HOOK", "")
 published = []
@@ -286,10 +286,10 @@ def warm_cache(tmp_path_factory):
     store_dir = _seeded_store(tmp_path_factory.mktemp("warm"))
     with sqlite_store.SqliteStore(store_dir) as store:
         for task, method in (("tex_a", "munet"), ("tex_b", "munet"), ("tex_a", "munet")):
-            config = agents.AgentConfig(task, method, None, SEARCH, BASELINE)
-            agents.run_cycle(store, config, _task_data(task), test_data=_test_split(task))
-        config = agents.AgentConfig("tex_d", "freeze", None, SEARCH, BASELINE)
-        agents.run_cycle(store, config, _task_data("tex_d"), test_data=_test_split("tex_d"))
+            config = agent_cycle.AgentConfig(task, method, None, SEARCH, BASELINE)
+            agent_cycle.run_cycle(store, config, _task_data(task), test_data=_test_split(task))
+        config = agent_cycle.AgentConfig("tex_d", "freeze", None, SEARCH, BASELINE)
+        agent_cycle.run_cycle(store, config, _task_data("tex_d"), test_data=_test_split("tex_d"))
         inference.predict(store, "tex_a", DATA["tex_a"]["test_x"])
 
 
@@ -434,8 +434,8 @@ def test_retired_parents_and_same_task_agents(tmp_path, monkeypatch):
         root_id = store.load_state().root_path_id
 
         def cycle(task, method, name):
-            config = agents.AgentConfig(task, method, name, SEARCH, BASELINE)
-            return agents.run_cycle(
+            config = agent_cycle.AgentConfig(task, method, name, SEARCH, BASELINE)
+            return agent_cycle.run_cycle(
                 store, config, _task_data(task), test_data=_test_split(task), cache=cache
             )
 
@@ -525,7 +525,7 @@ def test_malformed_or_foreign_state_is_refused(tmp_path, kind, expected, method)
         components.insert(3, ["mystery", "root:block_0"])
     _insert_raw_path(store_dir, "bad-path", components, architecture)
     before = _publications(store_dir)
-    config = agents.AgentConfig("tex_a", method, search=SEARCH, baseline=BASELINE)
+    config = agent_cycle.AgentConfig("tex_a", method, search=SEARCH, baseline=BASELINE)
     with pytest.raises(agent_view.AgentStateError, match=f"path 'bad-path'.*{expected}"):
         agent_run.run_agent(
             store_dir=store_dir,
@@ -539,7 +539,7 @@ def test_malformed_or_foreign_state_is_refused(tmp_path, kind, expected, method)
 
 
 def test_agent_start_errors(tmp_path):
-    config = agents.AgentConfig("tex_a", search=SEARCH)
+    config = agent_cycle.AgentConfig("tex_a", search=SEARCH)
     data = _task_data("tex_a")
     empty = str(tmp_path / "empty")
     with pytest.raises(agent_view.AgentStateError, match="no root path"):
@@ -551,13 +551,13 @@ def test_agent_start_errors(tmp_path):
         agent_run.run_agent(store_dir=str(foreign), config=config, data=data, cycles=1)
     with (
         agent_run.agent_lock(empty, config.agent),
-        pytest.raises(agents.AgentError, match="already running"),
+        pytest.raises(agent_cycle.AgentError, match="already running"),
     ):
         agent_run.run_agent(store_dir=empty, config=config, data=data, cycles=1)
-    with pytest.raises(agents.AgentError, match="needs test_data"):
+    with pytest.raises(agent_cycle.AgentError, match="needs test_data"):
         agent_run.run_agent(
-            store_dir=empty, config=agents.AgentConfig("tex_a", "freeze"), data=data
+            store_dir=empty, config=agent_cycle.AgentConfig("tex_a", "freeze"), data=data
         )
-    with pytest.raises(agents.AgentError, match="Unknown agent method"):
-        agents.AgentConfig("tex_a", "router")
-    assert agents.AgentConfig("tex a/1").agent == "munet-tex_a_1"
+    with pytest.raises(agent_cycle.AgentError, match="Unknown agent method"):
+        agent_cycle.AgentConfig("tex_a", "router")
+    assert agent_cycle.AgentConfig("tex a/1").agent == "munet-tex_a_1"

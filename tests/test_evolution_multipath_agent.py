@@ -22,7 +22,7 @@ import pytest
 from test_evolution_agents import SEARCH, _task_data, _test_split
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution.agents import agent_run, agent_view, agents, multipath_agent
+from evolution.agents import agent_cycle, agent_run, agent_view, multipath_agent
 from evolution.roots import seeding
 from evolution.search import mutations as mut
 from evolution.store import sqlite as sqlite_store
@@ -66,13 +66,13 @@ def store_dir(tmp_path_factory):
     with sqlite_store.SqliteStore(directory) as store:
         seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
         for task in ("tex_a", "tex_b"):
-            config = agents.AgentConfig(task, "munet", search=MUNET_SEARCH)
-            agents.run_cycle(store, config, _task_data(task))
+            config = agent_cycle.AgentConfig(task, "munet", search=MUNET_SEARCH)
+            agent_cycle.run_cycle(store, config, _task_data(task))
     return directory
 
 
 def _config(task="tex_a", settings=SETTINGS):
-    return agents.AgentConfig(task, agents.MULTIPATH, multipath=settings)
+    return agent_cycle.AgentConfig(task, agent_cycle.MULTIPATH, multipath=settings)
 
 
 def test_cycle_writes_report_and_changes_nothing_published(store_dir, tmp_path):
@@ -80,7 +80,7 @@ def test_cycle_writes_report_and_changes_nothing_published(store_dir, tmp_path):
     report_dir = str(tmp_path / "multipath")
     with sqlite_store.SqliteStore(store_dir) as store:
         path_0 = store.load_state().best_path("tex_a")
-        result = agents.run_cycle(
+        result = agent_cycle.run_cycle(
             store,
             _config(),
             _task_data("tex_a"),
@@ -159,7 +159,7 @@ def test_task_without_published_path_waits(store_dir, tmp_path):
 def test_three_paths_and_bad_settings(store_dir, tmp_path):
     with sqlite_store.SqliteStore(store_dir) as store:
         view = agent_view.AgentView(store, agent="x", task="tex_b", for_search=False)
-        result = agents.run_cycle(
+        result = agent_cycle.run_cycle(
             view,
             _config("tex_b", dataclasses.replace(SETTINGS, num_paths=3)),
             _task_data("tex_b"),
@@ -173,16 +173,16 @@ def test_three_paths_and_bad_settings(store_dir, tmp_path):
         multipath_agent.MultipathSettings(num_paths=4)
     with pytest.raises(ValueError, match="multiple"):
         multipath_agent.MultipathSettings(steps=10, steps_per_validation=4)
-    with pytest.raises(agents.AgentError, match="report_dir"):
+    with pytest.raises(agent_cycle.AgentError, match="report_dir"):
         with sqlite_store.SqliteStore(store_dir) as store:
-            agents.run_cycle(store, _config(), _task_data("tex_a"))
+            agent_cycle.run_cycle(store, _config(), _task_data("tex_a"))
 
 
 def test_agents_bench_parses_the_cycle_log(store_dir, caplog):
     """`./run.sh bench agents` counts candidates from the agents' cycle log lines."""
     from benchmarks import agents as agents_bench
 
-    config = agents.AgentConfig("tex_b", "munet", search=MUNET_SEARCH)
+    config = agent_cycle.AgentConfig("tex_b", "munet", search=MUNET_SEARCH)
     with caplog.at_level(logging.INFO, logger="evogrow"):
         (result,) = agent_run.run_agent(
             store_dir=store_dir, config=config, data=_task_data("tex_b"), cycles=1

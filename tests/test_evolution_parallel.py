@@ -22,8 +22,9 @@ from tiny_vit_testlib import TINY_VIT, random_params
 from evolution.roots import seeding
 from evolution.search import candidate as cand
 from evolution.search import flops as flops_lib
-from evolution.search import iteration, placement, scoring
+from evolution.search import iteration, scoring
 from evolution.search import loop as search
+from evolution.search.execution import placement
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 

@@ -30,10 +30,11 @@ from test_evolution_search import SEARCH, _task_data_of  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
 from evolution import store as store_lib  # noqa: E402
-from evolution.agents import agent_run, agents, ray_agents  # noqa: E402
+from evolution.agents import agent_cycle, agent_run, ray_agents  # noqa: E402
 from evolution.roots import seeding  # noqa: E402
-from evolution.search import candidate, ray_executor  # noqa: E402
+from evolution.search import candidate  # noqa: E402
 from evolution.search import loop as search  # noqa: E402
+from evolution.search.execution import ray_executor  # noqa: E402
 from evolution.store import sqlite as sqlite_store  # noqa: E402
 
 pytestmark = pytest.mark.ray  # a local Ray cluster
@@ -137,14 +138,14 @@ def test_unknown_executor_is_refused():
 
 # tex_b's agent trains its candidates as Ray tasks of their own (nested in its task).
 MUNET_AGENTS = [
-    agents.AgentConfig(task, agents.MUNET, None, search_config, agents_spec.BASELINE)
+    agent_cycle.AgentConfig(task, agent_cycle.MUNET, None, search_config, agents_spec.BASELINE)
     for task, search_config in (
         ("tex_a", agents_spec.SEARCH),
         ("tex_b", dataclasses.replace(agents_spec.SEARCH, executor="ray")),
     )
 ]
 BASELINE_AGENTS = [
-    agents.AgentConfig(task, method, None, agents_spec.SEARCH, agents_spec.BASELINE)
+    agent_cycle.AgentConfig(task, method, None, agents_spec.SEARCH, agents_spec.BASELINE)
     for task, method in (("tex_c", "finetune"), ("tex_d", "adapters"))
 ]
 
@@ -233,9 +234,9 @@ def test_agents_on_ray_publish_what_they_publish_in_process(location, in_process
 
 
 def test_run_agents_refuses_duplicate_names_and_endless_runs(tmp_path):
-    with pytest.raises(agents.AgentError, match="unique"):
+    with pytest.raises(agent_cycle.AgentError, match="unique"):
         ray_agents.run_agents(store=str(tmp_path), configs=MUNET_AGENTS[:1] * 2, cycles=1)
-    with pytest.raises(agents.AgentError, match="cycles or max_seconds"):
+    with pytest.raises(agent_cycle.AgentError, match="cycles or max_seconds"):
         ray_agents.run_agents(store=str(tmp_path), configs=MUNET_AGENTS, cycles=None)
 
 

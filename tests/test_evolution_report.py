@@ -13,7 +13,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from evolution.report import report, system_picture
+from evolution.report import summaries, system_picture
 from evolution.system import state as system
 
 ROOT = "root"
@@ -219,7 +219,7 @@ def test_spread_keeps_order_and_gaps():
 
 
 def test_render_svg_and_png(tmp_path):
-    svg, png = report.render_system_files(
+    svg, png = summaries.render_system_files(
         STATE, str(tmp_path / "pic"), task_metrics={t: {"acc": 0.9} for t in TASKS}
     )
     assert os.path.exists(svg) and os.path.exists(png)
@@ -235,7 +235,7 @@ def test_render_svg_and_png(tmp_path):
 
 def test_render_seven_tasks_stays_readable(tmp_path):
     state = synthetic_system(SEVEN_TASKS, num_blocks=8)
-    png = report.render_system(state, str(tmp_path / "seven.png"))
+    png = summaries.render_system(state, str(tmp_path / "seven.png"))
     plan = system_picture.layout(state)
     assert len(plan.paths) == 8 and len(plan.levels) >= 12
     height, width = mpimg.imread(png).shape[:2]
@@ -249,7 +249,7 @@ def test_render_seven_tasks_stays_readable(tmp_path):
 
 
 def test_table_rows_and_markdown():
-    rows = report.task_rows(
+    rows = summaries.task_rows(
         STATE, test_accuracy={"task_a": 0.91}, baselines={"finetune": {"task_a": 0.93}}
     )
     assert [r["task"] for r in rows] == list(TASKS)
@@ -271,7 +271,7 @@ def test_table_rows_and_markdown():
     assert by_task["task_a"]["applied"] == ["hp:lr", "add:adapter_1", "clone:block_1"]
     assert by_task["task_b"]["baselines"] == {"finetune": None}
 
-    table = report.system_table(
+    table = summaries.system_table(
         STATE, test_accuracy={"task_a": 0.91}, baselines={"finetune": {"task_a": 0.93}}
     )
     lines = table.splitlines()
@@ -298,10 +298,10 @@ def test_plot_accuracy_vs_params(tmp_path):
         for i, task in enumerate(TASKS)
         for j, method in enumerate(("evolved", "finetune", "freeze", "adapters"))
     ]
-    out = report.plot_accuracy_vs_params(points, str(tmp_path / "plots" / "acc.png"))
+    out = summaries.plot_accuracy_vs_params(points, str(tmp_path / "plots" / "acc.png"))
     assert os.path.getsize(out) > 0 and mpimg.imread(out).shape[0] > 100
     with pytest.raises(ValueError):
-        report.plot_accuracy_vs_params([("a", "m", 0.5, 0.0)], str(tmp_path / "bad.png"))
+        summaries.plot_accuracy_vs_params([("a", "m", 0.5, 0.0)], str(tmp_path / "bad.png"))
 
 
 def test_write_tensorboard(tmp_path):
@@ -309,11 +309,11 @@ def test_write_tensorboard(tmp_path):
     from tensorboard.util import tensor_util
 
     log_dir = str(tmp_path / "tb")
-    report.write_tensorboard(log_dir, STATE, step=4, test_accuracy={"task_b": 0.77})
+    summaries.write_tensorboard(log_dir, STATE, step=4, test_accuracy={"task_b": 0.77})
     events = event_accumulator.EventAccumulator(log_dir, size_guidance={"tensors": 0})
     events.Reload()
     tags = set(events.Tags()["tensors"])
-    expected = report.tensorboard_scalars(STATE, test_accuracy={"task_b": 0.77})
+    expected = summaries.tensorboard_scalars(STATE, test_accuracy={"task_b": 0.77})
     assert tags == set(expected)
     assert {"quality/task_a", "test_accuracy/task_b", "system/params"} <= tags
 
@@ -331,9 +331,9 @@ def test_write_tensorboard(tmp_path):
 
 
 def test_format_progress():
-    line = report.format_progress("digits", 3, 10, 0.91234, 0.93, 42.04, eta_seconds=754)
+    line = summaries.format_progress("digits", 3, 10, 0.91234, 0.93, 42.04, eta_seconds=754)
     assert line == (
         "digits: generation 3/10 | best score 0.9123 (quality 0.9300) | "
         "42.0 candidates/hour | ETA 0:12:34"
     )
-    assert "best score - (quality -)" in report.format_progress("t", 0, 2, None, None, 0.0)
+    assert "best score - (quality -)" in summaries.format_progress("t", 0, 2, None, None, 0.0)

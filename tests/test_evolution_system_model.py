@@ -25,7 +25,7 @@ import tensorflow as tf
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evogrow import gin_utils, main
-from evolution.export import export, inference, system_model
+from evolution.export import inference, system_checkpoint, system_model
 from evolution.roots import seeding
 from evolution.search import mutations
 from evolution.store import sqlite as sqlite_store
@@ -295,12 +295,12 @@ def test_unrouted_examples_are_masked(run_all):
 
 
 def test_task_ids_come_from_the_data():
-    assert export.task_ids_of(MIXTURE_ABC, None) == {TASK_A: 0, TASK_B: 2, TASK_C: 1}
+    assert system_checkpoint.task_ids_of(MIXTURE_ABC, None) == {TASK_A: 0, TASK_B: 2, TASK_C: 1}
 
 
 def test_tasks_without_path_are_clear_errors(world, tmp_path):
     with pytest.raises(ValueError, match=TASK_C):
-        export.export_system(
+        system_checkpoint.export_system(
             store_dir=world["directory"],
             model_dir=str(tmp_path / "abc"),
             mixture_or_task_name=MIXTURE_ABC,
@@ -343,10 +343,10 @@ def test_export_then_eval_the_whole_system_in_one_run(world, expected, tmp_path)
             MODEL_DIR=model_dir,
             **common,
         )
-        gin.get_configurable(export.export_system)()
+        gin.get_configurable(system_checkpoint.export_system)()
         gin.clear_config()
         with pytest.raises(ValueError, match="not empty"):
-            export.export_system(
+            system_checkpoint.export_system(
                 store_dir=world["directory"],
                 model_dir=model_dir,
                 mixture_or_task_name=MIXTURE_AB,
@@ -363,7 +363,7 @@ def test_export_then_eval_the_whole_system_in_one_run(world, expected, tmp_path)
         assert main.run(argv) == 0
     finally:
         gin.clear_config()
-    assert export.read_system_config(model_dir).tasks == (TASK_A, TASK_B)
+    assert system_checkpoint.read_system_config(model_dir).tasks == (TASK_A, TASK_B)
     records = {r["task"]: r for r in reporting.read_history(eval_dir)}
     assert set(records) >= {TASK_A, TASK_B} and TASK_C not in records
     for task, (_, classes) in expected.items():
@@ -386,4 +386,6 @@ def test_export_then_eval_the_whole_system_in_one_run(world, expected, tmp_path)
             jax.tree.map(np.testing.assert_array_equal, tree, store.load_params(cid))
     # A mixture with a task the system cannot route is refused when the model is built.
     with pytest.raises(ValueError, match=TASK_C):
-        export.load_system_model(model_dir=model_dir, mixture_or_task_name=MIXTURE_ABC, module=None)
+        system_checkpoint.load_system_model(
+            model_dir=model_dir, mixture_or_task_name=MIXTURE_ABC, module=None
+        )

@@ -2,12 +2,14 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
 
-from training.t5x_evaluator import ClassificationEvaluator
+from training import evaluation, partitioning
+from training.evaluation import ClassificationEvaluator
 
 TASK = "t5x_evaluator_test_task"
 NUM_EXAMPLES = 10
@@ -105,3 +107,40 @@ class _PackingConverter(PassThroughConverter):
 def test_packing_is_refused(task):
     with pytest.raises(ValueError, match="packing"):
         ClassificationEvaluator(task, _PackingConverter(pack=True))
+
+
+class _SumModel:
+    """predict_batch: whether an image's sum passes a threshold; score_batch: the sum."""
+
+    def predict_batch(self, params, batch):
+        return (batch["image"].sum(axis=(1, 2, 3)) > params["threshold"]).astype(jnp.int32)
+
+    def score_batch(self, params, batch):
+        return batch["image"].sum(axis=(1, 2, 3)) - params["threshold"]
+
+
+def test_partitioned_inference_covers_every_example_once(task):
+    # 8 devices, batches of 8: the last of the two batches is padded with masked rows.
+    partitioner = partitioning.Partitioner()
+    params = {"threshold": jnp.float32(500.0)}
+    shardings = {"threshold": partitioner.replicated}
+    inference = evaluation.PartitionedInference(_SumModel(), partitioner, shardings, 8)
+    evaluator = ClassificationEvaluator(task, PassThroughConverter(pack=False), logger_cls=())
+    future, outputs = evaluator.evaluate(
+        compute_metrics=True,
+        predict_fn=inference.predict_fn(params),
+        score_fn=inference.score_fn(params),
+    )
+    sums = np.arange(NUM_EXAMPLES * 12, dtype=np.float32).reshape(NUM_EXAMPLES, 12).sum(axis=1)
+    np.testing.assert_array_equal(outputs[TASK]["predictions"], sums > 500)
+    np.testing.assert_allclose(outputs[TASK]["scores"], sums - 500)
+    expected = np.mean((sums > 500).astype(np.int32) == LABELS)
+    assert future.result()[TASK]["accuracy"] == pytest.approx(expected)
+    records = evaluator.records(TASK, outputs[TASK])
+    assert [r["index"] for r in records] == list(range(NUM_EXAMPLES))
+    assert records[3] == {
+        "index": 3,
+        "label": int(LABELS[3]),
+        "prediction": int(sums[3] > 500),
+        "score": pytest.approx(float(sums[3] - 500)),
+    }

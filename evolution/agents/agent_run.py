@@ -1,7 +1,7 @@
 """An agent's run: its lock, the store's root, and its cycles under a time budget.
 
-`run_agent` runs one agent (`agents.AgentConfig`) on a shared store, cycle after cycle
-(`agents.run_cycle`), until it has run `cycles` of them or `max_seconds` have passed.
+`run_agent` runs one agent (`agent_cycle.AgentConfig`) on a shared store, cycle after cycle
+(`agent_cycle.run_cycle`), until it has run `cycles` of them or `max_seconds` have passed.
 Agents on one machine are separate processes on the embedded SQLite store; a lock file
 per agent name (`<store folder>/agents/<name>.lock`, released by the kernel when the
 process dies, even by kill -9) keeps two processes from running as the same agent.
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.agents import agents, baselines, multipath_agent
+from evolution.agents import agent_cycle, baselines, multipath_agent
 from evolution.roots import root
 from evolution.search import candidate
 from evolution.search import loop as search
@@ -35,7 +35,7 @@ def agent_lock(store_dir: str, agent: str) -> Iterator[None]:
     Raises:
       AgentError: another live process runs as this agent on the store.
     """
-    folder = os.path.join(store_dir, agents.LOCK_FOLDER)
+    folder = os.path.join(store_dir, agent_cycle.LOCK_FOLDER)
     os.makedirs(folder, exist_ok=True)
     lock_path = os.path.join(folder, f"{agent}.lock")
     handle = open(lock_path, "a+")  # noqa: SIM115 - held for the context
@@ -45,7 +45,7 @@ def agent_lock(store_dir: str, agent: str) -> Iterator[None]:
         except BlockingIOError as error:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
-            raise agents.AgentError(
+            raise agent_cycle.AgentError(
                 f"Agent {agent!r} is already running on {store_dir} (pid {owner}); give "
                 "this one another name."
             ) from error
@@ -77,15 +77,15 @@ def _ensure_root(store: store_lib.Store, root_dir: str | None) -> None:
 def run_agent(
     *,
     store_dir: str,
-    config: agents.AgentConfig,
+    config: agent_cycle.AgentConfig,
     data: search.TaskData,
     test_data: tuple[np.ndarray, np.ndarray] | None = None,
     cycles: int | None = None,
     max_seconds: float | None = None,
     root_dir: str | None = None,
-    on_publish: Callable[[agents.AgentResult], None] | None = None,
+    on_publish: Callable[[agent_cycle.AgentResult], None] | None = None,
     cache: candidate.StepCache | None = None,
-) -> list[agents.AgentResult]:
+) -> list[agent_cycle.AgentResult]:
     """Runs one agent's cycles on a store until `cycles` ran or `max_seconds` passed.
 
     The agent may be killed at any moment (even by kill -9) and started again: what it
@@ -114,20 +114,22 @@ def run_agent(
       agent_view.AgentStateError: the published state is malformed or foreign.
     """
     if cycles is not None and cycles < 0:
-        raise agents.AgentError(f"cycles={cycles} must be >= 0.")
+        raise agent_cycle.AgentError(f"cycles={cycles} must be >= 0.")
     if max_seconds is not None and max_seconds <= 0:
-        raise agents.AgentError(f"max_seconds={max_seconds} must be > 0.")
+        raise agent_cycle.AgentError(f"max_seconds={max_seconds} must be > 0.")
     if config.method in baselines.METHODS and test_data is None:
-        raise agents.AgentError(f"The {config.method!r} agent needs test_data (inputs, labels).")
+        raise agent_cycle.AgentError(
+            f"The {config.method!r} agent needs test_data (inputs, labels)."
+        )
     start = time.monotonic()
     cache = cache or candidate.default_cache()
-    results: list[agents.AgentResult] = []
+    results: list[agent_cycle.AgentResult] = []
     lock_folder = store_lib.local_folder_of(store_dir)
     report_dir = os.path.join(lock_folder, multipath_agent.FOLDER)
     with store_lib.open_store(store_dir) as store, agent_lock(lock_folder, config.agent):
         _ensure_root(store, root_dir)
         run_one = functools.partial(
-            agents.run_cycle,
+            agent_cycle.run_cycle,
             store,
             config,
             data,

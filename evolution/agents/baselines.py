@@ -57,15 +57,14 @@ from evolution import store as store_lib
 from evolution.search import (
     batches,
     candidate,
-    executors,
     flops,
     hparams,
     iteration,
     mutations,
-    placement,
 )
 from evolution.search import loop as search
 from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.search.execution import executors, placement
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import architecture_of, model_config_of

@@ -1,6 +1,6 @@
 """The multipath agent: a router over P frozen published paths, kept beside the store.
 
-Each cycle (`run_multipath_cycle`, dispatched by `agents.run_cycle` for the method
+Each cycle (`run_multipath_cycle`, dispatched by `agent_cycle.run_cycle` for the method
 "multipath"):
 
 1. reloads the published state, checked (`agent_view.check_state`);

@@ -1,9 +1,9 @@
 """Agents as Ray tasks on one shared store (`./run.sh agents_ray`).
 
-Each agent (a method bound to a task, `agents.AgentConfig`) is one Ray task running
+Each agent (a method bound to a task, `agent_cycle.AgentConfig`) is one Ray task running
 `agent_run.run_agent` on a shared store; agents meet only through what they publish.
 Cluster set-up, and what the store location must be on several machines:
-`evolution.search.ray_executor`.
+`evolution.search.execution.ray_executor`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from evolution import store as store_lib
-from evolution.agents import agent_run, agents
+from evolution.agents import agent_cycle, agent_run
 from evolution.search import loop as search
-from evolution.search import ray_executor, task_data
+from evolution.search import task_data
+from evolution.search.execution import ray_executor
 
 # (data) -> (the task's TaskData, the (inputs, labels) test split or None); runs in the
 # agent's Ray task, so it must be picklable and read data reachable from every machine.
-AgentDataFn = Callable[[agents.AgentConfig], tuple[search.TaskData, Any]]
+AgentDataFn = Callable[[agent_cycle.AgentConfig], tuple[search.TaskData, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class SeqioAgentData:
     max_eval_examples: int | None = None
     max_test_examples: int | None = None
 
-    def __call__(self, config: agents.AgentConfig) -> tuple[search.TaskData, Any]:
+    def __call__(self, config: agent_cycle.AgentConfig) -> tuple[search.TaskData, Any]:
         """Reads the agent's task data (and its test split for a baseline).
 
         Args:
@@ -56,7 +57,7 @@ class SeqioAgentData:
             max_eval_examples=self.max_eval_examples,
         )
         test = None
-        if config.method != agents.MUNET:
+        if config.method != agent_cycle.MUNET:
             test = task_data.load_task_arrays(
                 config.task, "test", max_examples=self.max_test_examples
             )
@@ -65,12 +66,12 @@ class SeqioAgentData:
 
 def _run_agent_task(
     store: str,
-    config: agents.AgentConfig,
+    config: agent_cycle.AgentConfig,
     data_fn: AgentDataFn,
     cycles: int | None,
     max_seconds: float | None,
     root_dir: str | None,
-) -> list[agents.AgentResult]:
+) -> list[agent_cycle.AgentResult]:
     """A Ray task: one agent's run on the shared store, in the worker."""
     logging.getLogger("evogrow").setLevel(logging.INFO)
     data, test = data_fn(config)
@@ -94,7 +95,7 @@ def _shared_location(store: str) -> str:
 def run_agents(
     *,
     store: str,
-    configs: Sequence[agents.AgentConfig],
+    configs: Sequence[agent_cycle.AgentConfig],
     data_fn: AgentDataFn | None = None,
     cycles: int | None = 1,
     max_seconds: float | None = None,
@@ -102,7 +103,7 @@ def run_agents(
     concurrent: bool = True,
     ray_address: str | None = None,
     num_cpus: float = 1.0,
-) -> list[list[agents.AgentResult]]:
+) -> list[list[agent_cycle.AgentResult]]:
     """Runs agents as Ray tasks on one shared store and waits for them.
 
     Each agent is one Ray task (`num_cpus` CPUs) running `agent_run.run_agent` with its
@@ -126,15 +127,17 @@ def run_agents(
       Each agent's cycle results, in `configs` order.
 
     Raises:
-      agents.AgentError: duplicate agent names, or no limit on the agents' run.
+      agent_cycle.AgentError: duplicate agent names, or no limit on the agents' run.
       ImportError: Ray is not installed.
     """
     names = [config.agent for config in configs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise agents.AgentError(f"Agent names must be unique; repeated: {duplicates}.")
+        raise agent_cycle.AgentError(f"Agent names must be unique; repeated: {duplicates}.")
     if cycles is None and max_seconds is None:
-        raise agents.AgentError("run_agents needs cycles or max_seconds (agents would not end).")
+        raise agent_cycle.AgentError(
+            "run_agents needs cycles or max_seconds (agents would not end)."
+        )
     location = _shared_location(store)
     data_fn = data_fn or SeqioAgentData()
     ray = ray_executor.connect(ray_address)

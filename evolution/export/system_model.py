@@ -12,16 +12,16 @@ argmax nor the log-softmax of the real classes.
 
 Unknown tasks. A route exists only for a task with a published path. Declared tasks are
 checked when the model is built: `export_system` and `load_system_model(
-mixture_or_task_name=...)` (evolution/export/export.py) raise a ValueError naming every task of the
+mixture_or_task_name=...)` (system_checkpoint.py) raise a ValueError naming every task of the
 mixture without a path. An example whose `task_id` has no route anyway (a raw batch) is
 *unrouted*: its prediction is `UNROUTED_PREDICTION` (-1, never a label, so accuracy counts
 it wrong), its score is -inf, its logits are all ABSENT_CLASS_LOGIT, and `loss_fn`
 leaves it out of the loss and the metrics; `predict_batch_with_aux` returns the mask
 under "routed".
 
-A system is written as an evogrow checkpoint by `evolution.export.export.export_system`; the
-routes travel in the checkpoint's metadata, so `evolution.export.export.load_system_model` (bound
-in gin/evolution/eval_system.gin) rebuilds the model from the checkpoint directory alone.
+A system is written as an evogrow checkpoint by `system_checkpoint.export_system`; the
+routes travel in the checkpoint's metadata, so `system_checkpoint.load_system_model`
+(bound in gin/evolution/eval_system.gin) rebuilds the model from the checkpoint directory alone.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ the gin factory of gin/t5x/system_model.gin; gin wraps it in
       --gin.CHECKPOINT_PATH="'MODEL_DIR/checkpoint_0'" --gin.INFER_OUTPUT_DIR="'I'"
 
 evaluate the whole system on the mixture in one run: accuracy per task from
-`training.t5x_evaluator.ClassificationEvaluator`, one prediction per example from infer.
+`training.evaluation.ClassificationEvaluator`, one prediction per example from infer.
 The checkpoint has no optimizer state: t5x's eval and infer restore params only.
 """
 
@@ -36,13 +36,13 @@ import jax
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.export import export, system_model
+from evolution.export import system_checkpoint, system_model
 from models import partitioning as axis_rules
 from models import t5x_adapter
 from training import checkpoints as checkpoints_lib
 from training import data as data_lib
 
-DEFAULT_MIXTURE = export.DEFAULT_MIXTURE
+DEFAULT_MIXTURE = system_checkpoint.DEFAULT_MIXTURE
 EXPORT_STEP = 0
 SYSTEM_FILE = "system.json"
 T5X_INSTALL_HINT = (
@@ -101,7 +101,7 @@ def read_t5x_system_config(checkpoint_path: str) -> system_model.SystemConfig:
             "evolution.export.t5x_export.export_system_t5x."
         )
     with open(path) as f:
-        return system_model.SystemConfig.from_json(json.load(f)[export.METADATA_KEY])
+        return system_model.SystemConfig.from_json(json.load(f)[system_checkpoint.METADATA_KEY])
 
 
 def load_t5x_system_model(
@@ -196,7 +196,7 @@ def export_system_t5x(
         raise ValueError(f"{model_dir} is not empty; export the system to a fresh model_dir.")
     if not os.path.isdir(store_dir):
         raise ValueError(f"No store at {store_dir!r}.")
-    task_ids = export.task_ids_of(mixture_or_task_name, module)
+    task_ids = system_checkpoint.task_ids_of(mixture_or_task_name, module)
     store = store_lib.open_store(store_dir, read_only=True)
     try:
         model, params = system_model.SystemModel.from_store(store, task_ids)
@@ -229,7 +229,7 @@ def export_system_t5x(
     # Written last: a system.json means a complete export.
     with open(os.path.join(model_dir, SYSTEM_FILE), "w") as f:
         record = {
-            export.METADATA_KEY: model.config.to_json(),
+            system_checkpoint.METADATA_KEY: model.config.to_json(),
             "export": {
                 "store_dir": os.path.abspath(store_dir),
                 "mixture": mixture_or_task_name,

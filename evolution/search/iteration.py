@@ -32,13 +32,13 @@ from evolution.search import (
     hparams,
     mutations,
     opt_states,
-    placement,
     scoring,
     selection,
 )
 from evolution.search import flops as flops_lib
 from evolution.search.batches import Batch
 from evolution.search.config import SearchConfig
+from evolution.search.execution import placement
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of

@@ -24,12 +24,12 @@ One call of `evolve_task` is one *task iteration* of the muNet family
    frozen or clone them, so no later search changes this task's predictions.
 
 A generation's candidates are planned first and then trained together
-(`evolution.search.placement`): one per local device at a time (`SearchConfig.devices`), or each
-as a Ray task (`SearchConfig.executor="ray"`, `evolution.search.ray_executor`), with the same
-results either way. mu2Net+ optimizer-state inheritance: a parent trained in the same
-iteration hands its state over from memory; a published component is stored with its slice
-of the state (`evolution.search.opt_states`), which a later clone of it reads back. FLOPs for
-the score's compute term come from `evolution.search.flops`. muNet's seed sweep
+(`evolution.search.execution`): one per local device at a time (`SearchConfig.devices`), or
+each as a Ray task (`SearchConfig.executor="ray"`), with the same results either way.
+mu2Net+ optimizer-state inheritance: a parent trained in the same iteration hands its state
+over from memory; a published component is stored with its slice of the state
+(`evolution.search.opt_states`), which a later clone of it reads back. FLOPs for the score's
+compute term come from `evolution.search.flops`. muNet's seed sweep
 (`SearchConfig.seed_sweep`) makes an iteration's first candidates unmutated clones of every
 seed; private tasks (`SearchConfig.private_tasks`) are never seeds of another task.
 
@@ -48,15 +48,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evolution import store as store_lib
-from evolution.search import (
-    candidate,
-    executors,
-    iteration,
-    placement,
-    selection,
-)
+from evolution.search import candidate, iteration, selection
 from evolution.search.batches import Batch, TrainBatchesFn
 from evolution.search.config import SearchConfig, TaskData
+from evolution.search.execution import executors, placement
 from evolution.search.iteration import CandidateRecord
 from evolution.system import state as system
 

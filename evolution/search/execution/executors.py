@@ -2,7 +2,8 @@
 
 On one device the candidates train one after another in the calling thread; on several
 in threads, one candidate per device at a time (JAX releases the GIL while a device
-computes); or as Ray tasks (`SearchConfig.executor="ray"`, `evolution.search.ray_executor`).
+computes); or as Ray tasks (`SearchConfig.executor="ray"`,
+`evolution.search.execution.ray_executor`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evolution.search import candidate, placement, ray_executor
+from evolution.search import candidate
 from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.search.execution import placement, ray_executor
 
 
 def train_generation(

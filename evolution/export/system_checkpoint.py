@@ -206,7 +206,7 @@ def read_system_config(model_dir: str, step: int | None = None) -> system_model.
     if METADATA_KEY not in metadata:
         raise ValueError(
             f"The checkpoint in {directory} holds no evolved system (no '{METADATA_KEY}' "
-            "metadata); write one with evolution.export.export.export_system."
+            "metadata); write one with evolution.export.system_checkpoint.export_system."
         )
     return system_model.SystemConfig.from_json(metadata[METADATA_KEY])
 
