@@ -25,8 +25,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-import test_evolution_agents as agents_spec  # noqa: E402
-from test_evolution_search import SEARCH, _task_data_of  # noqa: E402
+import agents_testlib as agents_spec  # noqa: E402
+from search_testlib import SEARCH, _task_data_of  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
 from evolution import store as store_lib  # noqa: E402
@@ -39,7 +39,7 @@ from evolution.store import sqlite as sqlite_store  # noqa: E402
 
 pytestmark = pytest.mark.ray  # a local Ray cluster
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 

@@ -26,7 +26,7 @@ from training import checkpoints, curves, data, growth_schedule, partitioning, r
 
 pytestmark = pytest.mark.slow  # trains and grows a ViT several times
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCHEDULE = {
     3: ["mlp_dim=48", "num_heads=4", "qk_dim=12"],  # qk_dim rescales the queries
     5: ["hidden=32:replicate", "add_layer@1"],

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_growth_preservation import abstract_params, make_config, random_params
+from test_preservation import abstract_params, make_config, random_params
 
 import growth
 from growth import api, ops

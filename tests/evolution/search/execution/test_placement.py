@@ -16,7 +16,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_evolution_search import SEARCH, _task_data_of
+from search_testlib import SEARCH, _task_data_of
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.roots import seeding
@@ -28,7 +28,7 @@ from evolution.search.execution import placement
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 
-TESTS_DIR = pathlib.Path(__file__).parent
+TESTS_DIR = pathlib.Path(__file__).resolve().parents[3]
 REPO = TESTS_DIR.parent
 
 _SCRIPT = textwrap.dedent(
@@ -37,7 +37,7 @@ _SCRIPT = textwrap.dedent(
     import jax
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from test_evolution_search import SEARCH, _task_data_of
+    from search_testlib import SEARCH, _task_data_of
     from tiny_vit_testlib import TINY_VIT, random_params
     from evolution.search import candidate, loop as search
     from evolution.roots import seeding

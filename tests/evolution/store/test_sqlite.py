@@ -1,6 +1,6 @@
 """The SQLite store: its schema check, foreign locations, the factory, kill -9 of a writer.
 
-(The store contract on both backends is test_evolution_store_contract.py.)"""
+(The store contract on both backends is evolution/store/test_store_contract.py.)"""
 
 import os
 import signal
@@ -17,7 +17,7 @@ from evolution import store
 from evolution.store import param_files
 from evolution.store import sqlite as sqlite_store
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
 
 

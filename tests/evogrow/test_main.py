@@ -12,9 +12,9 @@ import trainer_testlib  # noqa: F401 - registers the toy task the toy gin files 
 from evogrow import gin_utils, main
 from training import checkpoints, reporting
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # Every gin file of the repo (tracked or new, not ignored), except gin/t5x/: those bind
-# t5x's own binaries and are parsed and run by tests/test_t5x_binaries.py (with t5x).
+# t5x's own binaries and are parsed and run by tests/models/test_t5x_binaries.py (with t5x).
 GIN_FILES = sorted(
     pathlib.Path(path)
     for path in subprocess.run(

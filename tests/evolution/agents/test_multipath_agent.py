@@ -5,7 +5,7 @@ state unchanged, waits (without crashing) on a task without a path, and a restar
 agent continues from the best it kept.
 
 Tiny root ViT (hidden 16, one block, 8x8x1 images) and the synthetic texture tasks of
-test_evolution_agents; a muNet cycle is one generation of two candidates of 2 x 3 steps,
+agents_testlib; a muNet cycle is one generation of two candidates of 2 x 3 steps,
 a multipath cycle 2 x 4 steps.
 """
 
@@ -19,7 +19,7 @@ import sqlite3
 import jax
 import numpy as np
 import pytest
-from test_evolution_agents import SEARCH, _task_data, _test_split
+from agents_testlib import SEARCH, _task_data, _test_split
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.agents import agent_cycle, agent_run, agent_view, multipath_agent

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.multiprocess  # t5x's binaries in subprocesses
 
 t5x = pytest.importorskip("t5x")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_STEPS = 4  # tiny_train.gin saves every 2 steps
 NUM_CLASSES = 10  # digits_v1
 

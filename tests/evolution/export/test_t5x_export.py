@@ -9,7 +9,7 @@ has no path. `export_system_t5x` writes it as a t5x checkpoint; `python -m t5x.e
 and must agree with `evolution.export.inference.predict_classes` of each task's best path.
 
 The subprocesses register the test tasks by importing this very module
-(MIXTURE_OR_TASK_MODULE='test_evolution_t5x', with tests/ on PYTHONPATH).
+(MIXTURE_OR_TASK_MODULE='test_t5x_export', with this module's folder on PYTHONPATH).
 """
 
 import dataclasses
@@ -45,7 +45,7 @@ from models import adapters, vit  # noqa: E402
 
 pytestmark = pytest.mark.slow  # evolves and exports a store first
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 THIS_MODULE = Path(__file__).stem
 AGENT = "munet"
 TASK_A, TASK_B, TASK_C = (f"evolution_t5x_test_{x}_v1" for x in "abc")
@@ -206,7 +206,7 @@ def exported(store_dir, tmp_path_factory):
 
 def _run(binary: str, *bindings: str) -> None:
     env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]
+    paths = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).parent), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["JAX_PLATFORMS"] = "cpu"

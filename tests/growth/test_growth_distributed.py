@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.multiprocess  # two jax.distributed processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROCESSES = 2
 LOCAL_DEVICES = 2
 REQUESTS = ["mlp_dim=48", "num_heads=8", "hidden=24:pad", "add_layer@1"]

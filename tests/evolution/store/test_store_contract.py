@@ -5,7 +5,7 @@ store (a throw-away server on loopback, `postgres_testlib`; the PostgreSQL cases
 when psycopg or the server binaries are missing): bit-identical round trips, reopening,
 updates and ownership, all-or-nothing publication, staged components, orphans, errors.
 Backend-specific behaviour (schemas, locations, kill -9 of processes) is tested in
-test_evolution_store.py and test_evolution_postgres_store.py.
+evolution/store/test_sqlite.py and evolution/store/test_postgres.py.
 """
 
 import os

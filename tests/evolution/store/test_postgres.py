@@ -1,6 +1,6 @@
 """The PostgreSQL store: locations, foreign stores, concurrent publishers, kill -9 of a
 publisher, and the same search results as the embedded SQLite store (the store contract
-on both backends is test_evolution_store_contract.py).
+on both backends is evolution/store/test_store_contract.py).
 
 The tests start a throw-away PostgreSQL server (Debian's `postgresql` package) on
 127.0.0.1 at a free port in a temporary folder (as the `postgres` or `nobody` user when
@@ -38,7 +38,7 @@ from evolution.system import state as system  # noqa: E402
 
 pytestmark = pytest.mark.postgres  # a throw-away PostgreSQL server
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ROOT_SLOTS = (("embed", "root-embed"), ("block_0", "root-block"), ("head", "root-head"))
 
 

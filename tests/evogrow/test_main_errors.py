@@ -29,7 +29,7 @@ from evolution.system import families
 from models import vit
 from training import checkpoints, lr_schedule, settings
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TOY = "tests/gin/trainer_toy.gin"
 
 

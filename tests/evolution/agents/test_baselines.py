@@ -35,7 +35,7 @@ from models import vit
 
 pytestmark = pytest.mark.slow  # trains every baseline method
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 CONFIG = dataclasses.replace(TINY_VIT, num_layers=2)
 TASKS = ("tex_a", "tex_b")
 OPTIONS = dict(

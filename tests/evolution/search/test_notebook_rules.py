@@ -30,7 +30,7 @@ from evolution.search import mutations as mut
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 
 # -- accounting on a hand-built system ----------------------------------------------------
 

@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.multiprocess  # 8 simulated devices in a subprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DEVICES = 8
 MESHES = ((4, 2), (2, 4))  # (data, model)
 TOLERANCE = 1e-5

@@ -15,7 +15,7 @@ import gin
 import jax
 import numpy as np
 import pytest
-from test_vit_checkpoints import big_vision_arrays
+from vit_checkpoint_testlib import big_vision_arrays
 
 from evogrow import gin_utils
 from evolution.export import inference
@@ -28,7 +28,7 @@ from training import checkpoints as checkpoints_lib
 
 pytestmark = pytest.mark.slow  # pretrains and resumes a root
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 GIN_FILE = "gin/runs/pretrain_root.gin"
 TASK = "digits_rgb32_v1"
 CONFIG = vit.ViTConfig(

@@ -23,7 +23,7 @@ from training import checkpoints, partitioning, reporting, trainer
 
 pytestmark = pytest.mark.multiprocess  # subprocesses and jax.distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 STEPS = 30
 ARGS = [
     "train",
