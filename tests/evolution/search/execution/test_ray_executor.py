@@ -45,7 +45,10 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 def _worker_env():
     """What the workers need to compute as this process does (and to import the tests)."""
-    env = {"PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    # Ray workers import this module by name (its functions are pickled by reference).
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [REPO_ROOT, TESTS_DIR, here, os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(paths)}
     for key in (
         "XLA_FLAGS",
         "PJRT_NPROC",
