@@ -51,6 +51,37 @@ def start_run(out: str | None, prefix: str) -> str:
     return folder
 
 
+def search_configs(args: Any, **fields: Any) -> list[search.SearchConfig]:
+    """One search configuration per seed N, N + 1, ... from a muNet benchmark's arguments.
+
+    Args:
+      args: the parsed arguments (seeds, seed, generations, candidates, validations,
+        steps_per_validation, batch_size, scale).
+      **fields: the benchmark's own SearchConfig fields (mutation options, space, mu).
+
+    Returns:
+      the configurations, in seed order.
+
+    Raises:
+      ValueError: if fewer than one seed is asked for.
+    """
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds} < 1: ask for at least one seed.")
+    return [
+        search.SearchConfig(
+            generations=args.generations,
+            candidates_per_generation=args.candidates,
+            num_validations=args.validations,
+            steps_per_validation=args.steps_per_validation,
+            batch_size=args.batch_size,
+            scale=args.scale,
+            seed=args.seed + i,
+            **fields,
+        )
+        for i in range(args.seeds)
+    ]
+
+
 def image_root(root_dir: str) -> root.RootResult:
     """Reuses the root ViT in `root_dir`, or pretrains it there; prints what it is.
 

@@ -157,22 +157,11 @@ def main(argv: list[str]) -> int:
     """
     args = _parse(argv)
     # Settings first: a bad one is refused before any folder or root is made.
-    if args.seeds < 1:
-        raise ValueError(f"--seeds={args.seeds} < 1.")
-    configs = [
-        search.SearchConfig(
-            generations=args.generations,
-            candidates_per_generation=args.candidates,
-            num_validations=args.validations,
-            steps_per_validation=args.steps_per_validation,
-            batch_size=args.batch_size,
-            scale=args.scale,
-            mu=args.mu,
-            seed=args.seed + i,
-            mutation_options=mutations.MutationOptions(max_layers=8, adapters=args.adapters),
-        )
-        for i in range(args.seeds)
-    ]
+    configs = methods.search_configs(
+        args,
+        mu=args.mu,
+        mutation_options=mutations.MutationOptions(max_layers=8, adapters=args.adapters),
+    )
     out = methods.start_run(args.out, "bench_munet")
     names = offline_image.evolution_members()
     start = time.perf_counter()

@@ -213,22 +213,11 @@ def main(argv: list[str]) -> int:
       the exit status.
     """
     args = _parse(argv)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds={args.seeds} < 1.")
-    configs = [
-        search.SearchConfig(
-            generations=args.generations,
-            candidates_per_generation=args.candidates,
-            num_validations=args.validations,
-            steps_per_validation=args.steps_per_validation,
-            batch_size=args.batch_size,
-            scale=args.scale,
-            seed=args.seed + i,
-            mutation_options=mutations.MutationOptions(add_blocks=False, adapters=args.adapters),
-            space=text_root.text_search_space(),
-        )
-        for i in range(args.seeds)
-    ]
+    configs = methods.search_configs(
+        args,
+        mutation_options=mutations.MutationOptions(add_blocks=False, adapters=args.adapters),
+        space=text_root.text_search_space(),
+    )
     out = methods.start_run(args.out, "bench_munet_text")
     names = list(args.tasks)
     start = time.perf_counter()

@@ -2,12 +2,14 @@
 
 Many tests compile the same programs (the same tiny models, resumed and regrown runs);
 JAX's compilation cache serves repeats from a temporary directory that is created for
-the session and deleted after it, so no compiled code outlives the run.
+the session and deleted after it, so no compiled code outlives the run. Every test
+starts and ends on an empty gin configuration, as a fresh launcher process would.
 """
 
 import shutil
 import tempfile
 
+import gin
 import jax
 import pytest
 
@@ -33,3 +35,11 @@ def _remove_compilation_cache():
     """Deletes the session's compilation cache when the tests end."""
     yield
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+    """Clears gin's global configuration around every test."""
+    gin.clear_config()
+    yield
+    gin.clear_config()

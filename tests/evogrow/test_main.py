@@ -29,13 +29,6 @@ GIN_FILES = sorted(
 TOY = "tests/gin/trainer_toy.gin"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def test_gin_files_are_found():
     assert pathlib.Path("gin/experiments/digits_vit.gin") in GIN_FILES
     assert pathlib.Path("tests/gin/trainer_toy.gin") in GIN_FILES
