@@ -118,10 +118,8 @@ def _router_path_problem(
     if layout.num_classes != classes:
         return f"its member 0's head has {layout.num_classes} classes; {path.task!r} has {classes}"
     for slot, component_id in path.components:
-        member_slot = slot.split("/", 1)[1] if "/" in slot else None
-        expected = mutations.slot_kind(member_slot) if member_slot else slot.split("_")[0]
         kind = state.components[component_id].kind
-        if kind != expected:
+        if kind != router_path.slot_kind(slot):
             return f"component {component_id!r} of kind {kind!r} sits in slot {slot!r}"
     return None
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolution.search import path_model
+from evolution.search import mutations, path_model
 from evolution.system import families
 from evolution.system import state as system
 from models import encoder, vit
@@ -45,6 +46,7 @@ Params = Any
 
 ROUTER_MODEL = system.ROUTER_MODEL
 ROUTER_SLOT = "router"
+CONNECTOR_SLOT_PATTERN = re.compile(r"connector_\d+")
 MAIN_WEIGHT = 0.8  # w0: the router's initial weight on member 0.
 GRADIENT_SCALE = 0.05  # m: the router's gradient multiplier.
 NUM_PATHS = (2, 3)
@@ -103,6 +105,14 @@ def init_connector(feature_dim: int, num_classes: int) -> Params:
     """A connector Dense(num_classes) with zero kernel [D, C] and zero bias [C]."""
     kernel = np.zeros((feature_dim, num_classes), np.float32)
     return {"kernel": kernel, "bias": np.zeros(num_classes, np.float32)}
+
+
+# Logical axis names of the connectors' and the router's parameters (models/partitioning.py).
+CONNECTOR_AXES = {"kernel": ("embed", "classes"), "bias": ("classes",)}
+ROUTER_AXES = {
+    "norm": {"scale": ("classes",), "bias": ("classes",)},
+    "dense": {"kernel": ("classes", "paths"), "bias": ("paths",)},
+}
 
 
 def _layer_norm(x_BxC: jax.Array, params: Params) -> jax.Array:
@@ -417,3 +427,16 @@ def component_config(kind: str, params: Params) -> dict[str, Any]:
         return {"num_classes": int(kernel[0]), "num_paths": int(kernel[1])}
     kernel = np.shape(params["kernel"])
     return {"features": int(kernel[0]), "num_classes": int(kernel[1])}
+
+
+def slot_kind(slot: str) -> str:
+    """The component kind a slot holds, of a router path's slots or a single path's.
+
+    "m1/block_0" -> "block", "connector_1" -> "connector", "router" -> "router"; a single
+    path's slot as `mutations.slot_kind` ("block_3" -> "block").
+    """
+    if "/" in slot:
+        return mutations.slot_kind(slot.split("/", 1)[1])
+    if CONNECTOR_SLOT_PATTERN.fullmatch(slot):
+        return "connector"
+    return mutations.slot_kind(slot)
