@@ -130,7 +130,10 @@ def check_state(state: system.SystemState) -> None:
     Every path (active or retired) must use only published components, a known task,
     the root's model family and shape (its architecture's config equals the root's;
     depth and classes may differ), the family's slots for its depth (plus adapters), a
-    component of the right kind in each slot, and its task's number of classes.
+    component of the right kind in each slot, and its task's number of classes. A router
+    path (`system.is_router_path`) must have the router layout (`router_path.layout_of`),
+    members of the root's family and shape with their model's slots, the right kind of
+    component in every slot, and its task's classes at member 0's head.
 
     Args:
       state: a snapshot of the store (`Store.load_state`).

@@ -25,6 +25,7 @@ from tiny_vit_testlib import TINY_VIT, random_params
 from evogrow import main
 from evolution.agents import agent_cycle, agent_view, multipath, multipath_agent
 from evolution.export import inference, system_checkpoint, system_model
+from evolution.report import summaries, system_picture
 from evolution.roots import seeding
 from evolution.search import mutations as mut
 from evolution.search import router_path
@@ -165,7 +166,7 @@ def _kept_model(world, state):
     return [state.paths[i] for i in report["path_ids"]], router, connectors
 
 
-def test_the_cycle_publishes_a_router_path_that_the_reloaded_store_serves(world):
+def test_the_cycle_publishes_a_router_path_that_the_reloaded_store_serves(world, tmp_path):
     cycle = world["cycle"]
     assert cycle.status == multipath_agent.NEW_BEST and cycle.published is not None
     assert cycle.report["quality"] > cycle.report["single_path_quality"]
@@ -202,6 +203,10 @@ def test_the_cycle_publishes_a_router_path_that_the_reloaded_store_serves(world)
         got = inference.predict(store, ROUTED, images)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(world["before"][ROUTED], alone, rtol=1e-5, atol=1e-5)
+    # The reports take it as the task's path.
+    (row,) = [r for r in summaries.task_rows(state) if r["task"] == ROUTED]
+    assert row["path"] == served.id and row["quality"] == served.quality
+    system_picture.render_system_files(state, str(tmp_path))
     assert not np.array_equal(got, world["before"][ROUTED])
 
 
