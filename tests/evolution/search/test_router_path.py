@@ -10,6 +10,7 @@ agents_testlib's synthetic textures; each task's published path has its own rand
 and a random head, so path_0 is near chance and the companion's features help.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -279,3 +280,28 @@ def test_export_then_eval_and_infer_serve_the_router_path(world, tmp_path):
     lines = open(f"{infer_dir}/{ROUTED}-000000.jsonl").read().splitlines()
     predictions = [json.loads(line)["prediction"] for line in lines]
     np.testing.assert_array_equal(predictions, classes[ROUTED])
+
+
+def test_malformed_router_paths_are_refused_with_what_is_wrong(world):
+    with sqlite_store.SqliteStore(world["directory"]) as store:
+        state = store.load_state()
+    served = state.paths[world["cycle"].published]
+    no_router = dataclasses.replace(served, components=served.components[:-1])
+    with pytest.raises(ValueError, match=f"{served.id}.*not the router layout"):
+        router_path.layout_of(no_router)
+    members = dict(served.architecture)["members"]
+    one_member = dataclasses.replace(
+        served, architecture={**served.architecture, "members": members[:1]}
+    )
+    with pytest.raises(ValueError, match="1 members"):
+        router_path.layout_of(one_member)
+    # The connector's component in the router's slot: the layout reads, the kinds do not.
+    connector_id = served.components[-2][1]
+    bad_kind = dataclasses.replace(
+        served, components=(*served.components[:-1], ("router", connector_id))
+    )
+    router_path.layout_of(bad_kind)
+    for bad, why in ((no_router, "router layout"), (one_member, "1 members"), (bad_kind, "kind")):
+        broken = dataclasses.replace(state, paths={**state.paths, served.id: bad})
+        with pytest.raises(agent_view.AgentStateError, match=f"{served.id}.*{why}"):
+            agent_view.check_state(broken)
