@@ -13,6 +13,7 @@ and a random head, so path_0 is near chance and the companion's features help.
 import dataclasses
 import functools
 import json
+import shutil
 
 import gin
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-from agents_testlib import DATA, _task_data
+from agents_testlib import DATA, SEARCH, _task_data
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evogrow import main
@@ -305,3 +306,20 @@ def test_malformed_router_paths_are_refused_with_what_is_wrong(world):
         broken = dataclasses.replace(state, paths={**state.paths, served.id: bad})
         with pytest.raises(agent_view.AgentStateError, match=f"{served.id}.*{why}"):
             agent_view.check_state(broken)
+
+
+def test_a_companion_task_evolving_leaves_the_router_path_bit_identical(world, tmp_path):
+    # A muNet agent cycle on task B (whose body the router path uses) on a copy of the store.
+    directory = str(tmp_path / "store")
+    shutil.copytree(world["directory"], directory)
+    with sqlite_store.SqliteStore(directory) as store:
+        before = _all_logits(store)
+        config = agent_cycle.AgentConfig(TASKS[1], "munet", search=SEARCH)
+        result = agent_cycle.run_cycle(store, config, _task_data(DATA_OF[TASKS[1]]))
+        state = store.load_state()
+        assert state.paths[result.path.id].task == TASKS[1]
+        assert not system.is_router_path(state.paths[result.path.id])
+        assert state.best_path(ROUTED).id == world["cycle"].published
+        after = _all_logits(store)
+    for task in (ROUTED, TASKS[2]):
+        np.testing.assert_array_equal(after[task], before[task])
