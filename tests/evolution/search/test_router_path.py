@@ -1,9 +1,10 @@
 """Router paths are part of the system: a multipath agent publishes its router path as
 its task's path; after reloading the store, inference, the exported system model and
 `./run.sh eval` / `infer` serve it with the multipath model's outputs; every other
-task's outputs are bit-identical before and after (immunity); the router path locks its
-members, passes the agents' and the store's checks, and is never a search's parent,
-seed or member.
+task's outputs are bit-identical before and after, and the router path's are after a
+companion task's muNet cycle (immunity both ways); the router path locks its members,
+passes the agents' and the store's checks, is never a search's parent, seed or member,
+and a malformed one is refused with what is wrong.
 
 Tiny root ViT (8x8x1, one block) and three test-local seqio tasks (with `task_id`) on
 agents_testlib's synthetic textures; each task's published path has its own random body
