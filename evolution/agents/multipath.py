@@ -98,8 +98,8 @@ def path_features(
 
 def _member(path: system.Path, index: int) -> router_path.Member:
     """A path as member `index` of a multipath model: member 0 with its head, others without."""
-    slots = tuple(slot for slot, _ in path.components)
-    return router_path.Member(model_config_of(path), slots if index == 0 else slots[:-1])
+    slots = tuple(slot for slot, _ in path.components if index == 0 or slot != "head")
+    return router_path.Member(model_config_of(path), slots)
 
 
 class _MultipathModel:
