@@ -8,7 +8,8 @@ names) as separate processes on one store; each can be stopped (even by kill -9)
 started again. The task's data is read by seqio task name (`evolution.search.task_data`).
 METHOD='multipath' runs a router over the task's best published path and other tasks'
 paths (`evolution.agents.multipath_agent`): start it once the task has a path (it waits until
-then); it publishes nothing and keeps its best in <store>/multipath/<name>.json/.npz.
+then); it keeps its best in <store>/multipath/<name>.json/.npz and publishes a best that
+beats the task's best single path as the task's router path.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def agents_ray(
             print(f"agent {config.agent}: no cycle ran")
             continue
         last = cycles_run[-1]
-        if not isinstance(last, agent_cycle.CycleResult):  # a multipath agent publishes nothing
+        if not isinstance(last, agent_cycle.CycleResult):  # a multipath agent's own record
             print(f"agent {config.agent}: {len(cycles_run)} cycles; last: {last.message}")
             continue
         new_paths = sum(getattr(r, "new_path", False) for r in cycles_run)

@@ -32,4 +32,5 @@ def standard_logical_axis_rules() -> LogicalAxisRules:
         ("patch_height", None),
         ("patch_width", None),
         ("channels", None),
+        ("paths", None),  # the members of a multipath model (its router's outputs)
     )

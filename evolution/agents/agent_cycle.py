@@ -19,8 +19,8 @@ the root each cycle, with a new seed; the agent keeps the better-scored of its l
 and the new one). Every agent's published path can be a seed of the other tasks' muNet
 agents, so methods reuse each other's components. "multipath" (`multipath_agent`) trains
 a router over its task's best path and other tasks' paths, all frozen, and keeps its best
-result in files beside the store: it publishes nothing (see there why), so steps 1 and 3
-do not apply to it beyond the checked reload.
+result in files beside the store; it publishes a best that beats the task's best single
+path as the task's router path (see there), and never evolves paths.
 
 A parent retired by another agent during a cycle stays a valid, unchanged parent of the
 child published at the cycle's end (published components are never written again: a
@@ -164,7 +164,7 @@ class CycleResult:
     wall_seconds: float
 
 
-# What a cycle returns: a multipath agent's cycle publishes nothing.
+# What a cycle returns: a multipath agent's cycle has its own record.
 AgentResult = CycleResult | multipath_agent.MultipathCycle
 
 

@@ -103,7 +103,7 @@ def run_agent(
       root_dir: a pretrained root (`./run.sh pretrain_root`) seeded when the store has
         no root yet (ignored when it has one; None: it must have one).
       on_publish: called with each cycle's result right after its publication (for
-        multipath, after the cycle: it publishes nothing).
+        multipath, after the cycle, which may have published a router path).
       cache: compiled steps shared across cycles.
 
     Returns:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from evolution import store as store_lib
-from evolution.search import mutations
+from evolution.search import mutations, router_path
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of
@@ -48,6 +48,8 @@ def _path_problem(
     missing = [cid for cid in path.component_ids if cid not in state.components]
     if missing:
         return f"it references components {missing} that the store does not hold (published)"
+    if system.is_router_path(path):
+        return _router_path_problem(path, state, root_architecture)
     architecture = dict(path.architecture)
     family = architecture.get("model", families.DEFAULT_FAMILY)
     root_family = root_architecture.get("model", families.DEFAULT_FAMILY)
@@ -86,13 +88,52 @@ def _path_problem(
     return None
 
 
+def _router_path_problem(
+    path: system.Path, state: system.SystemState, root_architecture: Mapping[str, Any]
+) -> str | None:
+    """Why a router path cannot be loaded: its layout, its members' shapes, slots or kinds."""
+    try:
+        layout = router_path.layout_of(path)
+    except ValueError as error:
+        return str(error)
+    root_family = root_architecture.get("model", families.DEFAULT_FAMILY)
+    for index, entry in enumerate(dict(path.architecture)["members"]):
+        architecture = dict(entry["architecture"])
+        fields = architecture.get("config")
+        if architecture.get("model", families.DEFAULT_FAMILY) != root_family or (
+            not isinstance(fields, Mapping) or dict(fields) != dict(root_architecture["config"])
+        ):
+            return f"its member {index}'s architecture is not of the root's family and shape"
+        config = layout.members[index].config
+        known = families.family_of(config).component_slots(config)
+        unknown = [
+            s
+            for s in layout.members[index].slots
+            if s not in known
+            and not (_ADAPTER_SLOT.fullmatch(s) and int(s.split("_")[1]) < config.num_layers)
+        ]
+        if unknown:
+            return f"its member {index} has slots {unknown} that its model has not"
+    classes = state.tasks[path.task].num_classes
+    if layout.num_classes != classes:
+        return f"its member 0's head has {layout.num_classes} classes; {path.task!r} has {classes}"
+    for slot, component_id in path.components:
+        kind = state.components[component_id].kind
+        if kind != router_path.slot_kind(slot):
+            return f"component {component_id!r} of kind {kind!r} sits in slot {slot!r}"
+    return None
+
+
 def check_state(state: system.SystemState) -> None:
     """Refuses a published state that an agent must not build on.
 
     Every path (active or retired) must use only published components, a known task,
     the root's model family and shape (its architecture's config equals the root's;
     depth and classes may differ), the family's slots for its depth (plus adapters), a
-    component of the right kind in each slot, and its task's number of classes.
+    component of the right kind in each slot, and its task's number of classes. A router
+    path (`system.is_router_path`) must have the router layout (`router_path.layout_of`),
+    members of the root's family and shape with their model's slots, the right kind of
+    component in every slot, and its task's classes at member 0's head.
 
     Args:
       state: a snapshot of the store (`Store.load_state`).

@@ -21,9 +21,13 @@ optimizer state, returned bit for bit), in `training.loop.run` with `loop.KeepBe
 Validation runs at step 0 too and the best-validation parameters are kept, so the
 result's quality is never below path_0's on the same batches.
 
-Nothing is published: `system.Path` refuses repeated slots, `agent_view.check_state`
-refuses foreign slots (every agent would stop), and best_path / inference / plan_child /
-export assume one chain per path. `MultipathResult.report` records a run as JSON.
+`publish_result` stores a model that beats path_0 on validation as its task's router
+path (`evolution.search.router_path`): a path like any other, whose components are the
+members' (referenced, so locked) plus the new connectors and router. Inference, the
+exported system model and the immunity check serve it as the task's model while it
+beats the task's best single path (`SystemState.best_path`); searches never take it as
+a parent, seed or member (`SystemState.best_single_path`). `MultipathResult.report`
+records a run as JSON.
 """
 
 from __future__ import annotations
@@ -42,138 +46,29 @@ import numpy as np
 import optax
 
 from evolution import store as store_lib
-from evolution.search import candidate, path_model
+from evolution.search import candidate, path_model, router_path
+from evolution.search.router_path import connector_logits as connector_logits
+from evolution.search.router_path import init_connector as init_connector
+from evolution.search.router_path import init_router as init_router
+from evolution.search.router_path import multipath_logits as multipath_logits
+from evolution.search.router_path import router_bias as router_bias
+from evolution.search.router_path import router_weights as router_weights
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of
-from models import encoder, vit
 from training import loop, partitioning
 from training import trainer as trainer_lib
 
 Params = Any
 Batch = Mapping[str, Any]
 
-MAIN_WEIGHT = 0.8  # w0: the router's initial weight on path_0.
-GRADIENT_SCALE = 0.05  # m: the router's gradient multiplier.
-NUM_PATHS = (2, 3)
-LAYER_NORM_EPS = 1e-6
+MAIN_WEIGHT = router_path.MAIN_WEIGHT  # w0: the router's initial weight on path_0.
+GRADIENT_SCALE = router_path.GRADIENT_SCALE  # m: the router's gradient multiplier.
+NUM_PATHS = router_path.NUM_PATHS
 DEFAULT_HPARAMS: Mapping[str, Any] = {"lr": 0.1, "schedule": "cosine", "momentum": 0.9}
 
 
-# -- the mixture -------------------------------------------------------------------------
-
-
-def router_bias(num_paths: int, main_weight: float = MAIN_WEIGHT) -> np.ndarray:
-    """The router's initial bias: softmax of it is [w0, (1-w0)/(P-1), ...].
-
-    Args:
-      num_paths: P (>= 2).
-      main_weight: w0, in (0, 1).
-
-    Returns:
-      float32 [P].
-
-    Raises:
-      ValueError: P < 2 or w0 outside (0, 1).
-    """
-    if num_paths < 2 or not 0.0 < main_weight < 1.0:
-        raise ValueError(f"Need P >= 2 and 0 < w0 < 1; got P={num_paths}, w0={main_weight}.")
-    rest = (1.0 - main_weight) / (num_paths - 1)
-    return np.log(np.array([main_weight] + [rest] * (num_paths - 1), np.float64)).astype(np.float32)
-
-
-def init_router(num_classes: int, num_paths: int, main_weight: float = MAIN_WEIGHT) -> Params:
-    """The router's initial parameters: LayerNorm (scale 1, bias 0) then Dense_P (kernel 0).
-
-    Args:
-      num_classes: C, the width of z_0.
-      num_paths: P.
-      main_weight: w0.
-
-    Returns:
-      {"norm": {"scale": [C], "bias": [C]}, "dense": {"kernel": [C, P], "bias": [P]}}.
-    """
-    norm = {"scale": np.ones(num_classes, np.float32), "bias": np.zeros(num_classes, np.float32)}
-    kernel = np.zeros((num_classes, num_paths), np.float32)
-    return {"norm": norm, "dense": {"kernel": kernel, "bias": router_bias(num_paths, main_weight)}}
-
-
-def init_connector(feature_dim: int, num_classes: int) -> Params:
-    """A connector Dense(num_classes) with zero kernel [D, C] and zero bias [C]."""
-    kernel = np.zeros((feature_dim, num_classes), np.float32)
-    return {"kernel": kernel, "bias": np.zeros(num_classes, np.float32)}
-
-
-def _layer_norm(x_BxC: jax.Array, params: Params) -> jax.Array:
-    mean = jnp.mean(x_BxC, axis=-1, keepdims=True)
-    variance = jnp.mean(jnp.square(x_BxC - mean), axis=-1, keepdims=True)
-    normed = (x_BxC - mean) * jax.lax.rsqrt(variance + LAYER_NORM_EPS)
-    return normed * params["scale"] + params["bias"]
-
-
-def router_weights(
-    router_params: Params, logits_0: jax.Array, *, gradient_scale: float = GRADIENT_SCALE
-) -> jax.Array:
-    """Per-sample path weights r = softmax(Dense_P(LayerNorm(z_0))), gradient scaled by m.
-
-    Args:
-      router_params: `init_router`'s layout.
-      logits_0: z_0 [B, C] (treated as a constant).
-      gradient_scale: m: r <- m * r + (1 - m) * sg(r) (same value, m times the gradient).
-
-    Returns:
-      r [B, P] (rows sum to 1).
-    """
-    normed_BxC = _layer_norm(
-        jax.lax.stop_gradient(logits_0).astype(jnp.float32), router_params["norm"]
-    )
-    dense = router_params["dense"]
-    r_BxP = jax.nn.softmax(normed_BxC @ dense["kernel"] + dense["bias"], axis=-1)
-    return gradient_scale * r_BxP + (1.0 - gradient_scale) * jax.lax.stop_gradient(r_BxP)
-
-
-def connector_logits(connector_params: Params, features_BxD: jax.Array) -> jax.Array:
-    """z_p = Dense(num_classes)(features) of a headless path (features are constants)."""
-    features_BxD = jax.lax.stop_gradient(features_BxD).astype(jnp.float32)
-    return features_BxD @ connector_params["kernel"] + connector_params["bias"]
-
-
-def multipath_logits(
-    router_params: Params,
-    connector_params: Sequence[Params],
-    logits_0: jax.Array,
-    features: Sequence[jax.Array],
-    *,
-    gradient_scale: float = GRADIENT_SCALE,
-) -> tuple[jax.Array, jax.Array]:
-    """The multipath output y = sum_p r_p sg(z_p) + sum_p z_p - sg(sum_p z_p).
-
-    Args:
-      router_params: `init_router`'s layout (P = 1 + len(features)).
-      connector_params: one `init_connector` per companion path.
-      logits_0: path_0's logits [B, C] (frozen).
-      features: each companion's pooled pre-logit features [B, D_p] (frozen).
-      gradient_scale: m (see `router_weights`).
-
-    Returns:
-      (y [B, C], r [B, P]).
-
-    Raises:
-      ValueError: as many connectors as feature arrays are needed.
-    """
-    if len(connector_params) != len(features):
-        raise ValueError(f"{len(connector_params)} connectors for {len(features)} feature arrays.")
-    z_0 = jax.lax.stop_gradient(logits_0).astype(jnp.float32)
-    zs = [z_0] + [connector_logits(c, f) for c, f in zip(connector_params, features, strict=True)]
-    r_BxP = router_weights(router_params, z_0, gradient_scale=gradient_scale)
-    mixture = functools.reduce(
-        jnp.add, [r_BxP[:, p, None] * jax.lax.stop_gradient(z) for p, z in enumerate(zs)]
-    )
-    total = functools.reduce(jnp.add, zs)
-    return mixture + total - jax.lax.stop_gradient(total), r_BxP
-
-
-# -- frozen paths ------------------------------------------------------------------------
+# -- frozen paths (the arithmetic is router_path's, re-exported above) ------------------
 
 
 def path_features(
@@ -184,9 +79,6 @@ def path_features(
 ) -> jax.Array:
     """A path's pooled pre-logit features: every component but the head, then its pooling.
 
-    The ViT pools as `vit.ClassifierHead` (class token or token mean after final_norm);
-    the text encoder as its head (class token, or the mean of non-padding tokens).
-
     Args:
       config: the path's config.
       slots: its slots, the last being "head".
@@ -194,39 +86,20 @@ def path_features(
       inputs: the family's input feature.
 
     Returns:
-      [B, D].
+      [B, D] (`router_path.pooled_features`).
 
     Raises:
       ValueError: the last slot is not "head".
     """
     if not slots or slots[-1] != "head":
         raise ValueError(f"A path's last slot must be 'head'; got {list(slots)}.")
-    tokens_BxLxD = candidate.forward(config, slots[:-1], params_by_slot, inputs)
-    if isinstance(config, vit.ViTConfig):
-        pooled = vit.ClassifierHead(config).apply({"params": {}}, tokens_BxLxD, True)
-        return jnp.asarray(pooled)
-    if config.pooling == "cls":
-        return tokens_BxLxD[:, 0]
-    return encoder.mean_pool(tokens_BxLxD, inputs > 0)
+    return router_path.pooled_features(config, slots[:-1], params_by_slot, inputs)
 
 
-@dataclasses.dataclass(frozen=True)
-class _FrozenPath:
-    config: families.ModelConfig
-    slots: tuple[str, ...]
-
-
-def _frozen_outputs(
-    frozen: Sequence[_FrozenPath], params: Sequence[Params], inputs: jax.Array
-) -> tuple[jax.Array, list[jax.Array]]:
-    """(z_0, companions' features), as constants of the step."""
-    params = jax.lax.stop_gradient(params)
-    logits_0 = candidate.forward(frozen[0].config, frozen[0].slots, params[0], inputs)
-    features = [
-        path_features(p.config, p.slots, tree, inputs)
-        for p, tree in zip(frozen[1:], params[1:], strict=True)
-    ]
-    return logits_0, features
+def _member(path: system.Path, index: int) -> router_path.Member:
+    """A path as member `index` of a multipath model: member 0 with its head, others without."""
+    slots = tuple(slot for slot, _ in path.components if index == 0 or slot != "head")
+    return router_path.Member(model_config_of(path), slots)
 
 
 class _MultipathModel:
@@ -239,7 +112,7 @@ class _MultipathModel:
 
     def __init__(
         self,
-        frozen: tuple[_FrozenPath, ...],
+        frozen: tuple[router_path.Member, ...],
         abstract_params: Params,
         optimizer: optax.GradientTransformation,
         gradient_scale: float,
@@ -261,7 +134,9 @@ class _MultipathModel:
     def loss_fn(self, params: Params, batch: Batch, dropout_rng: Any) -> tuple[jax.Array, Any]:
         """Cross-entropy of y, and the loss, accuracy and mean router weight metrics."""
         del dropout_rng
-        logits_0, features = _frozen_outputs(self.frozen, params["paths"], batch[self._input_key])
+        logits_0, features = router_path.member_outputs(
+            self.frozen, params["paths"], batch[self._input_key]
+        )
         y, r_BxP = multipath_logits(
             params["router"],
             params["connectors"],
@@ -285,7 +160,7 @@ _MAX_TRAINERS = 16  # layouts whose compiled steps are kept (an agent trains one
 
 
 def _trainer(
-    frozen: tuple[_FrozenPath, ...],
+    frozen: tuple[router_path.Member, ...],
     settings: candidate.OptimizerSettings,
     gradient_scale: float,
     params: Params,
@@ -344,7 +219,8 @@ def choose_companions(
 ) -> list[system.Path]:
     """Other tasks' published best paths to combine with a task's own path.
 
-    Candidates are the best active path of every other task (the root task included),
+    Candidates are the best single path of every other task (the root task included;
+    router paths are never members),
     ranked by their own score (`system.rank_by_score`: unscored, e.g. the root, last;
     ties by generation and id). A candidate is skipped when its input differs from
     path_0's (family, input shape and dtype) or when its headless body (its components
@@ -356,7 +232,7 @@ def choose_companions(
       state: the published system.
       task: the task the multipath model is for.
       num_paths: P in {2, 3}.
-      main_path: path_0 (default: the task's best path).
+      main_path: path_0 (default: the task's best single path).
 
     Returns:
       Up to P - 1 companion paths, best first (fewer when there are not enough).
@@ -366,12 +242,12 @@ def choose_companions(
     """
     if num_paths not in NUM_PATHS:
         raise ValueError(f"P={num_paths} not in {NUM_PATHS}.")
-    main = main_path or state.best_path(task)
+    main = main_path or state.best_single_path(task)
     if main is None:
         raise ValueError(f"Task {task!r} has no active path to be path_0.")
     signature = _input_signature(main)
     bodies = {_body(main)}
-    others = [state.best_path(name) for name in state.task_order() if name != task]
+    others = [state.best_single_path(name) for name in state.task_order() if name != task]
     chosen: list[system.Path] = []
     for path in system.rank_by_score(p for p in others if p is not None):
         if len(chosen) == num_paths - 1:
@@ -489,23 +365,25 @@ def train_multipath(
     if steps_per_validation < 1 or steps < 1 or steps % steps_per_validation:
         raise ValueError(f"steps={steps} must be a positive multiple of B={steps_per_validation}.")
     values = {**DEFAULT_HPARAMS, **(hparam_values or {})}
-    frozen = tuple(
-        _FrozenPath(model_config_of(p), tuple(slot for slot, _ in p.components)) for p in paths
-    )
+    frozen = tuple(_member(p, i) for i, p in enumerate(paths))
     config = frozen[0].config
     family = families.family_of(config)
-    pool = {cid: store.load_params(cid) for p in paths for cid in dict.fromkeys(p.component_ids)}
-    path_params = [{slot: pool[cid] for slot, cid in p.components} for p in paths]
+    # What runs: member 0 whole, the companions without their heads.
+    used = [
+        [(s, dict(p.components)[s]) for s in m.slots] for p, m in zip(paths, frozen, strict=True)
+    ]
+    pool = {cid: store.load_params(cid) for pairs in used for _, cid in pairs}
+    path_params = [{slot: pool[cid] for slot, cid in pairs} for pairs in used]
     num_classes = int(config.num_classes or 0)
     eval_batches = [_batch(b, family) for b in validation_batches]
     _, features = jax.eval_shape(
-        functools.partial(_frozen_outputs, frozen),
+        functools.partial(router_path.member_outputs, frozen),
         path_model.abstract_tree(path_params),
         path_model.abstract_tree(eval_batches[0][family.input_key]),
     )
     params = {
-        "router": init_router(num_classes, len(paths), main_weight),
-        "connectors": [init_connector(int(f.shape[-1]), num_classes) for f in features],
+        "router": router_path.init_router(num_classes, len(paths), main_weight),
+        "connectors": [router_path.init_connector(int(f.shape[-1]), num_classes) for f in features],
         "paths": path_params,
     }
     settings = candidate.OptimizerSettings.from_values(values, steps, steps_per_validation)
@@ -554,3 +432,95 @@ def train_multipath(
         activated_params=frozen_count + trainable_count,
         train_seconds=time.perf_counter() - start,
     )
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+
+def beats_single_path(result: MultipathResult) -> bool:
+    """Whether a multipath model beats its path_0 alone on the same validation batches."""
+    return result.quality > result.single_path_quality
+
+
+def publish_result(
+    store: store_lib.Store,
+    state: system.SystemState,
+    *,
+    agent: str,
+    result: MultipathResult,
+    rng: np.random.Generator,
+    gradient_scale: float = GRADIENT_SCALE,
+) -> system.Path | None:
+    """Publishes a multipath model as its task's router path when it beats path_0.
+
+    The connectors and the router become new components of `agent`; the router path
+    references them and the members' components (`router_path.router_components`), so
+    it locks the members like any path of its task. The agent's earlier active router
+    paths of the task are retired in the same publication (its staged components, left
+    by a crash between put and publish, are discarded first). `SystemState.best_path`
+    serves the router path while its quality is above the task's best single path's.
+
+    Args:
+      store: the store to publish into.
+      state: the published state the result was trained on (its members are read here).
+      agent: the publishing agent.
+      result: `train_multipath`'s result.
+      rng: draws the new ids (seed it per agent and cycle).
+      gradient_scale: the m the result was trained with.
+
+    Returns:
+      The published router path, or None when the result does not beat path_0 (nothing
+      is written then).
+
+    Raises:
+      ValueError: the result's paths are not active paths of `state`.
+    """
+    if not beats_single_path(result):
+        return None
+    members = [state.paths.get(path_id) for path_id in result.path_ids]
+    if any(p is None or p.status != system.ACTIVE for p in members):
+        raise ValueError(f"The result's paths {list(result.path_ids)} are not all active.")
+    paths = [p for p in members if p is not None]
+    store.discard_staged(agent)  # what a crash between put and publish left
+    generation = 1 + max(
+        (p.generation for p in state.paths.values() if p.task == result.task), default=0
+    )
+    trees = [("connector", c) for c in result.connector_params] + [("router", result.router_params)]
+    components = []
+    for kind, tree in trees:
+        component = system.Component(
+            id=system.new_id(rng, agent),
+            kind=kind,
+            num_params=system.num_params_of(tree),
+            agent=agent,
+            task=result.task,
+            config=router_path.component_config(kind, tree),
+            generation=generation,
+        )
+        store.put_component(component, jax.tree_util.tree_map(np.asarray, tree))
+        components.append(component.id)
+    path = system.Path(
+        id=system.new_id(rng, agent),
+        task=result.task,
+        components=router_path.router_components(paths, components[:-1], components[-1]),
+        agent=agent,
+        parent=paths[0].id,
+        score=result.quality,
+        quality=result.quality,
+        metrics={
+            "single_path_quality": result.single_path_quality,
+            "best_step": result.best_step,
+            "router_mean_weights": list(result.router_mean_weights),
+            "trainable_params": result.trainable_params,
+            "activated_params": result.activated_params,
+        },
+        generation=generation,
+        architecture=router_path.router_architecture(paths, gradient_scale),
+    )
+    earlier = [
+        p.id
+        for p in state.active_paths(result.task)
+        if p.agent == agent and system.is_router_path(p)
+    ]
+    store.publish(agent, paths=[path], components=components, retire=earlier)
+    return path

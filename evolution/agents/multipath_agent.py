@@ -4,7 +4,8 @@ Each cycle (`run_multipath_cycle`, dispatched by `agent_cycle.run_cycle` for the
 "multipath"):
 
 1. reloads the published state, checked (`agent_view.check_state`);
-2. takes path_0 = its task's best published path (of any agent of the task). Without
+2. takes path_0 = its task's best published single path (of any agent of the task;
+   router paths are never members). Without
    one, the cycle trains nothing, says so in its message and waits `wait_seconds`;
 3. chooses P - 1 companions among the other tasks' published paths
    (`multipath.choose_companions`);
@@ -18,16 +19,17 @@ Each cycle (`run_multipath_cycle`, dispatched by `agent_cycle.run_cycle` for the
    and connector parameters plus the report) and `<agent>.json` (the report), each
    written to a temporary file and moved into place (`os.replace`), so a killed agent
    leaves the previous best or the new one, never a mixture. The .npz is the record a
-   restart reads; the .json is its readable copy.
+   restart reads; the .json is its readable copy;
+7. with `publish` (the default), publishes a new best that beats path_0 on validation
+   as the task's router path (`multipath.publish_result`), retiring its earlier one:
+   inference, the exported system model and the immunity check then serve it as the
+   task's model while it beats the task's best single path (`SystemState.best_path`).
 
-Nothing is published to the store, and the agent never writes to it: a multipath model
-is not a `system.Path` (that holds one chain of slots; path_0 and its companions repeat
-slots, which `system.Path` and `agent_view.check_state` refuse, so publishing one would
-stop every agent on the store), and best_path / inference / mutations / export assume
-one chain per path. Other agents therefore never see it: their paths, locks and scores
-are exactly what they would be without it, and the frozen paths it reads stay
-bit-identical (it only reads parameters; the router's inputs are stop-gradient
-constants and nothing else is trained).
+A router path references its members' components, so it locks them like any path of
+its task: no other task trains them in place afterwards, and the frozen paths it reads
+stay bit-identical (it only reads parameters; the router's inputs are stop-gradient
+constants and nothing else is trained). Searches never build on it: parents, seeds and
+members are single paths (`SystemState.best_single_path`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class MultipathSettings:
       wait_seconds: how long a cycle that found nothing to train on sleeps (so a
         waiting agent polls the store instead of spinning).
       seed: mixed with the agent's name and cycle number into each cycle's data order.
+      publish: publish a new best that beats path_0 as the task's router path.
     """
 
     num_paths: int = 2
@@ -90,6 +93,7 @@ class MultipathSettings:
     gradient_scale: float = multipath.GRADIENT_SCALE
     wait_seconds: float = 30.0
     seed: int = 0
+    publish: bool = True
 
     def __post_init__(self):
         if self.num_paths not in multipath.NUM_PATHS:
@@ -109,7 +113,7 @@ class MultipathSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MultipathCycle:
-    """What one cycle of a multipath agent did (it publishes nothing).
+    """What one cycle of a multipath agent did.
 
     Attributes:
       agent: the agent.
@@ -126,6 +130,7 @@ class MultipathCycle:
       trained: this cycle's report (None when it waited).
       candidates: multipath models trained in the cycle (0 or 1).
       wall_seconds: the cycle's wall time.
+      published: the id of the router path the cycle published (None: none).
     """
 
     agent: str
@@ -141,6 +146,7 @@ class MultipathCycle:
     trained: Mapping[str, Any] | None
     candidates: int
     wall_seconds: float
+    published: str | None = None
 
 
 # -- the kept best on disk ----------------------------------------------------------------
@@ -320,7 +326,7 @@ def _cycle_seed(seed: int, agent: str, number: int) -> int:
 
 
 def _why_waiting(state: system.SystemState, task: str, num_paths: int) -> str | None:
-    main = state.best_path(task) if task in state.tasks else None
+    main = state.best_single_path(task) if task in state.tasks else None
     if main is None:
         return (
             f"task {task!r} has no published path yet: a multipath agent needs one as "
@@ -348,7 +354,7 @@ def run_multipath_cycle(
     """One multipath cycle: reload (checked), train router and connectors, keep the best.
 
     Args:
-      store: the shared store (read only).
+      store: the shared store (written only to publish a router path).
       agent: the agent's name (its files are `<report_dir>/<agent>.npz/.json`).
       task: its task.
       settings: the method's parameters.
@@ -386,7 +392,7 @@ def run_multipath_cycle(
             candidates=0,
             wall_seconds=time.perf_counter() - start,
         )
-    main = state.best_path(task)
+    main = state.best_single_path(task)
     assert main is not None  # _why_waiting checked it
     companions = multipath.choose_companions(state, task, settings.num_paths, main_path=main)
     number = 1 + int(best["cycles_run"]) if best else 1
@@ -431,6 +437,19 @@ def run_multipath_cycle(
     else:
         assert previous is not None
         status, router, connectors = KEPT, previous[1], previous[2]
+    published = None
+    if status == NEW_BEST and settings.publish:
+        path = multipath.publish_result(
+            store,
+            state,
+            agent=agent,
+            result=result,
+            # Ids differ from any earlier publication's, a crashed cycle's replay included.
+            rng=np.random.default_rng([seed, len(state.paths), len(state.components)]),
+            gradient_scale=settings.gradient_scale,
+        )
+        published = None if path is None else path.id
+        best = {**best, "published": published}
     best = {**best, "cycles_run": number}
     save_best(report_dir, agent, best, router, connectors)
     message = (
@@ -444,6 +463,8 @@ def run_multipath_cycle(
             f"{trained['single_path_test_accuracy']:.4f}"
         )
     message += f"; best so far {float(best['quality']):.4f} (cycle {best['best_cycle_number']})"
+    if published is not None:
+        message += f"; published router path {published}"
     return MultipathCycle(
         agent=agent,
         task=task,
@@ -458,4 +479,5 @@ def run_multipath_cycle(
         trained=trained,
         candidates=1,
         wall_seconds=time.perf_counter() - start,
+        published=published,
     )

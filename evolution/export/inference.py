@@ -1,7 +1,9 @@
-"""Inference from the store: a task's published best path run on its inputs.
+"""Inference from the store: a task's served path run on its inputs.
 
-The path's family (`evolution.system.families`) decides what the inputs are: images for a ViT
-path, token ids for a text-encoder path.
+The served path is `SystemState.best_path`: the task's best single path, or its router
+path (`evolution.search.router_path`) where that beats it. The path's family
+(`evolution.system.families`; a router path's members') decides what the inputs are:
+images for a ViT path, token ids for a text-encoder path.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import candidate
+from evolution.search import candidate, router_path
 from evolution.system import families
+from evolution.system import state as system
 from evolution.system.architecture import model_config_of
 
 
@@ -24,8 +27,13 @@ def _jitted_forward(config: families.ModelConfig, slots: tuple[str, ...]) -> Any
     return jax.jit(functools.partial(candidate.forward, config, slots))
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_router_forward(layout: router_path.RouterLayout) -> Any:
+    return jax.jit(functools.partial(router_path.forward, layout))
+
+
 def predict(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
-    """Logits of a task's published best path, read from the store.
+    """Logits of a task's served path (`SystemState.best_path`), read from the store.
 
     Args:
       store: the store.
@@ -43,16 +51,21 @@ def predict(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
     path = state.best_path(task)
     if path is None:
         raise ValueError(f"Task {task!r} has no active path in the store.")
-    config = model_config_of(path)
-    slots = tuple(slot for slot, _ in path.components)
     params = {slot: store.load_params(cid) for slot, cid in path.components}
-    inputs = jnp.asarray(images, families.family_of(config).input_dtype)
-    logits = _jitted_forward(config, slots)(params, inputs)
+    if system.is_router_path(path):
+        layout = router_path.layout_of(path)
+        inputs = jnp.asarray(images, families.family_of(layout.members[0].config).input_dtype)
+        logits = _jitted_router_forward(layout)(params, inputs)
+    else:
+        config = model_config_of(path)
+        slots = tuple(slot for slot, _ in path.components)
+        inputs = jnp.asarray(images, families.family_of(config).input_dtype)
+        logits = _jitted_forward(config, slots)(params, inputs)
     return np.asarray(jax.device_get(logits), np.float32)
 
 
 def predict_classes(store: store_lib.Store, task: str, images: Any) -> np.ndarray:
-    """Predicted classes (argmax of `predict`) of a task's published best path.
+    """Predicted classes (argmax of `predict`) of a task's served path.
 
     Args:
       store: the store.

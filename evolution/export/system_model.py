@@ -1,10 +1,12 @@
 """The evolved system as ONE t5x-contract multitask model that routes by `task_id`.
 
 A `SystemModel` holds one route per task: the task's seqio name, its `task_id` (the
-feature the mixture's examples carry), and the task's best path as it was published in
-the store (slots, component ids, architecture). Its parameters are the pool itself,
-{component_id: parameters}: a component shared by several paths exists once. Every path
-runs on the whole batch (`evolution.search.candidate.forward`, the function
+feature the mixture's examples carry), and the task's served path as it was published in
+the store (slots, component ids, architecture; `SystemState.best_path`: the best single
+path, or a router path over frozen member paths where that beats it). Its parameters
+are the pool itself, {component_id: parameters}: a component shared by several paths
+exists once. Every path runs on the whole batch (`evolution.search.candidate.forward`,
+or `evolution.search.router_path.forward` for a router path: the functions
 `evolution.export.inference.predict` runs, so a task's logits are those of its path alone) and
 each example keeps the logits of the route its `task_id` names; heads narrower than the
 widest are padded with `ABSENT_CLASS_LOGIT`, which changes neither the
@@ -39,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from evolution import store as store_lib
-from evolution.search import candidate, mutations
+from evolution.search import candidate, mutations, router_path
 from evolution.system import architecture as architecture_lib
 from evolution.system import state as system
 from models import adapters, base, feature_converters, vit
@@ -62,7 +64,7 @@ class Route:
     Attributes:
       task_id: the `task_id` feature value of the task's examples.
       task: the task's name (a seqio task name, as in the store).
-      path_id: the store path the route was taken from (the task's best active path).
+      path_id: the store path the route was taken from (the task's served path).
       components: the path's ordered (slot, component_id) pairs.
       architecture: the path's stored architecture (`system.Path.architecture`) as
         canonical JSON text (sorted keys), which keeps the route hashable.
@@ -83,7 +85,8 @@ class Route:
         text = self.architecture
         value = json.loads(text) if isinstance(text, str) else text
         object.__setattr__(self, "architecture", json.dumps(value, sort_keys=True))
-        self.config  # noqa: B018 - fails early on an architecture that is not a ViT's
+        for member in self.members:
+            member.config  # noqa: B018 - fails early on an architecture that is not a ViT's
 
     @property
     def path(self) -> system.Path:
@@ -96,9 +99,46 @@ class Route:
             architecture=json.loads(self.architecture),
         )
 
+    @property
+    def is_router(self) -> bool:
+        """Whether the route's path is a router path (`system.is_router_path`)."""
+        return system.is_router_path(self.path)
+
+    @functools.cached_property
+    def layout(self) -> router_path.RouterLayout:
+        """A router route's layout (`router_path.layout_of`)."""
+        return router_path.layout_of(self.path)
+
+    @functools.cached_property
+    def members(self) -> tuple[Route, ...]:
+        """The single paths the route runs: itself, or a router path's members.
+
+        A member is a route of its own (the route's task and task_id, the member path's
+        id, slots and architecture; the companions without their heads).
+        """
+        if not self.is_router:
+            return (self,)
+        entries = json.loads(self.architecture)["members"]
+        by_slot = dict(self.components)
+        return tuple(
+            Route(
+                self.task_id,
+                self.task,
+                entry["path"],
+                tuple(
+                    (slot, by_slot[router_path.member_prefix(index) + slot])
+                    for slot in member.slots
+                ),
+                json.dumps(entry["architecture"]),
+            )
+            for index, (entry, member) in enumerate(zip(entries, self.layout.members, strict=True))
+        )
+
     @functools.cached_property
     def config(self) -> vit.ViTConfig:
-        """The path's ViT config (`evolution.system.architecture.config_of`)."""
+        """The path's ViT config (a router path's: its member 0's, whose head it has)."""
+        if self.is_router:
+            return self.members[0].config
         return architecture_lib.config_of(self.path)
 
     @property
@@ -143,11 +183,11 @@ class SystemConfig:
         kinds: dict[str, str] = {}
         for route in routes:
             for slot, component_id in route.components:
-                kind = kinds.setdefault(component_id, mutations.slot_kind(slot))
-                if kind != mutations.slot_kind(slot):
+                kind = kinds.setdefault(component_id, router_path.slot_kind(slot))
+                if kind != router_path.slot_kind(slot):
                     raise ValueError(
                         f"Component {component_id!r} is a {kind} in one route and a "
-                        f"{mutations.slot_kind(slot)} ({slot}) in {route.task!r}'s."
+                        f"{router_path.slot_kind(slot)} ({slot}) in {route.task!r}'s."
                     )
         object.__setattr__(self, "routes", routes)
 
@@ -211,7 +251,7 @@ class SystemConfig:
 def system_config_from_state(
     state: system.SystemState, task_ids: Mapping[str, int]
 ) -> SystemConfig:
-    """Routes of the named tasks' best active paths.
+    """Routes of the named tasks' served paths (`SystemState.best_path`).
 
     Args:
       state: the store's snapshot.
@@ -261,6 +301,54 @@ def _init_component(module: nn.Module, slot: str, rng: jax.Array, x: jax.Array) 
     if mutations.slot_kind(slot) == "block":
         return module.init({"params": rng, "dropout": rng}, x, None, True)["params"]
     return module.init(rng, x)["params"]
+
+
+def _init_chain(route: Route, params: dict[str, Any], rng: jax.Array, image: jax.Array) -> None:
+    """Initialises a single path's components that `params` lacks, in order."""
+    x = image
+    for slot, component_id in route.components:
+        module = _component_module(route, slot)
+        if component_id not in params:
+            key = jax.random.fold_in(rng, len(params))
+            params[component_id] = _init_component(module, slot, key, x)
+        out = jax.eval_shape(
+            lambda p, x, route=route, slot=slot: candidate.forward(
+                route.config, (slot,), {slot: p}, x
+            ),
+            nn.unbox(params[component_id]),
+            x,
+        )
+        x = jnp.zeros(out.shape, out.dtype)
+
+
+def _init_router_parts(route: Route, params: dict[str, Any], image: jax.Array) -> None:
+    """Initialises a router route's connectors (sized by its members' features) and router."""
+    members = [
+        nn.unbox({slot: params[cid] for slot, cid in member.components}) for member in route.members
+    ]
+    _, features = jax.eval_shape(
+        lambda p, x: router_path.member_outputs(route.layout.members, p, x), members, image
+    )
+    by_slot = dict(route.components)
+    classes = route.num_classes
+    for index, shape in enumerate(features, start=1):
+        connector = router_path.init_connector(int(shape.shape[-1]), classes)
+        params.setdefault(
+            by_slot[router_path.connector_slot(index)],
+            _boxed(connector, router_path.CONNECTOR_AXES),
+        )
+    router = router_path.init_router(classes, len(route.members))
+    params.setdefault(by_slot[router_path.ROUTER_SLOT], _boxed(router, router_path.ROUTER_AXES))
+
+
+def _boxed(tree: Any, names: Any) -> Any:
+    """`tree`'s arrays boxed with their logical axis names (`names`: the same nesting)."""
+    return jax.tree_util.tree_map(
+        lambda axes, value: nn.LogicallyPartitioned(jnp.asarray(value), axes),
+        names,
+        tree,
+        is_leaf=lambda node: isinstance(node, tuple),
+    )
 
 
 class SystemModel(base.BaseModel):
@@ -323,7 +411,10 @@ class SystemModel(base.BaseModel):
         routed_B = jnp.zeros(image.shape[0], bool)
         for route in self.config.routes:
             by_slot = {slot: params[cid] for slot, cid in route.components}
-            own_BxKt = candidate.forward(route.config, route.slots, by_slot, image)
+            if route.is_router:
+                own_BxKt = router_path.forward(route.layout, by_slot, image)
+            else:
+                own_BxKt = candidate.forward(route.config, route.slots, by_slot, image)
             own_BxK = jnp.pad(
                 own_BxKt.astype(jnp.float32),
                 ((0, 0), (0, width - own_BxKt.shape[-1])),
@@ -434,18 +525,8 @@ class SystemModel(base.BaseModel):
         image = jnp.zeros(tuple(input_shapes[self.INPUT_FEATURE]), dtype)
         params: dict[str, Any] = {}
         for route in self.config.routes:
-            x = image
-            for slot, component_id in route.components:
-                module = _component_module(route, slot)
-                if component_id not in params:
-                    key = jax.random.fold_in(rng, len(params))
-                    params[component_id] = _init_component(module, slot, key, x)
-                out = jax.eval_shape(
-                    lambda p, x, route=route, slot=slot: candidate.forward(
-                        route.config, (slot,), {slot: p}, x
-                    ),
-                    nn.unbox(params[component_id]),
-                    x,
-                )
-                x = jnp.zeros(out.shape, out.dtype)
+            for member in route.members:
+                _init_chain(member, params, rng, image)
+            if route.is_router:
+                _init_router_parts(route, params, image)
         return {"params": params}

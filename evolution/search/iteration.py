@@ -345,9 +345,12 @@ class TaskIteration:
             flops_term=settings.flops_term,
             accounting=settings.accounting,
         )
-        # The task's own paths, re-scored with today's sharing.
+        # The task's own single paths, re-scored with today's sharing (a router path is
+        # served, never evolved: it stays out of the population and is never retired here).
         published = []
         for path in state.active_paths(task):
+            if system.is_router_path(path):
+                continue
             if path.quality is not None:
                 score = self.scorer.of_path(path, path.quality, state, self.params_of)
                 path = dataclasses.replace(path, score=score)

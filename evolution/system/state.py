@@ -36,6 +36,10 @@ MUNET = "munet"
 MU2NET_PLUS = "mu2net_plus"
 ACCOUNTINGS = (MUNET, MU2NET_PLUS)
 
+# The architecture "model" of a router path: a multipath model over frozen member paths
+# (evolution/search/router_path.py), stored and served like any path.
+ROUTER_MODEL = "router"
+
 # Ids name parameter folders on disk: a leading letter or digit keeps them apart from
 # the store's hidden temporary folders, and no '/' keeps them one path segment.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -246,6 +250,15 @@ class TaskRecord:
         )
 
 
+def is_router_path(path: Path) -> bool:
+    """Whether a path is a router path (a multipath model over frozen member paths).
+
+    A router path is served as its task's model, locks the components it uses like any
+    path, and is never a parent, a seed or a member of another router path.
+    """
+    return dict(path.architecture).get("model") == ROUTER_MODEL
+
+
 def _rank_key(path: Path) -> tuple[float, int, str]:
     score = -math.inf if path.score is None else path.score
     # Higher score first; among equal scores the older path, then the smaller id.
@@ -385,10 +398,36 @@ class SystemState:
             total += component.num_params / len(users)
         return total
 
-    def best_path(self, task: str) -> Path | None:
-        """The task's best active path (highest score; see `rank_by_score`), or None."""
-        ranked = self.active_paths(task)
+    def best_single_path(self, task: str) -> Path | None:
+        """The task's best active path that is not a router path (`rank_by_score`), or None.
+
+        What searches build on: a parent, a seed, a multipath model's member.
+        """
+        ranked = [p for p in self.active_paths(task) if not is_router_path(p)]
         return ranked[0] if ranked else None
+
+    def best_path(self, task: str) -> Path | None:
+        """The task's served path: its best router path where that beats its best single path.
+
+        Router paths are compared with the best single path by validation quality (their
+        scores are not scale-controlled like a single path's): the router path of highest
+        quality is served while its quality is above the single path's; otherwise the
+        best single path (highest score; see `rank_by_score`) is.
+
+        Args:
+          task: the task.
+
+        Returns:
+          The path inference and the exported system run for the task, or None.
+        """
+        single = self.best_single_path(task)
+        routers = [p for p in self.active_paths(task) if is_router_path(p)]
+        best_router = max(routers, key=lambda p: p.quality or 0.0, default=None)
+        if best_router is not None and (
+            single is None or (best_router.quality or 0.0) > (single.quality or 0.0)
+        ):
+            return best_router
+        return single
 
     def root_params(self) -> int:
         """The root model's parameter count P (the score's scale unit).
@@ -418,7 +457,7 @@ class SystemState:
         for record in sorted(self.tasks.values(), key=lambda t: t.order):
             if record.name == task or record.name in private:
                 continue
-            best = self.best_path(record.name)
+            best = self.best_single_path(record.name)
             if best is not None:
                 seeds.setdefault(best.id, best)
         return list(seeds.values())

@@ -29,8 +29,10 @@ from evolution.store import sqlite as sqlite_store
 
 pytestmark = pytest.mark.slow  # muNet agents publish first
 
+# Not published: these tests check that a cycle leaves the published state unchanged
+# (tests/evolution/export/test_router_path.py covers publishing).
 SETTINGS = multipath_agent.MultipathSettings(
-    num_paths=2, steps=8, steps_per_validation=4, batch_size=16, wait_seconds=0.0
+    num_paths=2, steps=8, steps_per_validation=4, batch_size=16, wait_seconds=0.0, publish=False
 )
 # Each muNet child clones block_0 (the final norm is always cloned): every task's body is
 # its own, so the other task's path is a companion with new features.

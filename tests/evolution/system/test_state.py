@@ -123,6 +123,45 @@ def test_best_path_seeds_and_order(state):
     assert state.root_params() == 300 + 600 + 600 + 100
 
 
+def test_router_path_is_served_only_while_it_beats_the_best_single_path(state):
+    # t1's router path over p1 (its members' components) and t3's body, with its own
+    # connector and router: it locks what it uses like any path of t1.
+    router = system.Path(
+        id="r1",
+        task="t1",
+        components=(
+            ("m0/embed", "embed"),
+            ("m0/block_0", "b0"),
+            ("m0/block_1", "b1"),
+            ("m0/head", "h1"),
+            ("m1/embed", "embed"),
+            ("m1/block_0", "b0"),
+            ("m1/block_1", "b1_t3"),
+            ("connector_1", "h2"),
+            ("router", "h3"),
+        ),
+        agent="multipath",
+        score=0.75,
+        quality=0.75,
+        architecture={"model": system.ROUTER_MODEL},
+    )
+    single = dataclasses.replace(state.paths["p1"], quality=0.7)
+    paths = {**state.paths, "p1": single, "r1": router}
+    with_router = system.SystemState(state.components, paths, state.tasks, "root")
+    assert system.is_router_path(router) and not system.is_router_path(single)
+    assert with_router.best_path("t1").id == "r1"  # quality 0.75 > 0.7 (its score is lower)
+    assert with_router.best_single_path("t1").id == "p1"
+    assert "t1" in with_router.locks_of("b1_t3") and not with_router.is_trainable("b1_t3", "t3")
+    assert [p.id for p in with_router.seed_paths("t2")] == ["root", "p1", "p3"]
+    # A better single path is served instead; without a single path the router path is.
+    better = dataclasses.replace(single, quality=0.8)
+    paths = {**paths, "p1": better}
+    assert system.SystemState(state.components, paths, state.tasks).best_path("t1").id == "p1"
+    paths = {**paths, "p1": dataclasses.replace(better, status=system.RETIRED)}
+    only_router = system.SystemState(state.components, paths, state.tasks)
+    assert only_router.best_path("t1").id == "r1" and only_router.best_single_path("t1") is None
+
+
 def test_rank_by_score_is_deterministic_with_ties():
     paths = [
         _path("b", "t", ["e", "0", "1", "h"], score=0.5, generation=2),
