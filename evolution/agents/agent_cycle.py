@@ -144,7 +144,7 @@ class CycleResult:
       quality: the live path's validation quality.
       score: its score in the published system.
       reused_components: ids of components on the live path that other agents (not
-        the root's) created.
+        the root agents) created.
       candidates: candidates trained in the cycle.
       wall_seconds: the cycle's wall time.
     """
@@ -172,9 +172,7 @@ AgentResult = CycleResult | multipath_agent.MultipathCycle
 
 
 def _reused(state: system.SystemState, path: system.Path, agent: str) -> tuple[str, ...]:
-    root_ids = set()
-    if state.root_path_id is not None:
-        root_ids = set(state.paths[state.root_path_id].component_ids)
+    root_ids = {cid for root in state.root_path_ids for cid in state.paths[root].component_ids}
     return tuple(
         cid
         for cid in path.component_ids
@@ -330,7 +328,7 @@ def _baseline_cycle(
     retired = {p.id: dataclasses.replace(p, status=system.RETIRED) for p in live}
     components = {**state.components, **{c.id: c for c in records}}
     paths = {**state.paths, **retired, new.id: new}
-    would_be = system.SystemState(components, paths, state.tasks, state.root_path_id)
+    would_be = dataclasses.replace(state, components=components, paths=paths)
     # One scorer serves both systems: they share the root.
     scorer = iteration.Scorer.of_system(
         state,
