@@ -1,0 +1,162 @@
+"""An interrupted agent cycle resumes from its last finished generation.
+
+A muNet agent's cycle (three generations of two candidates on the tiny root ViT of
+agents_testlib) is interrupted right after generation k has been saved; the agent's next
+cycle resumes there and publishes the same path, with bit-identical parameters, as a
+cycle that was never interrupted. Progress that may not be resumed (other settings,
+an agent that published since) is dropped with the staged work it names.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from agents_testlib import SEARCH, _task_data
+from tiny_vit_testlib import TINY_VIT, random_params
+
+from evolution.agents import agent_cycle
+from evolution.roots import seeding
+from evolution.search import candidate, iteration, resume
+from evolution.store import sqlite as sqlite_store
+
+SETTINGS = dataclasses.replace(SEARCH, generations=3)
+TASK = "tex_a"
+AGENT = "munet-a"
+
+
+class _Interrupted(Exception):
+    """Stands for the agent's process dying."""
+
+
+def _store(tmp_path, name):
+    store = sqlite_store.SqliteStore(str(tmp_path / name))
+    seeding.seed_root(store, TINY_VIT, random_params(), agent="root")
+    return store
+
+
+def _cycle(store, settings=SETTINGS):
+    config = agent_cycle.AgentConfig(TASK, "munet", AGENT, settings)
+    return agent_cycle.run_cycle(store, config, _task_data(TASK), cache=candidate.default_cache())
+
+
+def _interrupt_after(monkeypatch, generations_done):
+    save = iteration.TaskIteration.save_progress
+
+    def save_then_die(self, done, *args, **kwargs):
+        save(self, done, *args, **kwargs)
+        if done == generations_done:
+            raise _Interrupted
+
+    monkeypatch.setattr(iteration.TaskIteration, "save_progress", save_then_die)
+
+
+def _staged(store):
+    return store._execute(store._db(), "SELECT id FROM components WHERE NOT published").fetchall()
+
+
+def _published(store, result):
+    state = store.load_state()
+    path = state.paths[result.path.id]
+    params = {cid: store.load_params(cid) for cid in result.published_components}
+    opt = {cid: store.load_opt_state(cid) for cid in result.published_components}
+    return state, path, params, opt
+
+
+def _assert_trees_equal(a, b):
+    assert type(a) is type(b) or (np.ndim(a) == np.ndim(b) == 0)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_trees_equal(a[key], b[key])
+    elif a is None:
+        assert b is None
+    else:
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    store = _store(tmp_path_factory.mktemp("uninterrupted"), "store")
+    result = _cycle(store)
+    yield result, _published(store, result)
+    store.close()
+
+
+@pytest.mark.parametrize("generations_done", [1, 2])
+def test_resumed_cycle_publishes_what_the_uninterrupted_one_does(
+    tmp_path, monkeypatch, uninterrupted, generations_done
+):
+    expected, (expected_state, expected_path, expected_params, expected_opt) = uninterrupted
+    store = _store(tmp_path, "store")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, generations_done)
+        with pytest.raises(_Interrupted):
+            _cycle(store)
+    # Nothing of the interrupted cycle is published; its progress is staged.
+    state = store.load_state()
+    assert [p.agent for p in state.active_paths(TASK)] == []
+    saved = resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS)
+    assert saved is not None and saved.generations_done == generations_done
+    assert {row[0] for row in _staged(store)} == set(saved.component_ids)
+
+    trained = []
+    train = candidate.train_candidate
+
+    def counting(*args, **kwargs):
+        trained.append(1)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(candidate, "train_candidate", counting)
+    result = _cycle(store)
+    # Only the generations after the saved one are trained again.
+    per_generation = SETTINGS.candidates_per_generation
+    assert len(trained) == (SETTINGS.generations - generations_done) * per_generation
+    assert result.candidates == expected.candidates
+    state, path, params, opt = _published(store, result)
+    assert path == expected_path
+    assert result.published_components == expected.published_components
+    assert result.retired == expected.retired
+    for cid in expected.published_components:
+        _assert_trees_equal(params[cid], expected_params[cid])
+        _assert_trees_equal(opt[cid], expected_opt[cid])
+        assert state.components[cid] == expected_state.components[cid]
+    # The resumed cycle leaves nothing staged and no progress behind.
+    assert _staged(store) == []
+    assert resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS) is None
+    assert store.read_setting(resume.SETTING.format(agent=AGENT)) == ""
+
+
+def test_progress_of_other_settings_or_a_finished_cycle_is_dropped(tmp_path, monkeypatch):
+    store = _store(tmp_path, "store")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(_Interrupted):
+            _cycle(store)
+    assert _staged(store)
+    other = dataclasses.replace(SETTINGS, scale=0.9)
+    assert resume.load(store, agent=AGENT, task=TASK, settings=other) is None
+    assert resume.load(store, agent=AGENT, task="tex_b", settings=SETTINGS) is None
+    # Placement settings do not change results: the progress still fits.
+    assert resume.load(
+        store, agent=AGENT, task=TASK, settings=dataclasses.replace(SETTINGS, devices=1)
+    )
+
+    # A cycle with other settings starts afresh: the staged work is discarded.
+    two = dataclasses.replace(SETTINGS, generations=1)
+    result = _cycle(store, two)
+    assert result.candidates == two.candidates_per_generation
+    assert _staged(store) == []
+    assert resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS) is None
+
+    # Progress saved before the agent's last publication is stale.
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(_Interrupted):
+            _cycle(store)
+    saved = resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS)
+    assert saved is not None
+    store.publish(AGENT, paths=[store.load_state().paths[result.path.id]])
+    assert resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS) is None
+    _cycle(store, two)
+    assert _staged(store) == []
