@@ -18,9 +18,9 @@ One call of `evolve_task` is one *task iteration* of the muNet family
    `SystemState.accounted_params` of the state the candidate would be published into)
    and accept it iff `scoring.accept` says so. Accepted candidates join the population
    (in memory, private to this iteration) and may be parents in later generations.
-   After each generation the iteration saves its progress (staged components and a
-   record in the store, `evolution.search.resume`): an interrupted iteration resumes
-   from its last finished generation when the agent starts again.
+   After each generation but the last the iteration saves its progress (staged
+   components and a record in the store, `evolution.search.resume`): an interrupted
+   iteration resumes from its last finished generation when the agent starts again.
 3. Keep only the task's best path: put its new components, then publish it and retire
    the task's other active paths in ONE store transaction (`Store.publish`). From then
    on its components are locked by the task: every other task can only reference them
@@ -186,7 +186,9 @@ def evolve_task(
         records.extend(j.record for j in judged)
         accepted = [j for j in judged if j.record.accepted]
         it.join(accepted)
-        it.save_progress(g + 1, records, {"train": train_s, "eval": eval_s, "compile": compile_s})
+        if g + 1 < search_config.generations:  # after the last, publication follows at once
+            seconds = {"train": train_s, "eval": eval_s, "compile": compile_s}
+            it.save_progress(g + 1, records, seconds)
 
         ranked = it.population.ranked()
         best = ranked[0] if ranked else None

@@ -2,8 +2,9 @@
 
 An agent's cycle (one `search.evolve_task`) runs G generations before it publishes. So
 that an interrupted cycle (a killed process, a lost machine) is not thrown away, the
-iteration saves its progress after each finished generation (`TaskIteration.save_progress`),
-the way the multiagent notebook writes its intermediate `state_<cycle>_<generation>`:
+iteration saves its progress after each finished generation but the last (whose
+publication follows at once; `TaskIteration.save_progress`), the way the multiagent
+notebook writes its intermediate `state_<cycle>_<generation>`:
 
 - the accepted children's new components are put into the store as *staged* components
   (private to the agent: never visible to the others until published), with their
