@@ -3,9 +3,10 @@
 An agent (spec: "Multiagent framework") runs cycles on the store until it has run
 `cycles` of them or `max_seconds` have passed. Each cycle:
 
-1. drops the agent's staged leftovers (work of a cycle that was killed) and reloads what
-   every agent last published; locks are rebuilt from the published paths
-   (`SystemState.locks`). What it loads is checked first (`agent_view.check_state`:
+1. reloads what every agent last published; locks are rebuilt from the published paths,
+   one per agent (`SystemState.holders_of`). A muNet cycle that was killed after a
+   finished generation goes on from there (`search.resume`); other staged leftovers of
+   the agent are dropped. What it loads is checked first (`agent_view.check_state`:
    a malformed or foreign path is refused with an `AgentStateError` naming it, and
    nothing is loaded);
 2. runs one cycle of its method privately (candidates and their components stay

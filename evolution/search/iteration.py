@@ -437,7 +437,13 @@ class TaskIteration:
             raise ValueError(f"Task {task!r} has {stored} classes, not {num_classes}.")
         iteration = cls(store, task, agent, settings, space, state)
         if progress is not None:
-            iteration._restore(progress)
+            try:
+                iteration._restore(progress)
+            except (store_lib.StoreError, KeyError) as error:  # e.g. a component removed by hand
+                logger.warning("evolve %s: cannot resume (%s); starting afresh", task, error)
+                store.discard_staged(agent)
+                resume.clear(store, agent)
+                iteration = cls(store, task, agent, settings, space, state)
         return iteration
 
     def _restore(self, progress: resume.Progress) -> None:
