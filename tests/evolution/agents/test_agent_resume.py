@@ -3,12 +3,18 @@
 A muNet agent's cycle (three generations of two candidates on the tiny root ViT of
 agents_testlib) is interrupted right after generation k has been saved; the agent's next
 cycle resumes there and publishes the same path, with bit-identical parameters, as a
-cycle that was never interrupted. Progress that may not be resumed (other settings,
-an agent that published since) is dropped with the staged work it names.
+cycle that was never interrupted, also when the agent's process is killed (SIGKILL)
+instead. Progress that may not be resumed (other settings, an agent that published
+since) is dropped with the staged work it names.
 """
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 from agents_testlib import SEARCH, _task_data
@@ -22,6 +28,30 @@ from evolution.store import sqlite as sqlite_store
 SETTINGS = dataclasses.replace(SEARCH, generations=3)
 TASK = "tex_a"
 AGENT = "munet-a"
+TESTS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+
+# The agent's process: one cycle that SIGKILLs itself right after saving generation 1.
+_CHILD = r"""
+import dataclasses, os, signal, sys
+
+import agents_testlib as spec
+from evolution.agents import agent_cycle
+from evolution.search import iteration
+from evolution.store import sqlite as sqlite_store
+
+save = iteration.TaskIteration.save_progress
+
+def save_then_die(self, done, *args, **kwargs):
+    save(self, done, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+iteration.TaskIteration.save_progress = save_then_die
+settings = dataclasses.replace(spec.SEARCH, generations=3)
+config = agent_cycle.AgentConfig("tex_a", "munet", "munet-a", settings)
+with sqlite_store.SqliteStore(sys.argv[1]) as store:
+    agent_cycle.run_cycle(store, config, spec._task_data("tex_a"))
+"""
 
 
 class _Interrupted(Exception):
@@ -125,6 +155,38 @@ def test_resumed_cycle_publishes_what_the_uninterrupted_one_does(
     assert _staged(store) == []
     assert resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS) is None
     assert store.read_setting(resume.SETTING.format(agent=AGENT)) == ""
+
+
+@pytest.mark.multiprocess
+def test_cycle_of_a_killed_process_resumes(tmp_path, uninterrupted):
+    expected, (_, expected_path, expected_params, _) = uninterrupted
+    directory = str(tmp_path / "store")
+    _store(tmp_path, "store").close()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+        "JAX_PLATFORMS": "cpu",
+    }
+    if jax.config.jax_compilation_cache_dir:  # the session's cache (conftest.py), shared
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, directory],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    with sqlite_store.SqliteStore(directory) as store:
+        saved = resume.load(store, agent=AGENT, task=TASK, settings=SETTINGS)
+        assert saved is not None and saved.generations_done == 1
+        result = _cycle(store)
+        path = store.load_state().paths[result.path.id]
+        assert path == expected_path
+        for cid in expected.published_components:
+            _assert_trees_equal(store.load_params(cid), expected_params[cid])
+        assert _staged(store) == []
 
 
 def test_progress_of_other_settings_or_a_finished_cycle_is_dropped(tmp_path, monkeypatch):
