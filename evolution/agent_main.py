@@ -30,6 +30,7 @@ def agent(
     method: str = agent_cycle.MUNET,
     name: str | None = None,
     root_dir: str | None = None,
+    random_root: bool = False,
     cycles: int | None = None,
     max_seconds: float | None = None,
     search_config: search.SearchConfig | None = None,
@@ -50,6 +51,8 @@ def agent(
         "<method>-<task>").
       root_dir: a pretrained root seeded when the store has none (None: the store
         must have a root).
+      random_root: also seed a randomly initialised root of the same architecture
+        next to the pretrained one (its own root agent), when the store has none.
       cycles: cycles to run now (None: until `max_seconds`, or until stopped).
       max_seconds: start no cycle after this many seconds (None: no limit).
       search_config: a muNet cycle's settings (baselines use its steps per
@@ -94,6 +97,7 @@ def agent(
         cycles=cycles,
         max_seconds=max_seconds,
         root_dir=root_dir,
+        random_root=random_root,
     )
     last = results[-1] if results else None
     if isinstance(last, multipath_agent.MultipathCycle):

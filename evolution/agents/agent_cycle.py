@@ -3,9 +3,10 @@
 An agent (spec: "Multiagent framework") runs cycles on the store until it has run
 `cycles` of them or `max_seconds` have passed. Each cycle:
 
-1. drops the agent's staged leftovers (work of a cycle that was killed) and reloads what
-   every agent last published; locks are rebuilt from the published paths
-   (`SystemState.locks`). What it loads is checked first (`agent_view.check_state`:
+1. reloads what every agent last published; locks are rebuilt from the published paths,
+   one per agent (`SystemState.holders_of`). A muNet cycle that was killed after a
+   finished generation goes on from there (`search.resume`); other staged leftovers of
+   the agent are dropped. What it loads is checked first (`agent_view.check_state`:
    a malformed or foreign path is refused with an `AgentStateError` naming it, and
    nothing is loaded);
 2. runs one cycle of its method privately (candidates and their components stay
@@ -144,7 +145,7 @@ class CycleResult:
       quality: the live path's validation quality.
       score: its score in the published system.
       reused_components: ids of components on the live path that other agents (not
-        the root's) created.
+        the root agents) created.
       candidates: candidates trained in the cycle.
       wall_seconds: the cycle's wall time.
     """
@@ -172,9 +173,7 @@ AgentResult = CycleResult | multipath_agent.MultipathCycle
 
 
 def _reused(state: system.SystemState, path: system.Path, agent: str) -> tuple[str, ...]:
-    root_ids = set()
-    if state.root_path_id is not None:
-        root_ids = set(state.paths[state.root_path_id].component_ids)
+    root_ids = {cid for root in state.root_path_ids for cid in state.paths[root].component_ids}
     return tuple(
         cid
         for cid in path.component_ids
@@ -330,7 +329,7 @@ def _baseline_cycle(
     retired = {p.id: dataclasses.replace(p, status=system.RETIRED) for p in live}
     components = {**state.components, **{c.id: c for c in records}}
     paths = {**state.paths, **retired, new.id: new}
-    would_be = system.SystemState(components, paths, state.tasks, state.root_path_id)
+    would_be = dataclasses.replace(state, components=components, paths=paths)
     # One scorer serves both systems: they share the root.
     scorer = iteration.Scorer.of_system(
         state,

@@ -21,7 +21,7 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.agents import agent_cycle, baselines, multipath_agent
-from evolution.roots import root
+from evolution.roots import root, seeding
 from evolution.search import candidate
 from evolution.search import loop as search
 
@@ -58,20 +58,39 @@ def agent_lock(store_dir: str, agent: str) -> Iterator[None]:
         handle.close()
 
 
-def _ensure_root(store: store_lib.Store, root_dir: str | None) -> None:
-    """Seeds the root of `root_dir` into a store that has none (concurrent seeders retry)."""
-    if store.load_state().root_path_id is not None or root_dir is None:
+def _retrying(seed: Callable[[], object], done: Callable[[], bool]) -> None:
+    """Runs `seed` unless `done()`; a seeder racing another agent retries (a few times)."""
+    if done():
         return
     for attempt in range(5):
         try:
-            root.seed_store(store, root_dir)
+            seed()
             return
         except (store_lib.StoreError, ValueError):
-            if store.load_state().root_path_id is not None:
+            if done():
                 return  # another agent seeded it at the same moment: as good as ours
             if attempt == 4:
                 raise
             time.sleep(1.0 + attempt)
+
+
+def _ensure_root(store: store_lib.Store, root_dir: str | None, random_root: bool) -> None:
+    """Seeds the root of `root_dir` into a store that has none, and the random root if asked.
+
+    The random root takes the root's architecture: without a root there is none (the
+    cycle then refuses the store, `agent_view.check_state`).
+    """
+    if root_dir is not None:
+        _retrying(
+            lambda: root.seed_store(store, root_dir),
+            lambda: store.load_state().root_path_id is not None,
+        )
+    if random_root and store.load_state().root_path_id is not None:
+        path_id = f"{seeding.RANDOM_ROOT_TASK}:path"
+        _retrying(
+            lambda: seeding.seed_random_root(store),
+            lambda: path_id in store.load_state().extra_roots,
+        )
 
 
 def run_agent(
@@ -83,14 +102,16 @@ def run_agent(
     cycles: int | None = None,
     max_seconds: float | None = None,
     root_dir: str | None = None,
+    random_root: bool = False,
     on_publish: Callable[[agent_cycle.AgentResult], None] | None = None,
     cache: candidate.StepCache | None = None,
 ) -> list[agent_cycle.AgentResult]:
     """Runs one agent's cycles on a store until `cycles` ran or `max_seconds` passed.
 
     The agent may be killed at any moment (even by kill -9) and started again: what it
-    published stays, its staged work is dropped at its next cycle, and the store never
-    shows a half-published cycle.
+    published stays, the store never shows a half-published cycle, and a muNet cycle
+    goes on from its last finished generation (`search.resume`; other staged work is
+    dropped at its next cycle).
 
     Args:
       store_dir: the shared store (created when missing).
@@ -102,6 +123,9 @@ def run_agent(
         neither limit the agent runs until it is stopped.
       root_dir: a pretrained root (`./run.sh pretrain_root`) seeded when the store has
         no root yet (ignored when it has one; None: it must have one).
+      random_root: also seed, when the store has none, a randomly initialised root of
+        the root's architecture next to it (`seeding.seed_random_root`, its own root
+        agent): one more seed of every task.
       on_publish: called with each cycle's result right after its publication (for
         multipath, after the cycle, which may have published a router path).
       cache: compiled steps shared across cycles.
@@ -127,7 +151,7 @@ def run_agent(
     lock_folder = store_lib.local_folder_of(store_dir)
     report_dir = os.path.join(lock_folder, multipath_agent.FOLDER)
     with store_lib.open_store(store_dir) as store, agent_lock(lock_folder, config.agent):
-        _ensure_root(store, root_dir)
+        _ensure_root(store, root_dir, random_root)
         run_one = functools.partial(
             agent_cycle.run_cycle,
             store,

@@ -10,13 +10,15 @@ retired:
 - other agents' paths of the agent's own task: agents on one task compete by score for
   the task's best path, each evolving its own population (`search.evolve_task` may only
   publish and retire its own paths, and would otherwise try to republish another
-  agent's best). A task's trainable set ignores its own locks and accounted
-  parameters count tasks, not paths, so hiding them changes neither;
+  agent's best);
 - paths `mutations.plan_child` cannot take as a parent (an "adapter_i" that does not
   come right before "block_i", as paths written before the adapters baseline put its
-  adapters before the blocks had). Their locks on shared components are then not counted
-  in the search's accounted parameters (a component they share costs the search's
-  candidates a slightly larger share).
+  adapters before the blocks had).
+
+Locks are per agent (`SystemState.holders_of`), so a hidden path's locks still count:
+the view keeps them as the state's `hidden_locks`. What another agent published stays
+frozen for this one (even on its own task), and the search's accounted parameters are
+those of the published system.
 """
 
 from __future__ import annotations
@@ -202,11 +204,16 @@ class AgentView(store_lib.Store):
         if not self._for_search:
             return state
         paths = dict(state.paths)
+        hidden: dict[str, frozenset[system.LockHolder]] = dict(state.hidden_locks)
+        roots = set(state.root_path_ids)
         for path in state.active_paths():
             foreign = path.task == self._task and path.agent != self._agent
-            if path.id != state.root_path_id and (foreign or not can_be_parent(path)):
+            if path.id not in roots and (foreign or not can_be_parent(path)):
                 paths[path.id] = dataclasses.replace(path, status=system.RETIRED)
-        return system.SystemState(state.components, paths, state.tasks, state.root_path_id)
+                for component_id in path.component_ids:
+                    holders = hidden.get(component_id, frozenset())
+                    hidden[component_id] = holders | {system.LockHolder.of(path)}
+        return dataclasses.replace(state, paths=paths, hidden_locks=hidden)
 
     def add_task(
         self, name: str, *, num_classes: int, metadata: Mapping[str, Any] | None = None
@@ -242,9 +249,25 @@ class AgentView(store_lib.Store):
         """See `Store.set_root`."""
         self._store.set_root(path_id)
 
-    def discard_staged(self, agent: str) -> tuple[str, ...]:
+    def add_root(self, path_id: str) -> None:
+        """See `Store.add_root`."""
+        self._store.add_root(path_id)
+
+    def discard_staged(self, agent: str, keep: Iterable[str] = ()) -> tuple[str, ...]:
         """See `Store.discard_staged`."""
-        return self._store.discard_staged(agent)
+        return self._store.discard_staged(agent, keep=keep)
+
+    def read_setting(self, key: str) -> str | None:
+        """See `Store.read_setting`."""
+        return self._store.read_setting(key)
+
+    def write_setting(self, key: str, value: str) -> None:
+        """See `Store.write_setting`."""
+        self._store.write_setting(key, value)
+
+    def publication_count(self, agent: str, after: int = 0) -> tuple[int, int]:
+        """See `Store.publication_count`."""
+        return self._store.publication_count(agent, after)
 
     def close(self) -> None:
         """Leaves the underlying store open."""

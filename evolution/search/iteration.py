@@ -13,6 +13,8 @@ reads and changes lives in a `TaskIteration`:
   iteration until published).
 - `publish` stores the best path's new components, publishes it and retires the agent's
   other paths of the task in one store transaction.
+- `save_progress` stages what a finished generation produced, so that an interrupted
+  iteration resumes from its last finished generation (`evolution.search.resume`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from evolution.search import (
     hparams,
     mutations,
     opt_states,
+    resume,
     scoring,
     selection,
 )
@@ -313,6 +316,10 @@ class TaskIteration:
       scorer: the system's `Scorer`.
       population: the task's published and accepted paths.
       base_generation: the generation number of the iteration's first generation.
+      generations_done: generations finished before this process took over (a resumed
+        iteration's; 0 for a new one).
+      resumed_candidates: the candidates those generations trained.
+      resumed_seconds: their "train", "eval" and "compile" wall times.
     """
 
     def __init__(
@@ -369,6 +376,11 @@ class TaskIteration:
         self._stored_slices: dict[str, Any] = {}
         # The system the current generation was planned in (its children are judged in it).
         self._generation_state = self.working_state()
+        self._publications = resume.publications(store, agent)
+        self._staged: set[str] = set()
+        self.generations_done = 0
+        self.resumed_candidates: tuple[CandidateRecord, ...] = ()
+        self.resumed_seconds: dict[str, float] = {}
 
     @classmethod
     def open(
@@ -384,8 +396,10 @@ class TaskIteration:
     ) -> TaskIteration:
         """Loads the system for an iteration of `task`, adding the task when it is new.
 
-        Work staged by an earlier, interrupted iteration of the agent is discarded first
-        (it is never published).
+        An earlier iteration of the agent that was interrupted after a finished
+        generation is resumed from there (`resume.load`: same task and settings, nothing
+        published since); any other staged work of the agent is discarded (it is never
+        published).
 
         Args:
           store: the store (with a root path, `seeding.seed_root`).
@@ -405,7 +419,10 @@ class TaskIteration:
           ValueError: the store has no root, the space does not fit the root model, or
             `num_classes` contradicts the stored task.
         """
-        store.discard_staged(agent)
+        progress = resume.load(store, agent=agent, task=task, settings=settings)
+        store.discard_staged(agent, keep=progress.component_ids if progress else ())
+        if progress is None:
+            resume.clear(store, agent)  # its staged components are gone
         state = store.load_state()
         if state.root_path_id is None:
             raise ValueError("The store has no root path; call seeding.seed_root first.")
@@ -421,7 +438,120 @@ class TaskIteration:
         stored = state.tasks[task].num_classes
         if num_classes is not None and num_classes != stored:
             raise ValueError(f"Task {task!r} has {stored} classes, not {num_classes}.")
-        return cls(store, task, agent, settings, space, state)
+        iteration = cls(store, task, agent, settings, space, state)
+        if progress is not None:
+            try:
+                iteration._restore(progress)
+            except (store_lib.StoreError, KeyError) as error:  # e.g. a component removed by hand
+                logger.warning("evolve %s: cannot resume (%s); starting afresh", task, error)
+                store.discard_staged(agent)
+                resume.clear(store, agent)
+                iteration = cls(store, task, agent, settings, space, state)
+        return iteration
+
+    def _restore(self, progress: resume.Progress) -> None:
+        """Takes over a saved iteration after its last finished generation."""
+        self.base_generation = progress.base_generation
+        self.generations_done = progress.generations_done
+        self._publications = progress.publications
+        self._rng.bit_generator.state = dict(progress.rng_state)
+        self._sweep = list(progress.sweep)
+        self._published_ids = set(progress.published_ids)
+        self._new_records = {c.id: c for c in progress.components}
+        self._new_params = {cid: self.store.load_params(cid) for cid in self._new_records}
+        self._staged = set(self._new_records)
+        population = self.population
+        population.paths = {p.id: p for p in progress.paths}
+        population.offspring = dict(progress.offspring)
+        population.opt_states = {}
+        settings = self.settings
+        for path_id, trained in progress.trained.items():
+            if not settings.inherit_opt_state:
+                population.opt_states[path_id] = (None, trained)
+                continue
+            slices = {}
+            for component_id in trained:
+                stored = self.store.load_opt_state(component_id)
+                if stored is not None:
+                    slices[component_id] = stored
+            values = self.space.values(hparams.HParams.from_json(population.paths[path_id].hparams))
+            state, _ = opt_states.parent_state(
+                slices,
+                self.params_of,
+                values,
+                total_steps=settings.num_validations * settings.steps_per_validation,
+                cycle_steps=settings.steps_per_validation,
+            )
+            population.opt_states[path_id] = (state, trained)
+        self.resumed_candidates = tuple(
+            CandidateRecord(**{**c, "applied": tuple(c["applied"])}) for c in progress.candidates
+        )
+        self.resumed_seconds = dict(progress.seconds)
+        self._generation_state = self.working_state()
+        logger.info(
+            "evolve %s: agent %s resumes its iteration after generation %d of %d",
+            self.task,
+            self.agent,
+            progress.generations_done,
+            settings.generations,
+        )
+
+    def save_progress(
+        self,
+        generations_done: int,
+        candidates: Sequence[CandidateRecord],
+        seconds: Mapping[str, float],
+    ) -> None:
+        """Stages a finished generation's work so that an interrupted iteration resumes after it.
+
+        The population's new components are put as staged components (with their slice
+        of the optimizer state), then the `resume.Progress` record naming them is
+        written: a crash in between leaves staged components that the restart discards.
+
+        Args:
+          generations_done: how many of the iteration's generations have finished.
+          candidates: every candidate trained so far, in order.
+          seconds: accumulated "train", "eval" and "compile" wall times.
+        """
+        if not resume.keeps_progress(self.store):
+            return
+        population = self.population
+        live = {cid for p in population.paths.values() for cid in p.component_ids}
+        kept = [cid for cid in self._new_records if cid in live]
+        trained = {pid: tuple(ids) for pid, (_, ids) in population.opt_states.items()}
+        trainer_of = {cid: pid for pid, ids in trained.items() for cid in ids}
+        for component_id in kept:
+            if component_id not in self._staged:
+                self._stage(component_id, trainer_of.get(component_id))
+        progress = resume.Progress(
+            agent=self.agent,
+            task=self.task,
+            fingerprint=resume.fingerprint(self.settings),
+            publications=self._publications,
+            base_generation=self.base_generation,
+            generations_done=generations_done,
+            rng_state=self._rng.bit_generator.state,
+            sweep=tuple(self._sweep),
+            paths=tuple(population.paths.values()),
+            offspring=dict(population.offspring),
+            published_ids=tuple(sorted(self._published_ids)),
+            trained=trained,
+            components=tuple(self._new_records[cid] for cid in kept),
+            candidates=tuple(dataclasses.asdict(c) for c in candidates),
+            seconds=dict(seconds),
+        )
+        resume.save(self.store, progress)
+
+    def _stage(self, component_id: str, trainer: str | None) -> None:
+        """Puts one new component (staged) with its slice of its training's optimizer state."""
+        opt_slice = None
+        trained = self.population.opt_states.get(trainer) if trainer is not None else None
+        if trained is not None and self.settings.inherit_opt_state:
+            opt_slice = opt_states.component_slice(trained[0], trained[1], component_id)
+        self.store.put_component(
+            self._new_records[component_id], self._new_params[component_id], opt_slice
+        )
+        self._staged.add(component_id)
 
     def params_of(self, component_id: str) -> Any:
         """A component's parameters: trained in this iteration, or loaded once from the store."""
@@ -433,11 +563,10 @@ class TaskIteration:
 
     def working_state(self) -> system.SystemState:
         """The system as this iteration sees it: published paths plus accepted ones."""
-        return system.SystemState(
-            {**self.state.components, **self._new_records},
-            {**self.state.paths, **self.population.paths},
-            self.state.tasks,
-            self.state.root_path_id,
+        return dataclasses.replace(
+            self.state,
+            components={**self.state.components, **self._new_records},
+            paths={**self.state.paths, **self.population.paths},
         )
 
     def plan_generation(self, generation: int) -> list[Planned]:
@@ -568,11 +697,10 @@ class TaskIteration:
         architecture = {**plan.path.architecture, "num_classes": self.task_classes}
         child = dataclasses.replace(plan.path, architecture=architecture)
         work = self._generation_state  # the system the child's generation was planned in
-        would_be = system.SystemState(
-            {**work.components, **{c.id: c for c in child_records}},
-            {**work.paths, child.id: child},
-            work.tasks,
-            work.root_path_id,
+        would_be = dataclasses.replace(
+            work,
+            components={**work.components, **{c.id: c for c in child_records}},
+            paths={**work.paths, child.id: child},
         )
         accounted = would_be.accounted_params(child, self.settings.accounting)
         flops = flops_lib.path_flops(item.job.config, child.components, item.job.pool.__getitem__)
@@ -638,16 +766,9 @@ class TaskIteration:
         offspring = self.population.offspring.get(ranked[0].id, 0)
         best = dataclasses.replace(ranked[0], offspring=offspring)
         fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
-        trained = (
-            self.population.opt_states.get(best.id) if self.settings.inherit_opt_state else None
-        )
         for component_id in fresh_ids:
-            opt_slice = None
-            if trained is not None:
-                opt_slice = opt_states.component_slice(trained[0], trained[1], component_id)
-            store.put_component(
-                self._new_records[component_id], self._new_params[component_id], opt_slice
-            )
+            if component_id not in self._staged:  # staged by `save_progress` already
+                self._stage(component_id, best.id)
         published_ids = self._published_ids
         retire = sorted(
             pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
@@ -657,4 +778,5 @@ class TaskIteration:
             logger.warning("evolve %s: cannot retire other agents' paths %s", task, foreign)
         store.publish(agent, paths=[best], components=fresh_ids, retire=retire)
         store.discard_staged(agent)
+        resume.clear(store, agent)
         return best, fresh_ids, retire

@@ -18,6 +18,9 @@ One call of `evolve_task` is one *task iteration* of the muNet family
    `SystemState.accounted_params` of the state the candidate would be published into)
    and accept it iff `scoring.accept` says so. Accepted candidates join the population
    (in memory, private to this iteration) and may be parents in later generations.
+   After each generation but the last the iteration saves its progress (staged
+   components and a record in the store, `evolution.search.resume`): an interrupted
+   iteration resumes from its last finished generation when the agent starts again.
 3. Keep only the task's best path: put its new components, then publish it and retire
    the task's other active paths in ONE store transaction (`Store.publish`). From then
    on its components are locked by the task: every other task can only reference them
@@ -156,9 +159,12 @@ def evolve_task(
     settings = placement.StepSettings(
         search_config.batch_size, search_config.num_validations, search_config.steps_per_validation
     )
-    records: list[CandidateRecord] = []
-    train_s = eval_s = compile_s = 0.0
-    for g in range(search_config.generations):
+    records: list[CandidateRecord] = list(it.resumed_candidates)
+    train_s = it.resumed_seconds.get("train", 0.0)
+    eval_s = it.resumed_seconds.get("eval", 0.0)
+    compile_s = it.resumed_seconds.get("compile", 0.0)
+    # A resumed iteration goes on after its last finished generation (`resume`).
+    for g in range(it.generations_done, search_config.generations):
         generation = it.base_generation + g
         planned = it.plan_generation(generation)
         results = executors.train_generation(
@@ -180,6 +186,9 @@ def evolve_task(
         records.extend(j.record for j in judged)
         accepted = [j for j in judged if j.record.accepted]
         it.join(accepted)
+        if g + 1 < search_config.generations:  # after the last, publication follows at once
+            seconds = {"train": train_s, "eval": eval_s, "compile": compile_s}
+            it.save_progress(g + 1, records, seconds)
 
         ranked = it.population.ranked()
         best = ranked[0] if ranked else None

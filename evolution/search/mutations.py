@@ -321,7 +321,7 @@ def plan_child(
                 new_adapters.add(index)
 
     # Every decision is drawn (in slot order) before any id.
-    inherit = functools.partial(_inherit, state, parent, task, decider)
+    inherit = functools.partial(_inherit, state, parent, task, agent, decider)
     drafts: list[_Draft] = [inherit(slot, cid) for slot, cid in prefix]
     for index in range(child_layers):
         if index in new_adapters:
@@ -403,11 +403,15 @@ def _inherit(
     state: system.SystemState,
     parent: system.Path,
     task: str,
+    agent: str,
     decider: _Decider,
     slot: str,
     cid: str,
 ) -> _Draft:
     """What the child does with a parent's component: reference, clone or re-initialise.
+
+    A component locked by another agent (`SystemState.is_trainable`) is frozen: the child
+    references it or clones it; one that only the agent itself locks is always cloned.
 
     Raises:
       KeyError: the component is unknown to `state`.
@@ -416,7 +420,7 @@ def _inherit(
         raise KeyError(f"Parent {parent.id!r} references unknown component {cid!r}.")
     if slot == "head" and parent.task != task:
         return _Draft(slot, INIT, None, {})
-    if slot == "final_norm" or state.is_trainable(cid, task):
+    if slot == "final_norm" or state.is_trainable(cid, task, agent):
         return _Draft(slot, CLONE, cid, {})
     if decider.draw(CLONE_PREFIX + slot):
         return _Draft(slot, CLONE, cid, {})

@@ -154,12 +154,28 @@ class Store(abc.ABC):
           UnknownEntryError: no such path.
         """
 
+    def add_root(self, path_id: str) -> None:
+        """Marks a published path as one more root (e.g. a randomly initialised root).
+
+        The path becomes a seed of every task next to the root (`SystemState.extra_roots`);
+        the root path (`set_root`) stays the unit of the score's scale control.
+
+        Raises:
+          UnknownEntryError: no such path.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no extra roots.")
+
     @abc.abstractmethod
-    def discard_staged(self, agent: str) -> tuple[str, ...]:
+    def discard_staged(self, agent: str, keep: Iterable[str] = ()) -> tuple[str, ...]:
         """Deletes an agent's staged (never published) components and their parameters.
 
         An agent calls this when it (re)starts, or at the end of a cycle, to drop the
-        components of rejected candidates.
+        components of rejected candidates; a restarted agent keeps the components its
+        saved progress refers to (`search.resume`).
+
+        Args:
+          agent: the agent.
+          keep: ids of its staged components to keep.
 
         Returns:
           The ids removed.

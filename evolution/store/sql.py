@@ -44,6 +44,8 @@ TABLES = TABLES_V1 | {"orphan_candidates"}
 # folders are ever removed as orphans; `owner` is the writer's temporary folder name
 # (host and pid), NULL for discarded components.
 ORPHAN_CANDIDATES_TABLE = "CREATE TABLE orphan_candidates(id TEXT PRIMARY KEY, owner TEXT)"
+# The settings key of the extra roots (`Store.add_root`), a JSON list of path ids.
+EXTRA_ROOTS_SETTING = "extra_roots"
 _COMPONENT_COLUMNS = "id, kind, num_params, agent, task, config, parent, generation"
 _PATH_COLUMNS = (
     "id, agent, task, components, parent, hparams, generation, architecture, score,"
@@ -410,9 +412,10 @@ class SqlStore(store.Store):
         except param_files.ParamFileError as error:
             raise store.StoreError(f"Optimizer state of {component_id!r}: {error}") from error
 
-    def discard_staged(self, agent: str) -> tuple[str, ...]:
+    def discard_staged(self, agent: str, keep: Iterable[str] = ()) -> tuple[str, ...]:
         """See `Store.discard_staged`."""
         self._check_writable()
+        kept = set(keep)
         with self._transaction() as db:
             ids = tuple(
                 row[0]
@@ -421,6 +424,7 @@ class SqlStore(store.Store):
                     "SELECT id FROM components WHERE agent = ? AND NOT published ORDER BY id",
                     (agent,),
                 ).fetchall()
+                if row[0] not in kept
             )
             folders = [self._folder(i) for i in ids]
             self._executemany(db, "DELETE FROM components WHERE id = ?", [(i,) for i in ids])
@@ -567,6 +571,24 @@ class SqlStore(store.Store):
                 (path_id,),
             )
 
+    def add_root(self, path_id: str) -> None:
+        """See `Store.add_root` (the ids are a JSON list in the settings: no schema change)."""
+        with self._transaction() as db:
+            if self._execute(db, "SELECT 1 FROM paths WHERE id = ?", (path_id,)).fetchone() is None:
+                raise store.UnknownEntryError(f"Unknown path {path_id!r}.")
+            row = self._execute(
+                db, "SELECT value FROM settings WHERE key = ?", (EXTRA_ROOTS_SETTING,)
+            ).fetchone()
+            roots = json.loads(row[0]) if row else []
+            if path_id in roots:
+                return
+            self._execute(
+                db,
+                "INSERT INTO settings(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (EXTRA_ROOTS_SETTING, dumps([*roots, path_id])),
+            )
+
     # -- reading the system -----------------------------------------------------------
 
     def load_state(self) -> system.SystemState:
@@ -604,7 +626,16 @@ class SqlStore(store.Store):
             root = self._execute(
                 db, "SELECT value FROM settings WHERE key = 'root_path'"
             ).fetchone()
-        return system.SystemState(components, paths, tasks, root[0] if root else None)
+            extra = self._execute(
+                db, "SELECT value FROM settings WHERE key = ?", (EXTRA_ROOTS_SETTING,)
+            ).fetchone()
+        return system.SystemState(
+            components,
+            paths,
+            tasks,
+            root[0] if root else None,
+            extra_roots=tuple(json.loads(extra[0])) if extra else (),
+        )
 
     def read_setting(self, key: str) -> str | None:
         """See `Store.read_setting`."""

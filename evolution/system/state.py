@@ -2,10 +2,14 @@
 
 A component is one named piece of a model (patch embedding, a block, an adapter, a
 head) with its own stored parameters. A path is one task's model: hyperparameters plus
-an ordered list of (slot, component id) references. Many paths share components. A
-component is locked by every task with an active path that uses it; it is trainable for
-a task only while no other task holds a lock, so publishing a new path can never change
-another task's model.
+an ordered list of (slot, component id) references. Many paths share components.
+
+Locks are the multiagent framework's train locks: a component is locked by every agent
+with an active path that uses it (a `LockHolder`: the agent and the task it publishes
+for), the root agents included. It is trainable for an agent only while no other holder
+has a lock, so publishing a new path can never change another agent's model, even one of
+the same task. A system may hold more than one root (`SystemState.extra_roots`, e.g. a
+randomly initialised root next to the pretrained one): each is a seed of every task.
 
 Everything here is an immutable value; the store (evolution/store/base.py) persists it.
 Free-form fields (configs, hyperparameters, metrics, metadata) are kept in canonical
@@ -259,6 +263,28 @@ def is_router_path(path: Path) -> bool:
     return dict(path.architecture).get("model") == ROUTER_MODEL
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class LockHolder:
+    """Who holds a lock on a component: an agent, with the task it publishes for.
+
+    The pair, not the agent alone, is the holder: one agent that iterates several tasks
+    (`search.evolve_round_robin`) locks a component once per task, as muNet's per-task
+    locks do.
+
+    Attributes:
+      agent: the agent that published the path using the component.
+      task: that path's task.
+    """
+
+    agent: str
+    task: str
+
+    @classmethod
+    def of(cls, path: Path) -> LockHolder:
+        """The holder of the locks of `path`'s components."""
+        return cls(path.agent, path.task)
+
+
 def _rank_key(path: Path) -> tuple[float, int, str]:
     score = -math.inf if path.score is None else path.score
     # Higher score first; among equal scores the older path, then the smaller id.
@@ -285,13 +311,30 @@ class SystemState:
       components: id -> published component.
       paths: id -> path (active and retired).
       tasks: name -> task.
-      root_path_id: the root model's path (the seed of every new task), or None.
+      root_path_id: the root model's path (the seed of every new task, and the unit
+        of the score's scale control), or None.
+      extra_roots: further root paths (e.g. a randomly initialised root): seeds of
+        every task like the root, published by their own root agents.
+      hidden_locks: component id -> holders of locks that paths hidden from this
+        snapshot hold (an agent's view shows some active paths retired,
+        `agents.agent_view`); counted like the locks of active paths.
     """
 
     components: Mapping[str, Component]
     paths: Mapping[str, Path]
     tasks: Mapping[str, TaskRecord]
     root_path_id: str | None = None
+    extra_roots: tuple[str, ...] = ()
+    hidden_locks: Mapping[str, frozenset[LockHolder]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "extra_roots", tuple(dict.fromkeys(self.extra_roots)))
+
+    @property
+    def root_path_ids(self) -> tuple[str, ...]:
+        """Every root path: the root first, then the extra roots."""
+        main = () if self.root_path_id is None else (self.root_path_id,)
+        return main + tuple(r for r in self.extra_roots if r != self.root_path_id)
 
     def validate(self) -> None:
         """Checks that every reference resolves.
@@ -305,8 +348,9 @@ class SystemState:
             missing = [cid for cid in path.component_ids if cid not in self.components]
             if missing:
                 raise ValueError(f"Path {path.id!r} references unknown components {missing}.")
-        if self.root_path_id is not None and self.root_path_id not in self.paths:
-            raise ValueError(f"Unknown root path {self.root_path_id!r}.")
+        for root in self.root_path_ids:
+            if root not in self.paths:
+                raise ValueError(f"Unknown root path {root!r}.")
 
     def active_paths(self, task: str | None = None) -> list[Path]:
         """Active paths (of one task, or all), best first (see `rank_by_score`).
@@ -324,54 +368,67 @@ class SystemState:
         )
 
     @functools.cached_property
-    def _locks(self) -> dict[str, frozenset[str]]:
-        holders: dict[str, set[str]] = {}
+    def _holders(self) -> dict[str, frozenset[LockHolder]]:
+        holders: dict[str, set[LockHolder]] = {
+            cid: set(hidden) for cid, hidden in self.hidden_locks.items()
+        }
         for path in self.paths.values():
             if path.status == ACTIVE:
                 for component_id in path.component_ids:
-                    holders.setdefault(component_id, set()).add(path.task)
-        return {cid: frozenset(tasks) for cid, tasks in holders.items()}
+                    holders.setdefault(component_id, set()).add(LockHolder.of(path))
+        return {cid: frozenset(found) for cid, found in holders.items() if found}
+
+    def holders_of(self, component_id: str) -> frozenset[LockHolder]:
+        """The agents (with their tasks) holding a lock on one component (empty when none)."""
+        return self._holders.get(component_id, frozenset())
 
     def locks(self) -> dict[str, frozenset[str]]:
-        """Rebuilds the locks from the active paths.
+        """Rebuilds the locks from the active paths, by task.
 
         Returns:
           component id -> the tasks whose active paths use it (components without an
-          active user are absent).
+          active user are absent); `holders_of` says which agents.
         """
-        return dict(self._locks)
+        return {cid: frozenset(h.task for h in found) for cid, found in self._holders.items()}
 
     def locks_of(self, component_id: str) -> frozenset[str]:
         """The tasks holding a lock on one component (empty when none)."""
-        return self._locks.get(component_id, frozenset())
+        return frozenset(h.task for h in self.holders_of(component_id))
 
-    def is_trainable(self, component_id: str, task: str) -> bool:
-        """Whether `task` may train the component in place: no other task holds a lock.
+    def is_trainable(self, component_id: str, task: str, agent: str | None = None) -> bool:
+        """Whether a task's agent may train the component in place: nobody else holds a lock.
 
         Args:
           component_id: the component.
           task: the task that would train it.
+          agent: the agent that would train it; None: any agent of `task` (only other
+            tasks' locks count).
 
         Returns:
-          True when the component's locks are empty or only `task`'s own.
+          True when the component's locks are empty or only the agent's own (for
+          `agent=None`, only `task`'s). A component another agent locked, the root
+          agents included, is frozen.
 
         Raises:
           KeyError: unknown component.
         """
         if component_id not in self.components:
             raise KeyError(f"Unknown component {component_id!r}.")
-        return not (self.locks_of(component_id) - {task})
+        if agent is None:
+            return not (self.locks_of(component_id) - {task})
+        return not (self.holders_of(component_id) - {LockHolder(agent, task)})
 
     def accounted_params(self, path: Path, accounting: str = MU2NET_PLUS) -> float:
         """The parameters a path pays for: shared components are split among their users.
 
         Sum over the path's components c of num_params(c) / |users(c)|, the users being
-        the tasks holding a lock on c plus the path's own task (a path that is not yet
+        the lock holders of c (`holders_of`: agents with their tasks, as the
+        framework's `train_locks`) plus the path's own agent (a path that is not yet
         published counts as one more user of what it shares). With muNet's accounting
-        the root's lock is not a user, so a root component used by one task is paid in
-        full by it (the root path's own components are split among the tasks using
-        them, and paid in full by the root when none does); with mu2Net+'s the root
-        counts as a user like any task.
+        the root agents' locks are not users, so a root component used by one agent is
+        paid in full by it (a root path's own components are split among the agents
+        using them, and paid in full by the root when none does); with mu2Net+'s a root
+        agent counts as a user like any agent.
 
         Args:
           path: the path (published or a candidate).
@@ -386,15 +443,16 @@ class SystemState:
         """
         if accounting not in ACCOUNTINGS:
             raise ValueError(f"accounting={accounting!r} is unknown; use one of {ACCOUNTINGS}.")
-        not_users: frozenset[str] = frozenset()
-        if accounting == MUNET and self.root_path_id is not None:
-            not_users = frozenset({self.paths[self.root_path_id].task})
+        own = LockHolder.of(path)
+        not_users: frozenset[LockHolder] = frozenset()
+        if accounting == MUNET:
+            not_users = frozenset(LockHolder.of(self.paths[r]) for r in self.root_path_ids)
         total = 0.0
         for component_id in dict.fromkeys(path.component_ids):
             component = self.components.get(component_id)
             if component is None:
                 raise KeyError(f"Path {path.id!r} references unknown component {component_id!r}.")
-            users = (self.locks_of(component_id) | {path.task}) - not_users or {path.task}
+            users = (self.holders_of(component_id) | {own}) - not_users or {own}
             total += component.num_params / len(users)
         return total
 
@@ -441,7 +499,7 @@ class SystemState:
         return sum(self.components[cid].num_params for cid in dict.fromkeys(root.component_ids))
 
     def seed_paths(self, task: str, private: Collection[str] = ()) -> list[Path]:
-        """The seeds of a task: the root path, then other tasks' best paths in task order.
+        """The seeds of a task: the root paths, then other tasks' best paths in task order.
 
         Args:
           task: the task that looks for seeds (its own paths are excluded).
@@ -449,11 +507,12 @@ class SystemState:
             another task.
 
         Returns:
-          Distinct active paths; the root path is included even if retired.
+          Distinct active paths; the root paths (`root_path_ids`) are included even if
+          retired.
         """
         seeds: dict[str, Path] = {}
-        if self.root_path_id is not None:
-            seeds[self.root_path_id] = self.paths[self.root_path_id]
+        for root in self.root_path_ids:
+            seeds[root] = self.paths[root]
         for record in sorted(self.tasks.values(), key=lambda t: t.order):
             if record.name == task or record.name in private:
                 continue

@@ -80,7 +80,7 @@ def _plan(state, parent_id, task, seed, options=NO_STRUCTURE, **kwargs):
         state,
         state.paths[parent_id],
         task=task,
-        agent=f"agent-{task}",
+        agent=task,  # the agent that published the world's paths of `task`
         rng=np.random.default_rng(seed),
         space=SPACE,
         options=options,

@@ -199,6 +199,33 @@ def test_discard_staged_removes_only_the_agents_unpublished_components(db, backe
     assert db.load_params("b1")["scale"].shape == (3,)
 
 
+def test_discard_staged_keeps_what_it_is_told_to(db, backend):
+    seed_root(db)
+    for cid in ("a1", "a2", "a3"):
+        db.put_component(make_component(cid, agent="a", task="t"), make_params(1.0))
+    assert db.discard_staged("a", keep=["a2", "unknown"]) == ("a1", "a3")
+    assert backend.folders() == {"a2", *(cid for _, cid in ROOT_SLOTS)}
+    assert bits(db.load_params("a2")) == bits(make_params(1.0))
+
+
+def test_extra_roots_round_trip(db, backend):
+    seed_root(db)
+    db.put_component(make_component("h1", agent="r2", task="t"), make_params(1.0))
+    db.publish("r2", [make_path("second-root", "h1", agent="r2")], ["h1"])
+    assert db.load_state().extra_roots == ()
+    with pytest.raises(store.UnknownEntryError):
+        db.add_root("nope")
+    db.add_root("second-root")
+    db.add_root("second-root")  # idempotent
+    state = db.load_state()
+    assert state.root_path_id == "root-path" and state.extra_roots == ("second-root",)
+    assert state.root_path_ids == ("root-path", "second-root")
+    assert [p.id for p in state.seed_paths("other")][:2] == ["root-path", "second-root"]
+    db.close()
+    with backend.open() as reopened:
+        assert reopened.load_state() == state
+
+
 def test_orphans_removed_on_open_but_live_work_kept(backend):
     with backend.open() as db:
         seed_root(db)
