@@ -57,7 +57,10 @@ def _path_problem(
     root_fields = root_architecture["config"]
     if not isinstance(fields, Mapping):
         return "its architecture has no model config"
-    if dict(fields) != dict(root_fields):
+    # A path's resolution (its image size) is its own; every other field is the root's.
+    fields = {k: v for k, v in fields.items() if k not in families.OPTIONAL_FIELDS}
+    root_fields = {k: v for k, v in root_fields.items() if k not in families.OPTIONAL_FIELDS}
+    if fields != root_fields:
         differ = sorted(k for k in {*fields, *root_fields} if fields.get(k) != root_fields.get(k))
         return f"its architecture's shape differs from the root's in {differ}"
     try:
@@ -91,7 +94,7 @@ def check_state(state: system.SystemState) -> None:
 
     Every path (active or retired) must use only published components, a known task,
     the root's model family and shape (its architecture's config equals the root's;
-    depth and classes may differ), the family's slots for its depth (plus adapters), a
+    depth, classes and resolution may differ), the family's slots for its depth (plus adapters), a
     component of the right kind in each slot, and its task's number of classes.
 
     Args:
