@@ -76,20 +76,15 @@ def default_search_space(
     """
     if image_size_steps < 0:
         raise ValueError(f"image_size_steps={image_size_steps} must be >= 0.")
-    resizable = (
-        isinstance(config, vit.ViTConfig)
-        and config.image_shape is not None
-        and config.image_shape[0] == config.image_shape[1]
-    )
-    if resizable:
-        assert isinstance(config, vit.ViTConfig) and config.image_shape is not None
-        base = hparams.default_space(
-            patch_size=config.patch_size,
-            image_size=config.image_shape[0],
-            image_size_steps=image_size_steps,
-        )
-    else:
-        base = hparams.default_space(patch_size=1, image_size=1, image_size_steps=0)
+    base = hparams.default_space(patch_size=1, image_size=1, image_size_steps=0)
+    resizable = False
+    if isinstance(config, vit.ViTConfig) and config.image_shape is not None:
+        height, width, _ = config.image_shape
+        resizable = height == width
+        if resizable:
+            base = hparams.default_space(
+                patch_size=config.patch_size, image_size=height, image_size_steps=image_size_steps
+            )
     kept = []
     for hparam in base.hparams:
         if hparam.name == "image_size" and not resizable:
