@@ -9,6 +9,7 @@ each piece by name. Pre-norm blocks from models/layers.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,11 @@ class ViTConfig(layers.TransformerConfig):
       num_classes: classes of the head; None: the task's, filled in likewise.
       pooling: "cls" (a learned class token) or "gap" (mean over patches).
       head_zero_init: start the head at zero (as big_vision does).
+      resolution: the side at which the model sees its (square) images; None: the
+        images' own. Inputs keep `image_shape`: the model resizes them (bilinear, as
+        `tf.image.resize`) and resamples its position table to the new patch grid
+        (`resample_grid`, big_vision's `resample_posemb`), so every parameter keeps the
+        shape of the native resolution and a component is shared across resolutions.
     """
 
     image_shape: tuple[int, int, int] = (32, 32, 3)
@@ -36,11 +42,19 @@ class ViTConfig(layers.TransformerConfig):
     num_classes: int = 10
     pooling: str = "cls"
     head_zero_init: bool = True
+    resolution: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if self.pooling not in ("cls", "gap"):
             raise ValueError(f"ViTConfig.pooling={self.pooling!r}; expected 'cls' or 'gap'.")
+        if self.resolution is not None and (
+            self.resolution < self.patch_size or self.resolution % self.patch_size
+        ):
+            raise ValueError(
+                f"ViTConfig.resolution={self.resolution} must be a positive multiple of "
+                f"patch_size={self.patch_size}."
+            )
         if self.image_shape is None:  # the task's, filled in before the model is built
             return
         height, width, _ = self.image_shape
@@ -49,22 +63,77 @@ class ViTConfig(layers.TransformerConfig):
                 f"ViTConfig.patch_size={self.patch_size} must divide "
                 f"image_shape {self.image_shape}."
             )
+        if self.resolution is not None and height != width:
+            raise ValueError(
+                f"ViTConfig.resolution needs square images; image_shape is {self.image_shape}."
+            )
 
-    @property
-    def num_patches(self) -> int:
-        """Number of patch tokens."""
+    def _known_image_shape(self) -> tuple[int, int, int]:
         if self.image_shape is None:
             raise ValueError(
                 "ViTConfig.image_shape is None (the task's): the trainer fills it in from "
                 "the task (models.task_shapes.fit_to_task) before the model is built."
             )
-        height, width, _ = self.image_shape
+        return self.image_shape
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch positions of the position table (the images' own resolution)."""
+        height, width, _ = self._known_image_shape()
         return (height // self.patch_size) * (width // self.patch_size)
 
     @property
     def num_tokens(self) -> int:
-        """Sequence length inside the blocks (patches plus the class token)."""
+        """Length of the position table (patches plus the class token), native resolution."""
         return self.num_patches + (1 if self.pooling == "cls" else 0)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid the model runs on (at `resolution`)."""
+        height, width, _ = self._known_image_shape()
+        if self.resolution is not None:
+            height = width = self.resolution
+        return height // self.patch_size, width // self.patch_size
+
+
+def resample_grid(table_LxD: jax.Array, grid: tuple[int, int], num_prefix: int) -> jax.Array:
+    """A position table resampled to another patch grid, as big_vision's `resample_posemb`.
+
+    The rows after `num_prefix` (a class token's) form a square grid that is zoomed
+    bilinearly with corners aligned (`scipy.ndimage.zoom(order=1)`); the prefix rows are
+    kept. The same grid returns the table itself. Differentiable, so a path at another
+    resolution trains the shared table through the resampling.
+
+    Args:
+      table_LxD: [num_prefix + side * side, D].
+      grid: the new (rows, columns).
+      num_prefix: leading rows that are not grid positions.
+
+    Returns:
+      [num_prefix + rows * columns, D].
+    """
+    prefix, cells = table_LxD[:num_prefix], table_LxD[num_prefix:]
+    side = math.isqrt(cells.shape[0])
+    if side * side != cells.shape[0]:
+        raise ValueError(f"{cells.shape[0]} position embeddings are not a square grid.")
+    if tuple(grid) == (side, side):
+        return table_LxD
+
+    def weights(size_out: int) -> jax.Array:
+        # Output i reads input i * (side - 1) / (size_out - 1): corners aligned.
+        scale = (side - 1) / (size_out - 1) if size_out > 1 else 0.0
+        coords = jnp.arange(size_out, dtype=jnp.float32) * scale
+        low = jnp.clip(jnp.floor(coords), 0, side - 1)
+        frac = coords - low
+        matrix = jax.nn.one_hot(low.astype(jnp.int32), side) * (1 - frac)[:, None]
+        high = jnp.minimum(low + 1, side - 1).astype(jnp.int32)
+        return matrix + jax.nn.one_hot(high, side) * frac[:, None]
+
+    rows, cols = grid
+    cells_SxSxD = cells.reshape(side, side, -1).astype(jnp.float32)
+    zoomed = jnp.einsum("rs,tu,sud->rtd", weights(rows), weights(cols), cells_SxSxD)
+    zoomed = zoomed.reshape(rows * cols, -1).astype(table_LxD.dtype)
+    return jnp.concatenate([prefix, zoomed], axis=0)
 
 
 def vit_tiny(**overrides) -> ViTConfig:
@@ -92,9 +161,14 @@ class PatchEmbed(nn.Module):
         batch, height, width, channels = image_BxHxWxC.shape
         if (height, width, channels) != tuple(c.image_shape):
             raise ValueError(f"image shape {(height, width, channels)} != config {c.image_shape}.")
-        patches = image_BxHxWxC.reshape(batch, height // p, p, width // p, p, channels)
+        rows, cols = c.grid
+        if (rows * p, cols * p) != (height, width):
+            image_BxHxWxC = jax.image.resize(
+                image_BxHxWxC, (batch, rows * p, cols * p, channels), "bilinear", antialias=False
+            )
+        patches = image_BxHxWxC.reshape(batch, rows, p, cols, p, channels)
         patches_BxNxPxPxC = patches.transpose(0, 1, 3, 2, 4, 5).reshape(
-            batch, c.num_patches, p, p, channels
+            batch, rows * cols, p, p, channels
         )
         return layers.Projection(
             "bnxyc,xycd->bnd",
@@ -148,6 +222,8 @@ class PosEmbed(nn.Module):
             ("length", "embed"),
             c.param_dtype,
         )
+        if c.resolution is not None:
+            table = resample_grid(table, c.grid, c.num_tokens - c.num_patches)
         return x_BxLxD + table[None].astype(x_BxLxD.dtype)
 
 

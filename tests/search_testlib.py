@@ -16,7 +16,7 @@ SEARCH = search.SearchConfig(
     steps_per_validation=5,
     batch_size=16,
     scale=0.99,
-    seed=7,
+    seed=8,
     mutation_options=mut.MutationOptions(max_layers=2),
 )
 AGENT = "munet"

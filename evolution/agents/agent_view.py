@@ -61,7 +61,10 @@ def _path_problem(
     root_fields = root_architecture["config"]
     if not isinstance(fields, Mapping):
         return "its architecture has no model config"
-    if dict(fields) != dict(root_fields):
+    # A path's resolution (its image size) is its own; every other field is the root's.
+    fields = {k: v for k, v in fields.items() if k not in families.OPTIONAL_FIELDS}
+    root_fields = {k: v for k, v in root_fields.items() if k not in families.OPTIONAL_FIELDS}
+    if fields != root_fields:
         differ = sorted(k for k in {*fields, *root_fields} if fields.get(k) != root_fields.get(k))
         return f"its architecture's shape differs from the root's in {differ}"
     try:
@@ -131,11 +134,12 @@ def check_state(state: system.SystemState) -> None:
 
     Every path (active or retired) must use only published components, a known task,
     the root's model family and shape (its architecture's config equals the root's;
-    depth and classes may differ), the family's slots for its depth (plus adapters), a
-    component of the right kind in each slot, and its task's number of classes. A router
-    path (`system.is_router_path`) must have the router layout (`router_path.layout_of`),
-    members of the root's family and shape with their model's slots, the right kind of
-    component in every slot, and its task's classes at member 0's head.
+    depth, classes and resolution may differ), the family's slots for its depth (plus
+    adapters), a component of the right kind in each slot, and its task's number of
+    classes. A router path (`system.is_router_path`) must have the router layout
+    (`router_path.layout_of`), members of the root's family and shape with their model's
+    slots, the right kind of component in every slot, and its task's classes at member
+    0's head.
 
     Args:
       state: a snapshot of the store (`Store.load_state`).

@@ -22,8 +22,8 @@ embeddings frozen): 6 blocks at L=64 1.4 s, at L=32 0.8 s; 2 blocks at L=32 0.3 
 at most about 30 s plus about 6 s compiling its step.
 
 The text tasks' batches carry "inputs" int32 [B, L] (`task_data.search_task_data`), on
-which image augmentations do not apply: `text_search_space` pins flip and brightness to
-their no-op values.
+which image augmentations do not apply: `text_search_space` pins crop, flip and the
+colour jitters to their no-op values.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.roots import seeding
-from evolution.search import hparams, iteration
+from evolution.search import augment, hparams, iteration
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK
@@ -44,7 +44,7 @@ from models import encoder, minilm
 
 # The default space's image augmentations and their no-op values (token ids are never
 # augmented).
-NO_AUGMENTATION = {"flip": False, "brightness": 0.0}
+NO_AUGMENTATION = dict(augment.NO_OP)
 
 
 def text_root_config(
@@ -148,7 +148,8 @@ def text_search_space() -> hparams.HParamSpace:
 
     Returns:
       The space (learning rate, schedule, warmup, momentum, Nesterov, adapter size and
-      mu are searched; flip and brightness stay off: they do not apply to token ids).
+      mu are searched; crop, flip and the colour jitters stay off: they do not apply
+      to token ids).
     """
     base = iteration.default_search_space(encoder.minilm_l6())
     kept = []

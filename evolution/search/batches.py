@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from evolution.search import augment
+
 Batch = Mapping[str, Any]
 
 
@@ -41,13 +43,13 @@ class TrainBatchesFn(Protocol):
 def array_train_batches(
     images: np.ndarray, labels: np.ndarray, *, feature: str = "image"
 ) -> TrainBatchesFn:
-    """A `TrainBatchesFn` over in-memory arrays: shuffled epochs plus flip and brightness.
+    """A `TrainBatchesFn` over in-memory arrays: shuffled epochs, augmented.
 
-    Each epoch is a fresh permutation from the candidate's seed; "flip" flips each image
-    left-right with probability 1/2, "brightness" adds a uniform offset in
-    [-delta, delta] per image. Other data hyperparameters are ignored (the default
-    space pins them to no-ops). Features other than "image" (token ids) keep their
-    dtype and are never augmented.
+    Each epoch is a fresh permutation from the candidate's seed; each batch is then
+    augmented by `augment.augment_batch` (crop, flip, brightness, contrast, saturation,
+    hue, from the same generator). Other data hyperparameters are ignored (the image
+    size is the path's resolution, applied by the model). Features other than "image"
+    (token ids) keep their dtype and are never augmented.
 
     Args:
       images: [N, H, W, C] float images (or [N, L] int token ids for "inputs").
@@ -65,8 +67,7 @@ def array_train_batches(
         raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal, > 0.")
 
     def make(data_values: Mapping[str, Any], *, batch_size: int, seed: int) -> Iterator[Batch]:
-        flip = bool(data_values.get("flip", False))
-        brightness = float(data_values.get("brightness", 0.0))
+        augment.check_values(data_values)
         rng = np.random.default_rng(seed)
 
         def stream() -> Iterator[Batch]:
@@ -75,13 +76,8 @@ def array_train_batches(
                 while len(order) < batch_size:
                     order = np.concatenate([order, rng.permutation(len(labels))])
                 take, order = order[:batch_size], order[batch_size:]
-                batch = images[take]
-                if flip:
-                    flips = rng.random(batch_size) < 0.5
-                    batch = np.where(flips[:, None, None, None], batch[:, :, ::-1], batch)
-                if brightness:
-                    batch = batch + rng.uniform(-brightness, brightness, (batch_size, 1, 1, 1))
-                yield {"image": batch.astype(np.float32), "label": labels[take]}
+                batch = augment.augment_batch(images[take], data_values, rng)
+                yield {"image": batch, "label": labels[take]}
 
         return stream()
 
@@ -95,7 +91,7 @@ def _plain_train_batches(feature: str, inputs: np.ndarray, labels: np.ndarray) -
         raise ValueError(f"{len(inputs)} inputs and {len(labels)} labels: need equal, > 0.")
 
     def make(data_values: Mapping[str, Any], *, batch_size: int, seed: int) -> Iterator[Batch]:
-        del data_values  # flip and brightness are image augmentations
+        del data_values  # the augmentations are image augmentations
         rng = np.random.default_rng(seed)
 
         def stream() -> Iterator[Batch]:

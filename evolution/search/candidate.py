@@ -8,8 +8,8 @@ with `loop.KeepBest`. Only the candidate's new components (clones, fresh heads a
 adapters, grown blocks) are differentiated and updated: the others are frozen by the
 trainer's mask, which returns them bit for bit, so a published path never changes.
 The optimiser is the notebooks': clip by global norm 1, then SGD with
-(optionally Nesterov) momentum and a constant, warmup+cosine or cosine-with-restarts
-schedule (`make_optimizer`).
+(optionally Nesterov) momentum and a constant (at half the learning rate), warmup+cosine
+or cosine-with-restarts schedule, warmups starting at lr / 1000 (`make_optimizer`).
 
 Compiled steps are reused across candidates (`StepCache` keeps one trainer per
 signature): parameter trees inside the step are keyed by slot, not by component id, and
@@ -46,27 +46,28 @@ TRAIN_LABEL = "train"
 FROZEN_LABEL = "frozen"
 
 
+# mu3Net's `get_optimizer`: warmups start at lr / 1000, and the constant schedule runs
+# at half the learning rate, "so that [its] average lr is the same as other types".
+WARMUP_START = 1e-3
+CONSTANT_FACTOR = 0.5
+
+
 def _warmup_steps(fraction: float, steps: int) -> int:
-    """Warmup steps of a schedule of `steps` steps (never all of them)."""
-    return min(int(round(float(fraction) * steps)), max(steps - 1, 0))
+    """Warmup steps of a schedule of `steps` steps: int(fraction * steps), never all."""
+    return min(int(float(fraction) * steps), max(steps - 1, 0))
 
 
 def _warmup_cosine(warmup: int, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to 1 over `warmup` steps, then cosine decay to 0 at `steps`."""
+    """Linear warmup from `WARMUP_START` to 1 over `warmup` steps, then cosine to 0 at `steps`."""
     if warmup <= 0:
         return optax.cosine_decay_schedule(1.0, steps, alpha=0.0)
-    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(WARMUP_START, 1.0, warmup, steps, end_value=0.0)
 
 
 def _shape(kind: str, fraction: float, total_steps: int, cycle_steps: int | None) -> optax.Schedule:
-    """The schedule's shape with a peak of 1 (the learning rate multiplies it)."""
+    """The schedule's shape relative to the learning rate (the learning rate multiplies it)."""
     if kind == "constant":
-        warmup = _warmup_steps(fraction, total_steps)
-        if warmup == 0:
-            return optax.constant_schedule(1.0)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)], [warmup]
-        )
+        return optax.constant_schedule(CONSTANT_FACTOR)
     if kind == "cosine":
         return _warmup_cosine(_warmup_steps(fraction, total_steps), total_steps)
     cycle = total_steps if cycle_steps is None else int(cycle_steps)
@@ -79,17 +80,19 @@ def _shape(kind: str, fraction: float, total_steps: int, cycle_steps: int | None
 def make_schedule(
     hparam_values: Mapping[str, Any], total_steps: int, *, cycle_steps: int | None = None
 ) -> optax.Schedule:
-    """The learning-rate schedule of a path's hyperparameters.
+    """The learning-rate schedule of a path's hyperparameters (mu3Net's `get_optimizer`).
 
-    "constant": linear warmup to the learning rate, then constant; "cosine": linear
-    warmup, then cosine decay to 0 at `total_steps`; "restarts": the warmup+cosine
-    shape repeated every `cycle_steps` steps (the notebooks restart at each validation).
-    The learning rate multiplies a peak-1 shape, so it may be a traced scalar (one
-    compiled step serves every learning rate).
+    "constant": half the learning rate throughout, no warmup (the notebooks' choice, so
+    that its mean matches the decaying schedules'); "cosine": linear warmup from
+    lr / 1000 to lr, then cosine decay to 0 at `total_steps`; "restarts": the
+    warmup+cosine shape repeated every `cycle_steps` steps (the notebooks restart at
+    each validation). Warmup lasts int(warmup * steps) steps. The learning rate
+    multiplies the shape, so it may be a traced scalar (one compiled step serves every
+    learning rate).
 
     Args:
       hparam_values: `HParamSpace.values(...)`: "lr", "schedule", "warmup" (fraction of
-        the steps, of each cycle for "restarts").
+        the steps, of each cycle for "restarts"; unused by "constant").
       total_steps: steps the candidate trains (V x B).
       cycle_steps: length of a restart cycle (default `total_steps`: one cycle).
 

@@ -33,6 +33,9 @@ class SearchConfig:
       mutation_options: which mutations run (`mutations.MutationOptions`); an empty
         `id_prefix` becomes the agent's name.
       space: the hyperparameter space; None uses `iteration.default_search_space`.
+      image_size_steps: the default space's image sizes: the root's side and up to
+        this many patch sides below and above it (0 fixes the image size; mu3Net
+        searches 16 to 112 around 32 with 16-pixel patches). Ignored with `space`.
       mu: the mutation rate a path without one starts from (the root's children, as
         every new task's first candidates are), a value of `hparams.MU_GRID`; None keeps
         the space's default (0.1, the notebooks'). Children inherit their parent's mu,
@@ -78,6 +81,7 @@ class SearchConfig:
         default_factory=mutations.MutationOptions
     )
     space: hparams.HParamSpace | None = None
+    image_size_steps: int = 4
     mu: float | None = None
     inherit_opt_state: bool = True
     flops_scale: float = 1.0
@@ -100,6 +104,8 @@ class SearchConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be >= 1.")
+        if self.image_size_steps < 0:
+            raise ValueError(f"SearchConfig.image_size_steps={self.image_size_steps} must be >= 0.")
         for name in ("scale", "flops_scale"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be in (0, 1].")

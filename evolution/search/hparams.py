@@ -38,11 +38,15 @@ WARMUP_FRACTIONS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 MOMENTA: tuple[float | None, ...] = (None, 0.5, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 NESTEROV: tuple[bool, ...] = (False, True)
 ADAPTER_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128)
-# Augmentation strengths, weakest first.
-CROP_AREA_MIN: tuple[float, ...] = (1.0, 0.95, 0.5, 0.25, 0.05)
+# Augmentation strengths, weakest first: mu3Net's lists ("ds_area_range_min",
+# "ds_aspect_ratio_range_min", "ds_flip_left_right", "ds_*_delta"), reversed where the
+# notebook lists them strongest first (a mutation moves to a neighbour either way).
+CROP_AREA_MIN: tuple[float, ...] = (1.0, 0.95, 0.5, 0.05)
+ASPECT_RATIO_MIN: tuple[float, ...] = (1.0, 0.75, 0.5)
 FLIP: tuple[bool, ...] = (False, True)
 MIXUP_ALPHA: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 1.0)
-BRIGHTNESS_DELTA: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2)
+COLOUR_DELTA: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+BRIGHTNESS_DELTA = CONTRAST_DELTA = SATURATION_DELTA = HUE_DELTA = COLOUR_DELTA
 
 
 def learning_rate_grid(smallest: float = 1e-4, largest: float = 0.5) -> tuple[float, ...]:
@@ -276,8 +280,9 @@ def default_space(
     """The notebooks' search space (learning rate, schedule, momentum, data, adapters, mu).
 
     Defaults: lr 0.01, cosine schedule, warmup 0.05, momentum 0.9, no Nesterov, adapter
-    size 32, mu 0.1; image size `image_size`, random crop off, flip on, no mixup, no
-    brightness jitter.
+    size 32, mu 0.1; image size `image_size`, random crop off (area and aspect ratio
+    1), flip on, no mixup, no brightness, contrast, saturation or hue jitter. The data
+    value lists are mu3Net's (`config_add_auto_tune`).
 
     Args:
       patch_size: the ViT patch side (image sizes are its multiples).
@@ -302,9 +307,13 @@ def default_space(
             HParam(MU, MU_GRID, MU_GRID.index(0.1)),
             HParam("image_size", sizes, sizes.index(image_size), data=True),
             HParam("crop_area_min", CROP_AREA_MIN, 0, data=True),
+            HParam("aspect_ratio_min", ASPECT_RATIO_MIN, 0, data=True),
             HParam("flip", FLIP, 1, data=True),
             HParam("mixup", MIXUP_ALPHA, 0, data=True),
             HParam("brightness", BRIGHTNESS_DELTA, 0, data=True),
+            HParam("contrast", CONTRAST_DELTA, 0, data=True),
+            HParam("saturation", SATURATION_DELTA, 0, data=True),
+            HParam("hue", HUE_DELTA, 0, data=True),
         )
     )
 

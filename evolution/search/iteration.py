@@ -49,31 +49,48 @@ from models import vit
 
 logger = logging.getLogger("evogrow")
 
-# Data hyperparameters that `batches.array_train_batches` implements; the default search
-# space pins the others (random crop, mixup) to their no-op value.
-_FIXED_DATA_VALUES = {"crop_area_min": 1.0, "mixup": 0.0}
+# Data hyperparameters of the notebooks' space that the search does not run: mixup (not
+# in mu3Net either) is pinned to its no-op value.
+_FIXED_DATA_VALUES = {"mixup": 0.0}
 _REMOVE_PREFIX = mutations.REMOVE_LAYERS.split(":", 1)[0] + ":"
+# Image-size steps (patch sides below and above the root's) of the default space.
+DEFAULT_IMAGE_SIZE_STEPS = SearchConfig.image_size_steps
 
 
-def default_search_space(config: families.ModelConfig) -> hparams.HParamSpace:
-    """The notebooks' space (`hparams.default_space`) restricted to what the search runs.
+def default_search_space(
+    config: families.ModelConfig, image_size_steps: int = DEFAULT_IMAGE_SIZE_STEPS
+) -> hparams.HParamSpace:
+    """The notebooks' space (`hparams.default_space`) for the root model `config`.
 
-    The image size is dropped (a path's position table fixes its input shape) and random
-    crop and mixup are pinned to their no-op values (`array_train_batches` implements
-    flip and brightness only); learning rate, schedule, warmup, momentum, Nesterov,
-    adapter size, mu, flip and brightness are searched as in the notebooks.
+    Learning rate, schedule, warmup, momentum, Nesterov, adapter size, mu, and the data
+    hyperparameters image size, crop area, aspect ratio, flip, brightness, contrast,
+    saturation and hue are searched (mu3Net's lists; `batches.array_train_batches`
+    augments, `vit.ViTConfig.resolution` resizes); mixup is pinned off. The image
+    sizes are the root's side and up to `image_size_steps` patch sides below and above
+    it (mu3Net: 16 to 112 around 32 with 16-pixel patches); a model that does not take
+    square images (or no images) keeps its own size only (no image-size entry).
 
     Args:
       config: the root model's config.
+      image_size_steps: patch-size steps the image size may move (0: fixed).
 
     Returns:
       The space.
     """
-    del config  # The space does not depend on the model beyond the dropped image size.
+    if image_size_steps < 0:
+        raise ValueError(f"image_size_steps={image_size_steps} must be >= 0.")
     base = hparams.default_space(patch_size=1, image_size=1, image_size_steps=0)
+    resizable = False
+    if isinstance(config, vit.ViTConfig) and config.image_shape is not None:
+        height, width, _ = config.image_shape
+        resizable = height == width
+        if resizable:
+            base = hparams.default_space(
+                patch_size=config.patch_size, image_size=height, image_size_steps=image_size_steps
+            )
     kept = []
     for hparam in base.hparams:
-        if hparam.name == "image_size":
+        if hparam.name == "image_size" and not resizable:
             continue
         if hparam.name in _FIXED_DATA_VALUES:
             hparam = hparams.HParam(hparam.name, (_FIXED_DATA_VALUES[hparam.name],), 0, True)
@@ -262,13 +279,20 @@ def check_space(space: hparams.HParamSpace, config: families.ModelConfig) -> Non
       ValueError: with what to change.
     """
     if "image_size" in space.names:
-        if not isinstance(config, vit.ViTConfig):
+        if not isinstance(config, vit.ViTConfig) or config.image_shape is None:
             raise ValueError("The space's image_size is for image models only.")
-        sizes = set(space["image_size"].values)
-        if sizes != {config.image_shape[0]} or config.image_shape[0] != config.image_shape[1]:
+        sizes = sorted(set(space["image_size"].values))
+        side = config.image_shape[0]
+        if sizes != [side] and config.image_shape[0] != config.image_shape[1]:
             raise ValueError(
-                f"The space's image sizes {sorted(sizes)} must be exactly the root's side "
-                f"{config.image_shape[:2]}: a path's position table fixes its input shape."
+                f"The space's image sizes {sizes} need square root images, not "
+                f"{config.image_shape[:2]}; keep only the side {side}."
+            )
+        bad = [size for size in sizes if size < 1 or size % config.patch_size]
+        if bad:
+            raise ValueError(
+                f"The space's image sizes {bad} are not multiples of the root's patch "
+                f"size {config.patch_size}."
             )
     for name in ("lr", "schedule", "warmup", "momentum", "nesterov"):
         if name not in space.names:
@@ -427,7 +451,7 @@ class TaskIteration:
         if state.root_path_id is None:
             raise ValueError("The store has no root path; call seeding.seed_root first.")
         root_config = model_config_of(state.paths[state.root_path_id])
-        space = settings.space or default_search_space(root_config)
+        space = settings.space or default_search_space(root_config, settings.image_size_steps)
         if settings.mu is not None:
             space = space.with_default(hparams.MU, settings.mu)
         check_space(space, root_config)

@@ -349,7 +349,9 @@ def plan_child(
         hparams=hparams.to_json(),
         parent=parent.id,
         generation=generation,
-        architecture=_child_architecture(parent.architecture, child_layers, slots),
+        architecture=_with_resolution(
+            _child_architecture(parent.architecture, child_layers, slots), space, hparams
+        ),
     )
     return MutationPlan(
         path=child,
@@ -457,6 +459,27 @@ def _child_architecture(
     return architecture
 
 
+def _with_resolution(
+    architecture: dict[str, Any], space: HParamSpace, hparams: HParams
+) -> dict[str, Any]:
+    """The child's architecture at its image size (`vit.ViTConfig.resolution`).
+
+    The resolution is the image size, left out at the images' own side (None, as
+    `families.architecture_of` writes it); spaces without an image size and models
+    without images keep the architecture.
+    """
+    fields = dict(architecture.get("config") or {})
+    shape = fields.get("image_shape")
+    if "image_size" not in space.names or "patch_size" not in fields or not shape:
+        return architecture
+    size = int(space.values(hparams)["image_size"])
+    if size == int(shape[0]):
+        fields.pop("resolution", None)  # as `families.architecture_of` writes None
+    else:
+        fields["resolution"] = size
+    return {**architecture, "config": fields}
+
+
 def grow_top_block(
     config: families.ModelConfig, params: Mapping[str, Any], *, rng: jax.Array
 ) -> tuple[families.ModelConfig, Any]:
@@ -520,6 +543,10 @@ def materialize(
       KeyError: the pool lacks a component the plan copies or grows from.
     """
     changes: dict[str, Any] = {"num_layers": plan.num_layers}
+    if any(field.name == "resolution" for field in dataclasses.fields(parent_config)):
+        # The child's image size (`_with_resolution`); absent: the images' own.
+        child_fields = plan.path.architecture.get("config") or {}
+        changes["resolution"] = child_fields.get("resolution")
     if num_classes is not None:
         changes["num_classes"] = num_classes
     config = dataclasses.replace(parent_config, **changes)

@@ -37,6 +37,9 @@ from models import encoder, layers, vit
 ModelConfig: TypeAlias = vit.ViTConfig | encoder.EncoderConfig
 Params = Any
 DEFAULT_FAMILY = "vit"
+# Config fields written only when set (not None), so that an architecture stored before
+# the field existed reads back, and is written, exactly as before.
+OPTIONAL_FIELDS = ("resolution",)
 
 
 class Family:
@@ -229,13 +232,16 @@ def architecture_of(config: ModelConfig) -> dict[str, Any]:
 
     Returns:
       {"model": family name, "config": fields except num_layers / num_classes (dtypes
-      by name, tuples as lists), "num_layers": L, "num_classes": C (None: no head)}.
+      by name, tuples as lists; `OPTIONAL_FIELDS` only when set), "num_layers": L,
+      "num_classes": C (None: no head)}.
     """
     family = family_of(config)
     fields = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name in ("num_layers", "num_classes"):
+            continue
+        if field.name in OPTIONAL_FIELDS and value is None:
             continue
         if field.name in ("dtype", "param_dtype"):
             value = jnp.dtype(value).name

@@ -45,12 +45,26 @@ def test_default_space_values_and_split(space):
         "mu": 0.1,
         "image_size": 32,
         "crop_area_min": 1.0,
+        "aspect_ratio_min": 1.0,
         "flip": True,
         "mixup": 0.0,
         "brightness": 0.0,
+        "contrast": 0.0,
+        "saturation": 0.0,
+        "hue": 0.0,
     }
     assert space["momentum"].values[0] is None
-    assert space.data_names == ("image_size", "crop_area_min", "flip", "mixup", "brightness")
+    assert space.data_names == (
+        "image_size",
+        "crop_area_min",
+        "aspect_ratio_min",
+        "flip",
+        "mixup",
+        "brightness",
+        "contrast",
+        "saturation",
+        "hue",
+    )
     assert set(space.model_names) | set(space.data_names) == set(space.names)
     assert hp.MU_GRID[0] == 0.02 and hp.MU_GRID[-1] == 0.3
     assert all(size % 4 == 0 for size in space["image_size"].values)
