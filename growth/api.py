@@ -33,7 +33,7 @@ from growth.attention import grow_num_heads, grow_qk_dim, grow_v_dim
 from growth.depth import grow_depth
 from growth.hidden import grow_hidden
 from growth.mlp import grow_mlp_dim
-from growth.ops import PARAM, Fill, Step, abstract, flatten, unflatten
+from growth.ops import PARAM, Fill, Step, abstract, flatten, fold_in, unflatten
 from growth.optimizer_state import MomentTrees
 from growth.requests import Request, parse_requests
 from growth.rules import traits_of
@@ -92,7 +92,7 @@ def _grow_state(program: _Program, params: Any, opt_state: Any, key_data: Any) -
     flats = [flatten(tree) for tree, _ in trees]
     roles = [role for _, role in trees]
     for index, growth in enumerate(program.steps):
-        flats = growth.apply(flats, roles, jax.random.fold_in(key, index), program.fill)
+        flats = growth.apply(flats, roles, fold_in(key, index), program.fill)
     grown = [unflatten(flat) for flat in flats]
     return grown[0], None if moments is None else moments.rebuild(grown[1:])
 
