@@ -165,7 +165,8 @@ def _threefry_data(key: jax.Array) -> jax.Array | None:
         if str(jax.random.key_impl(key)) != "threefry2x32":
             return None
         return jax.random.key_data(key)
-    if key.shape != (2,) or jax.config.jax_default_prng_impl != "threefry2x32":
+    default_impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
+    if key.shape != (2,) or default_impl != "threefry2x32":  # raw keys use the default
         return None
     return key
 
