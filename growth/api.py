@@ -12,11 +12,20 @@ Growth runs in two phases:
    its partitioner and the logical axis rules). Nothing is gathered to one host or one
    device: XLA partitions the pads, concatenations, scalings and draws like the arrays.
 
-Randomness: new free entries and LEMON's split proportions are ``jax.random`` draws of
-the key's implementation (JAX's default, threefry2x32). With ``jax_threefry_partitionable``
-(JAX's default since 0.5) a threefry draw is a function of the key and the element's
-index only, so every device computes just its own shard's values, and the grown state is
-bit-identical on one device, on a mesh and across processes, and the same on any backend.
+Randomness: new free entries are normal draws and LEMON's split proportions uniform
+draws, both from the threefry2x32 PRNG (JAX's default key), keyed by the step, the leaf's
+path and the op (``growth.ops``). Threefry is a counter-based hash: with
+``jax_threefry_partitionable`` (JAX's default since 0.5) an entry's value is a function
+of the key and the entry's index only, so each device computes just its own shard's
+entries, nothing is gathered, and the grown state is bit-identical on one device, on a
+mesh and across processes. (Other key implementations, e.g. ``rbg`` whose XLA
+RngBitGenerator bits are not guaranteed to be the same across shardings, are accepted and
+drawn through ``jax.random``.)
+For threefry keys the free entries are drawn by ``growth.ops.normal``, bit for bit
+``jax.random.normal``, but with the hash written out as elementwise arithmetic: JAX
+lowers threefry on CPU to a loop over whole uint32 arrays that XLA cannot fuse, which
+held every draw's bits in buffers of their own (about a tenth more peak memory for a
+composition); written out, each draw is fused into the loop that writes its leaf.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from growth.attention import grow_num_heads, grow_qk_dim, grow_v_dim
 from growth.depth import grow_depth
 from growth.hidden import grow_hidden
 from growth.mlp import grow_mlp_dim
-from growth.ops import PARAM, Fill, Step, abstract, flatten, unflatten
+from growth.ops import PARAM, Fill, Step, abstract, flatten, fold_in, unflatten
 from growth.optimizer_state import MomentTrees
 from growth.requests import Request, parse_requests
 from growth.rules import traits_of
@@ -92,7 +101,7 @@ def _grow_state(program: _Program, params: Any, opt_state: Any, key_data: Any) -
     flats = [flatten(tree) for tree, _ in trees]
     roles = [role for _, role in trees]
     for index, growth in enumerate(program.steps):
-        flats = growth.apply(flats, roles, jax.random.fold_in(key, index), program.fill)
+        flats = growth.apply(flats, roles, fold_in(key, index), program.fill)
     grown = [unflatten(flat) for flat in flats]
     return grown[0], None if moments is None else moments.rebuild(grown[1:])
 
@@ -172,7 +181,8 @@ class Expansion:
             arrays on any devices and shardings (also across processes); boxed leaves
             (``nn.Partitioned``) keep their axis names.
           opt_state: their optax state, or None.
-          rng: PRNG key of the new free entries and the split proportions.
+          rng: PRNG key of the new free entries and the split proportions (threefry2x32,
+            JAX's default, for bits that do not depend on the sharding; see above).
           out_shardings: shardings of ``(new_params, new_opt_state)`` (a pytree prefix,
             e.g. derived from the grown abstract state by the trainer's partitioner);
             None lets XLA propagate them from the inputs.
@@ -276,7 +286,8 @@ def expand(
       requests: e.g. ``["mlp_dim=512", "num_heads=8", "qk_dim=64", "v_dim=64",
         "hidden=256", "add_layer@2"]``, a comma-separated string of them, or
         ``growth.requests.Request`` objects. ``hidden=INT:pad|replicate`` picks the method.
-      rng: PRNG key for new free entries and LEMON split proportions.
+      rng: PRNG key for new free entries and LEMON split proportions (threefry2x32, JAX's
+        default, gives the same bits on any device count; see the module docstring).
       opt_state: optional optax state for ``params``; grown with the same map (moments of
         new entries 0, rescaled entries' first moment * c, second * c^2, counts carry on).
       fill: None (default initializers), a constant for every free entry (e.g. 42.0, to

@@ -24,6 +24,7 @@ from growth.ops import (
     Path,
     Step,
     draw_free,
+    fold_in,
     is_array,
     path_seed,
     rebox,
@@ -102,7 +103,7 @@ class DepthGrowth:
         shape = tuple(value.shape)
         if role != PARAM or path in self.zero:
             return rebox(like, jnp.zeros(shape, value.dtype))
-        leaf_key = jax.random.fold_in(key, path_seed(path))
+        leaf_key = fold_in(key, path_seed(path))
         return rebox(like, draw_free(leaf_key, shape, value.dtype, default_free(path, shape), fill))
 
 

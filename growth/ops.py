@@ -15,15 +15,19 @@ Roles:
   * ``SECOND_MOMENT``: second-moment-like state (Adam ``nu``). New entries are 0, an
     entry scaled by ``c`` is scaled by ``c**2``.
 
-Randomness: every random value is a ``jax.random`` draw from a key folded from the step's
-key, the leaf's path (``path_seed``) and the op's position, so a leaf's draws do not
-depend on the other leaves, on the order they are grown in, or on how they are sharded
-(threefry with ``jax_threefry_partitionable``, see ``growth.api``).
+Randomness: every random value is a draw from a key folded from the step's key, the
+leaf's path (``path_seed``) and the op's position, so a leaf's draws do not depend on the
+other leaves, on the order they are grown in, or on how they are sharded. Keys of
+threefry2x32 (JAX's default) fold and draw with ``fold_in`` and ``normal`` below, which
+give bit for bit what ``jax.random.fold_in`` and ``jax.random.normal`` give (partitionable
+threefry), computed as elementwise functions of each entry's index; any other key goes
+through ``jax.random`` itself (see ``growth.api`` for why).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +35,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 
 PARAM = "param"
@@ -123,8 +128,103 @@ def draw_free(key: jax.Array, shape: tuple[int, ...], dtype: Any, value: Free, f
         return jnp.full(shape, fill, dtype)
     if value.stddev == 0:  # no draw: mean + 0 * noise is exactly mean
         return jnp.full(shape, jnp.float32(value.mean)).astype(dtype)
-    noise = jax.random.normal(key, shape, jnp.float32)
+    noise = normal(key, shape)
     return (jnp.float32(value.mean) + jnp.float32(value.stddev) * noise).astype(dtype)
+
+
+# Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+# 3", 2011), the hash behind JAX's default keys, with JAX's rotations and key schedule.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_KEY_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _threefry2x32(k1: Any, k2: Any, x1: Any, x2: Any) -> tuple[Any, Any]:
+    """The threefry2x32 hash of the words ``(x1, x2)`` under the key ``(k1, k2)``.
+
+    The same function as JAX's ``threefry2x32`` primitive, written out round by round:
+    JAX lowers that primitive on CPU to a loop whose state is two whole uint32 arrays, a
+    loop XLA cannot fuse with the ops that consume its bits, so every draw held its bits
+    in buffers of its own and read and wrote them at every step of the loop. Written out,
+    the hash is plain elementwise arithmetic that XLA fuses into the loop that writes
+    the grown leaf: no bits are stored, and the values are the same.
+    """
+    ks = (k1, k2, k1 ^ k2 ^ _KEY_PARITY)
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))) ^ x1
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
+
+
+def _threefry_data(key: jax.Array) -> jax.Array | None:
+    """The uint32[2] data of a threefry2x32 key (typed or raw), or None for other keys."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if str(jax.random.key_impl(key)) != "threefry2x32":
+            return None
+        return jax.random.key_data(key)
+    default_impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
+    if key.shape != (2,) or default_impl != "threefry2x32":  # raw keys use the default
+        return None
+    return key
+
+
+def fold_in(key: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in(key, data)``, as scalar arithmetic for threefry2x32 keys.
+
+    Args:
+      key: a PRNG key (typed or raw).
+      data: an integer in ``[0, 2**32)``.
+
+    Returns:
+      A key of the same kind, equal to ``jax.random.fold_in(key, data)``.
+    """
+    raw = _threefry_data(key)
+    if raw is None:
+        return jax.random.fold_in(key, data)
+    # jax folds data in as the hash of the seed words (0, data) under the key. The
+    # barrier keeps XLA from fusing this scalar hash into every loop that uses the key,
+    # where it would be recomputed for each entry.
+    out = jnp.stack(_threefry2x32(raw[0], raw[1], jnp.uint32(0), jnp.uint32(data)))
+    out = jax.lax.optimization_barrier(out)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(out, impl="threefry2x32")
+    return out
+
+
+def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.normal(key, shape, float32)``, computed entry by entry from its index.
+
+    For a threefry2x32 key, entry ``i`` (row-major) is the threefry hash of the words
+    ``(0, i)``, the xor of the two output words mapped to a uniform in (-1, 1) and then
+    to a normal by ``sqrt(2) * erfinv``: what partitionable threefry computes, so a device
+    computes its shard's entries only and any sharding gives the same bits.
+
+    Args:
+      key: a PRNG key (typed or raw).
+      shape: the shape of the draw.
+
+    Returns:
+      A float32 array of ``shape``, bitwise equal to ``jax.random.normal(key, shape)``.
+    """
+    raw = _threefry_data(key)
+    if raw is None or math.prod(shape) >= 2**32:  # indices need a second counter word
+        return jax.random.normal(key, shape, jnp.float32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    word1, word2 = _threefry2x32(raw[0], raw[1], jnp.zeros(shape, jnp.uint32), index)
+    bits = word1 ^ word2
+    # As jax.random.uniform: 23 random mantissa bits under exponent 0 give [1, 2).
+    one = np.float32(1.0).view(np.uint32)
+    unit = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | one, jnp.float32) - 1.0
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    uniform = jnp.maximum(low, unit * (np.float32(1.0) - low) + low)
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
 
 
 def random_split(key: jax.Array, copies: int, size: int) -> jax.Array:
@@ -172,7 +272,7 @@ def apply_ops(
     out = list(values)
     pairs = lambda: zip(out, roles, strict=True)  # noqa: E731 (out changes per op)
     for i, op in enumerate(ops):
-        op_key = jax.random.fold_in(key, i)
+        op_key = fold_in(key, i)
         if isinstance(op, Scale):
             out = [x * jnp.asarray(_factor(op.factor, r), x.dtype) for x, r in pairs()]
             continue
@@ -317,7 +417,7 @@ class WidthGrowth:
                 [unbox(leaves[i]) for i in grown],
                 [roles[i] for i in grown],
                 ops,
-                jax.random.fold_in(key, path_seed(path)),
+                fold_in(key, path_seed(path)),
                 fill,
             )
             for i, value in zip(grown, values, strict=True):

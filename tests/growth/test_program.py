@@ -110,3 +110,18 @@ def test_raw_uint32_keys_are_accepted():
     )
     assert new_config.num_heads == 3
     assert new_params["block_0"]["attn"]["query"]["kernel"].shape[1] == 3
+
+
+def test_a_composition_needs_little_memory_beyond_the_old_and_the_grown_state():
+    """Draws are fused into the loops that write the grown leaves: no buffers of bits."""
+    config = make_config("decoder", hidden=32, mlp_dim=48, num_heads=2, qk_dim=8, v_dim=8)
+    concrete = random_params(config)
+    params, state = ops.abstract(concrete), ops.abstract(_state(concrete))
+    requests = ["mlp_dim=72", "num_heads=3", "qk_dim=12", "v_dim=12", "hidden=48:pad", "add_layer"]
+    expansion = growth.plan_expansion(config, params, requests, opt_state=state)
+    memory = expansion.lower(params, state, rng=jax.random.key(0)).compile().memory_analysis()
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    assert peak <= 1.1 * (
+        nbytes(state) + nbytes(params) + nbytes(expansion.abstract_state(params, state))
+    )
