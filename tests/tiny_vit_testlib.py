@@ -1,10 +1,14 @@
-"""The tiny ViT shared by the evolution tests: 8x8x1 inputs, 4 classes, one block."""
+"""The tiny ViT shared by the evolution tests (8x8x1 inputs, 4 classes, one block), and a
+store path of it with random parameters."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evolution.search import mutations
+from evolution.system import architecture
+from evolution.system import state as system
 from models import vit
 
 TINY_VIT = vit.ViTConfig(
@@ -36,3 +40,36 @@ def random_params(seed: int = 0) -> dict:
         return rng.normal(0.0, 0.2, leaf.shape).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes["params"]))
+
+
+def publish_random_path(store, task: str, seed: int, score: float) -> system.Path:
+    """Publishes, as agent "single", a `TINY_VIT` path of `task` with its own random
+    components (`random_params(seed)` and a random head); returns the path."""
+    params = random_params(seed)
+    rng = np.random.default_rng(seed)
+    params["head"] = jax.tree_util.tree_map(
+        lambda x: rng.normal(0.0, 0.5, np.shape(x)).astype(np.float32), params["head"]
+    )
+    store.add_task(task, num_classes=TINY_VIT.num_classes)
+    components = []
+    for slot in vit.component_slots(TINY_VIT):
+        component = system.Component(
+            id=f"{task}.{slot}",
+            kind=mutations.slot_kind(slot),
+            num_params=system.num_params_of(params[slot]),
+            agent="single",
+            task=task,
+        )
+        store.put_component(component, params[slot])
+        components.append((slot, component.id))
+    path = system.Path(
+        id=f"{task}.path",
+        task=task,
+        components=tuple(components),
+        agent="single",
+        score=score,
+        quality=score,
+        architecture=architecture.architecture_of(TINY_VIT),
+    )
+    store.publish("single", paths=[path], components=[cid for _, cid in components])
+    return path

@@ -10,16 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_vit_testlib import TINY_VIT, random_params
+from tiny_vit_testlib import TINY_VIT, publish_random_path, random_params
 
 from evolution.agents import multipath
 from evolution.roots import seeding
 from evolution.search import batches, candidate
-from evolution.search import mutations as mut
 from evolution.store import sqlite as sqlite_store
-from evolution.system import architecture as arch_lib
-from evolution.system import state as system
-from models import vit
 
 TASKS = ("tex_a", "tex_b", "tex_c")
 C = TINY_VIT.num_classes
@@ -47,45 +43,12 @@ def _task_data(task_index):
 DATA = {name: _task_data(i) for i, name in enumerate(TASKS)}
 
 
-def _publish_path(store, task, seed, score):
-    """A path of `task` with fresh random components (its own body and a random head)."""
-    params = random_params(seed)
-    rng = np.random.default_rng(seed)
-    params["head"] = jax.tree_util.tree_map(
-        lambda x: rng.normal(0.0, 0.5, np.shape(x)).astype(np.float32), params["head"]
-    )
-    store.add_task(task, num_classes=C)
-    components = []
-    for slot in vit.component_slots(TINY_VIT):
-        tree = params[slot]
-        component = system.Component(
-            id=f"{task}.{slot}",
-            kind=mut.slot_kind(slot),
-            num_params=system.num_params_of(tree),
-            agent="single",
-            task=task,
-        )
-        store.put_component(component, tree)
-        components.append((slot, component.id))
-    path = system.Path(
-        id=f"{task}.path",
-        task=task,
-        components=tuple(components),
-        agent="single",
-        score=score,
-        quality=score,
-        architecture=arch_lib.architecture_of(TINY_VIT),
-    )
-    store.publish("single", paths=[path], components=[cid for _, cid in components])
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     store = sqlite_store.SqliteStore(str(tmp_path_factory.mktemp("multipath") / "store"))
     seeding.seed_root(store, TINY_VIT, random_params(99), agent="root")
     for index, task in enumerate(TASKS):
-        _publish_path(store, task, seed=index + 1, score=0.5 - 0.1 * index)
+        publish_random_path(store, task, seed=index + 1, score=0.5 - 0.1 * index)
     yield store
     store.close()
 

@@ -10,7 +10,6 @@ path.
 """
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
-import tensorflow as tf
+from seqio_testlib import register_image_tasks
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evogrow import gin_utils, main
@@ -59,31 +58,8 @@ def _arrays(task):
     return images, labels
 
 
-def _dataset(split, shuffle_files=False, seed=None, *, task):
-    del split, shuffle_files, seed
-    images, labels = _arrays(task)
-    ids = np.full(len(labels), TASK_IDS[task], np.int32)
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels, "task_id": ids})
-
-
 def _register_tasks():
-    feature = seqio.PassThroughVocabulary(0)
-    for task in (TASK_A, TASK_B, TASK_C):
-        if task in seqio.TaskRegistry.names():
-            continue
-        seqio.TaskRegistry.add(
-            task,
-            source=seqio.FunctionDataSource(
-                functools.partial(_dataset, task=task), splits=("test",)
-            ),
-            output_features={
-                "image": seqio.Feature(feature, dtype=tf.float32, rank=3),
-                "label": seqio.Feature(feature, dtype=tf.int32, rank=0),
-                "task_id": seqio.Feature(feature, dtype=tf.int32, rank=0),
-            },
-            preprocessors=[],
-            metric_fns=[],
-        )
+    register_image_tasks(_arrays, TASK_IDS)
     for name, members in ((MIXTURE_AB, [TASK_A, TASK_B]), (MIXTURE_ABC, [TASK_A, TASK_B, TASK_C])):
         if name not in seqio.MixtureRegistry.names():
             seqio.MixtureRegistry.add(name, [(t, 1.0) for t in members])

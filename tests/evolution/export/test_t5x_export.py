@@ -13,7 +13,6 @@ The subprocesses register the test tasks by importing this very module
 """
 
 import dataclasses
-import functools
 import importlib
 import json
 import os
@@ -32,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from seqio_testlib import register_image_tasks  # noqa: E402
 from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
 from evolution.export import inference, t5x_export  # noqa: E402
@@ -65,30 +64,8 @@ def _arrays(task):
     return images, labels
 
 
-def _dataset(split, shuffle_files=False, seed=None, *, task):
-    del split, shuffle_files, seed
-    images, labels = _arrays(task)
-    ids = np.full(len(labels), TASK_IDS[task], np.int32)
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels, "task_id": ids})
-
-
 def _register_tasks():
-    feature = seqio.PassThroughVocabulary(0)
-    for task in TASK_IDS:
-        if task not in seqio.TaskRegistry.names():
-            seqio.TaskRegistry.add(
-                task,
-                source=seqio.FunctionDataSource(
-                    functools.partial(_dataset, task=task), splits=("test",)
-                ),
-                output_features={
-                    "image": seqio.Feature(feature, dtype=tf.float32, rank=3),
-                    "label": seqio.Feature(feature, dtype=tf.int32, rank=0),
-                    "task_id": seqio.Feature(feature, dtype=tf.int32, rank=0),
-                },
-                preprocessors=[],
-                metric_fns=[],
-            )
+    register_image_tasks(_arrays, TASK_IDS)
     for name, members in ((MIXTURE_AB, ROUTED), (MIXTURE_ABC, tuple(TASK_IDS))):
         if name not in seqio.MixtureRegistry.names():
             seqio.MixtureRegistry.add(name, [(t, 1.0) for t in members])

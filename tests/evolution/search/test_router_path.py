@@ -12,7 +12,6 @@ and a random head, so path_0 is near chance and the companion's features help.
 """
 
 import dataclasses
-import functools
 import json
 import shutil
 
@@ -20,23 +19,20 @@ import gin
 import jax
 import numpy as np
 import pytest
-import seqio
-import tensorflow as tf
 from agents_testlib import DATA, SEARCH, _task_data
-from tiny_vit_testlib import TINY_VIT, random_params
+from seqio_testlib import register_image_tasks
+from tiny_vit_testlib import TINY_VIT, publish_random_path, random_params
 
 from evogrow import main
 from evolution.agents import agent_cycle, agent_view, multipath, multipath_agent
 from evolution.export import inference, system_checkpoint, system_model
 from evolution.report import summaries, system_picture
 from evolution.roots import seeding
-from evolution.search import mutations as mut
 from evolution.search import router_path
 from evolution.store import check as store_check
 from evolution.store import sqlite as sqlite_store
-from evolution.system import architecture as arch_lib
 from evolution.system import state as system
-from models import t5x_adapter, vit
+from models import t5x_adapter
 from training import reporting
 
 pytestmark = pytest.mark.slow  # trains a multipath model, exports and evaluates the system
@@ -56,65 +52,7 @@ def _test_arrays(task):
     return data["test_x"], data["test_y"]
 
 
-def _dataset(split, shuffle_files=False, seed=None, *, task):
-    del split, shuffle_files, seed
-    images, labels = _test_arrays(task)
-    ids = np.full(len(labels), TASK_IDS[task], np.int32)
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels, "task_id": ids})
-
-
-def _register_tasks():
-    feature = seqio.PassThroughVocabulary(0)
-    for task in TASKS:
-        if task in seqio.TaskRegistry.names():
-            continue
-        seqio.TaskRegistry.add(
-            task,
-            source=seqio.FunctionDataSource(
-                functools.partial(_dataset, task=task), splits=("test",)
-            ),
-            output_features={
-                "image": seqio.Feature(feature, dtype=tf.float32, rank=3),
-                "label": seqio.Feature(feature, dtype=tf.int32, rank=0),
-                "task_id": seqio.Feature(feature, dtype=tf.int32, rank=0),
-            },
-            preprocessors=[],
-            metric_fns=[],
-        )
-
-
-_register_tasks()
-
-
-def _publish_path(store, task, seed, score):
-    """A path of `task` with fresh random components (its own body and a random head)."""
-    params = random_params(seed)
-    rng = np.random.default_rng(seed)
-    params["head"] = jax.tree_util.tree_map(
-        lambda x: rng.normal(0.0, 0.5, np.shape(x)).astype(np.float32), params["head"]
-    )
-    store.add_task(task, num_classes=TINY_VIT.num_classes)
-    components = []
-    for slot in vit.component_slots(TINY_VIT):
-        component = system.Component(
-            id=f"{task}.{slot}",
-            kind=mut.slot_kind(slot),
-            num_params=system.num_params_of(params[slot]),
-            agent="single",
-            task=task,
-        )
-        store.put_component(component, params[slot])
-        components.append((slot, component.id))
-    path = system.Path(
-        id=f"{task}.path",
-        task=task,
-        components=tuple(components),
-        agent="single",
-        score=score,
-        quality=score,
-        architecture=arch_lib.architecture_of(TINY_VIT),
-    )
-    store.publish("single", paths=[path], components=[cid for _, cid in components])
+register_image_tasks(_test_arrays, TASK_IDS)
 
 
 def _all_logits(store):
@@ -143,7 +81,7 @@ def world(tmp_path_factory):
     with sqlite_store.SqliteStore(directory) as store:
         seeding.seed_root(store, TINY_VIT, random_params(99), agent="root")
         for index, task in enumerate(TASKS):
-            _publish_path(store, task, seed=index + 1, score=0.5 - 0.1 * index)
+            publish_random_path(store, task, seed=index + 1, score=0.5 - 0.1 * index)
         before = _all_logits(store)
         _, system_before = _system_logits(store)
         state_before = store.load_state()
