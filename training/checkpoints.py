@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from models import decoder, encoder, vit
 from training import settings
@@ -484,7 +485,13 @@ def check_resumable(model_dir: str, total_steps: int) -> int | None:
       settings.SettingError: naming the directory and what it holds.
     """
     directory = os.path.join(model_dir, "checkpoints")
-    if not os.path.isdir(directory):
+    exists = os.path.isdir(directory)
+    if jax.process_count() > 1:
+        # The first process's answer for all: another process may create the directory
+        # in between, and the read-only manager below syncs every process, so a process
+        # that took the other branch would meet a different barrier.
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if not exists:
         return None
     reader = Checkpointer(directory, read_only=True)
     try:
