@@ -10,53 +10,27 @@ equal the same growth done on one local device, and that the grown model's loss 
 batch equals the loss before growth.
 """
 
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
+from multiprocess_testlib import run_processes
 
 pytestmark = pytest.mark.multiprocess  # two jax.distributed processes
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROCESSES = 2
 LOCAL_DEVICES = 2
 REQUESTS = ["mlp_dim=48", "num_heads=8", "hidden=24:pad", "add_layer@1"]
 TOLERANCE = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_grow_their_own_shards():
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-        PJRT_NPROC="16",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=REPO,
-    )
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(port), str(index)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(PROCESSES)
-    ]
-    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
-    for index, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, out[-5000:]
-        assert f"ok process {index}" in out, out[-3000:]
+    env = {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+        "PJRT_NPROC": "16",
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    run_processes(__file__, PROCESSES, env=env)
 
 
 # ------------------------------------------------------------ the subprocesses' body

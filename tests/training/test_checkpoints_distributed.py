@@ -7,45 +7,22 @@ would open a read-only checkpoint manager, whose barrier the other never reaches
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
+from multiprocess_testlib import run_processes
 
 pytestmark = pytest.mark.multiprocess  # two jax.distributed processes
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROCESSES = 2
 LATE_SECONDS = 3.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_late_process_sees_what_the_first_saw(tmp_path):
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, PJRT_NPROC="16")
-    env.pop("XLA_FLAGS", None)
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(port), str(index), str(tmp_path)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(PROCESSES)
-    ]
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    for index, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, out[-5000:]
-        assert f"ok process {index}" in out, out[-3000:]
+    env = {"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PJRT_NPROC": "16"}
+    # One CPU device per process: no forced device count from the calling environment.
+    env["XLA_FLAGS"] = ""
+    run_processes(__file__, PROCESSES, str(tmp_path), env=env, timeout=300)
 
 
 # ------------------------------------------------------------ the subprocesses' body
