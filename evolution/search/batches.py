@@ -2,7 +2,8 @@
 
 `TrainBatchesFn` is what a candidate's training stream comes from (the generation's
 data hyperparameters decide augmentation); `array_train_batches` implements it over
-arrays, `array_eval_batches` makes fixed-shape, masked validation batches. Batches carry
+arrays, `array_eval_batches` makes fixed-shape, masked validation batches, and `TaskData`
+holds a task's training stream and validation batches for the search. Batches carry
 the model family's input feature (`evolution.system.families`): "image" (float images, the
 default) or "inputs" (int32 token ids of the text encoder, 0 = padding, never
 augmented).
@@ -10,7 +11,8 @@ augmented).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -138,3 +140,20 @@ def array_eval_batches(
             }
         )
     return batches
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """What `evolve_round_robin` needs to iterate one task.
+
+    Attributes:
+      train_batches_fn: makes each candidate's training stream.
+      validation_batches: the fixed validation batches.
+      num_classes: classes of the task's head when it is new (None: inferred).
+      metadata: JSON-safe facts stored with a new task.
+    """
+
+    train_batches_fn: TrainBatchesFn
+    validation_batches: Sequence[Batch]
+    num_classes: int | None = None
+    metadata: Mapping[str, Any] | None = None

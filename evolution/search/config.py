@@ -1,17 +1,15 @@
-"""A task iteration's settings and data: the types the search's modules share.
+"""A task iteration's settings (`SearchConfig`), shared by the search's modules.
 
 They live here, below the loop (`search.loop`) and the modules it calls, so those
-modules can name them without importing the loop.
+modules can name them without importing the loop. The task's data (`TaskData`) is in
+`search.data.batches`, beside the batches it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 from evolution.search import hparams, mutations
-from evolution.search.batches import Batch, TrainBatchesFn
 from evolution.system import state as system
 
 # Where a generation's candidates train (`SearchConfig.executor`).
@@ -130,20 +128,3 @@ class SearchConfig:
             raise ValueError(
                 f"SearchConfig.executor={self.executor!r} is unknown; use one of {EXECUTORS}."
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskData:
-    """What `evolve_round_robin` needs to iterate one task.
-
-    Attributes:
-      train_batches_fn: makes each candidate's training stream.
-      validation_batches: the fixed validation batches.
-      num_classes: classes of the task's head when it is new (None: inferred).
-      metadata: JSON-safe facts stored with a new task.
-    """
-
-    train_batches_fn: TrainBatchesFn
-    validation_batches: Sequence[Batch]
-    num_classes: int | None = None
-    metadata: Mapping[str, Any] | None = None

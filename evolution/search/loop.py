@@ -52,8 +52,8 @@ from typing import Any
 
 from evolution import store as store_lib
 from evolution.search import candidate, iteration, selection
-from evolution.search.batches import Batch, TrainBatchesFn
-from evolution.search.config import SearchConfig, TaskData
+from evolution.search.batches import Batch, TaskData, TrainBatchesFn
+from evolution.search.config import SearchConfig
 from evolution.search.execution import executors, placement
 from evolution.search.iteration import CandidateRecord
 from evolution.system import state as system

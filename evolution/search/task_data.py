@@ -23,7 +23,6 @@ import seqio
 
 import tasks
 from evolution.search import batches
-from evolution.search.config import TaskData
 from models.feature_converters import (
     ImageClassificationFeatureConverter,
     TextClassificationFeatureConverter,
@@ -241,7 +240,7 @@ def search_task_data(
     validation_split: str = "validation",
     sequence_length: int | None = None,
     cache_dir: str | None = None,
-) -> TaskData:
+) -> batches.TaskData:
     """What `search.evolve_task` / `evolve_round_robin` need for one seqio task.
 
     Args:
@@ -272,7 +271,7 @@ def search_task_data(
     )
     shape_key = "image_shape" if feature == "image" else "sequence_length"
     shape = [int(v) for v in train_inputs.shape[1:]]
-    return TaskData(
+    return batches.TaskData(
         train_batches_fn=batches.array_train_batches(train_inputs, train_labels, feature=feature),
         validation_batches=batches.array_eval_batches(
             eval_inputs, eval_labels, eval_batch_size, feature=feature
