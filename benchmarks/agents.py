@@ -56,7 +56,7 @@ from evolution import store as store_lib
 from evolution.agents import agent_cycle, agent_run, multipath_agent
 from evolution.export import inference
 from evolution.roots import root
-from evolution.search import task_data
+from evolution.search.data import task_data
 from tasks import offline_image
 
 logger = logging.getLogger("evogrow")

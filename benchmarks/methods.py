@@ -21,8 +21,8 @@ import numpy as np
 
 from evolution.report import summaries
 from evolution.roots import root
-from evolution.search import flops
 from evolution.search import loop as search
+from evolution.search.paths import flops
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of
 

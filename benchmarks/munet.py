@@ -45,8 +45,9 @@ from evolution import evolve as evolve_lib
 from evolution import store as store_lib
 from evolution.agents import baselines
 from evolution.search import loop as search
-from evolution.search import mutations, task_data
+from evolution.search.data import task_data
 from evolution.search.execution import placement
+from evolution.search.space import mutations
 from tasks import offline_image
 
 

@@ -52,9 +52,10 @@ from evolution import store as store_lib
 from evolution.agents import baselines
 from evolution.export import inference
 from evolution.roots import text_root
-from evolution.search import batches, mutations, task_data
 from evolution.search import loop as search
+from evolution.search.data import batches, task_data
 from evolution.search.execution import placement
+from evolution.search.space import mutations
 
 logger = logging.getLogger("evogrow")
 

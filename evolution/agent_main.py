@@ -5,7 +5,7 @@
 
 Start several (different tasks or methods, or the same task with different methods and
 names) as separate processes on one store; each can be stopped (even by kill -9) and
-started again. The task's data is read by seqio task name (`evolution.search.task_data`).
+started again. The task's data is read by seqio task name (`evolution.search.data.task_data`).
 METHOD='multipath' runs a router over the task's best published path and other tasks'
 paths (`evolution.agents.multipath_agent`): start it once the task has a path (it waits until
 then); it keeps its best in <store>/multipath/<name>.json/.npz and publishes a best that
@@ -18,7 +18,7 @@ import logging
 
 from evolution.agents import agent_cycle, agent_run, multipath_agent
 from evolution.search import loop as search
-from evolution.search import task_data
+from evolution.search.data import task_data
 
 logger = logging.getLogger("evogrow")
 

@@ -5,7 +5,7 @@
 Runs `evolution.agents.baselines.run_baselines` (full fine-tuning, freeze bottom k, residual
 adapters, each D replicas from the store's root, the best-validation one kept, never
 written to the store) on seqio tasks read
-with `evolution.search.task_data`, prints a Markdown table with a mean row per method and
+with `evolution.search.data.task_data`, prints a Markdown table with a mean row per method and
 writes `baselines.json` and `baselines.md`.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.agents.baselines import BaselineResult, BaselineTask, check_methods, run_baselines
-from evolution.search import task_data
+from evolution.search.data import task_data
 
 logger = logging.getLogger("evogrow")
 
@@ -103,7 +103,7 @@ def baseline(
     Args:
       store_dir: an existing store with a root (read only).
       methods: baseline methods to run.
-      tasks: task names (`evolution.search.task_data`).
+      tasks: task names (`evolution.search.data.task_data`).
       steps: training steps of each replica per task (unless in `steps_per_task`).
       steps_per_validation: B.
       output_dir: where the report goes.

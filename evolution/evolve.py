@@ -42,7 +42,7 @@ from evolution.export import inference
 from evolution.report import summaries, system_picture
 from evolution.roots import root
 from evolution.search import loop as search
-from evolution.search import task_data
+from evolution.search.data import task_data
 from evolution.system import state as system
 
 logger = logging.getLogger("evogrow")

@@ -6,9 +6,11 @@ import numpy as np
 from tiny_vit_testlib import TINY_VIT
 
 from evolution.agents import agent_cycle
-from evolution.search import batches, hparams, iteration
+from evolution.search import iteration
 from evolution.search import loop as search
-from evolution.search import mutations as mut
+from evolution.search.data import batches
+from evolution.search.space import hparams
+from evolution.search.space import mutations as mut
 
 
 def _space():

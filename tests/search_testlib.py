@@ -4,9 +4,9 @@
 import numpy as np
 from tiny_vit_testlib import TINY_VIT
 
-from evolution.search import batches
 from evolution.search import loop as search
-from evolution.search import mutations as mut
+from evolution.search.data import batches
+from evolution.search.space import mutations as mut
 
 CONFIG = TINY_VIT
 SEARCH = search.SearchConfig(

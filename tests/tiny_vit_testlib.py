@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolution.search import mutations
+from evolution.search.space import mutations
 from evolution.system import architecture
 from evolution.system import state as system
 from models import vit

@@ -49,8 +49,9 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.agents import agent_view, baselines, multipath_agent
-from evolution.search import candidate, iteration
+from evolution.search import iteration
 from evolution.search import loop as search
+from evolution.search.paths import candidate
 from evolution.system import state as system
 
 logger = logging.getLogger("evogrow")

@@ -22,8 +22,8 @@ import numpy as np
 from evolution import store as store_lib
 from evolution.agents import agent_cycle, baselines, multipath_agent
 from evolution.roots import root, seeding
-from evolution.search import candidate
 from evolution.search import loop as search
+from evolution.search.paths import candidate
 
 logger = logging.getLogger("evogrow")
 

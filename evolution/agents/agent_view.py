@@ -29,7 +29,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from evolution import store as store_lib
-from evolution.search import mutations, router_path
+from evolution.search.paths import router_path
+from evolution.search.space import mutations
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of

@@ -54,17 +54,13 @@ from typing import Any
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import (
-    batches,
-    candidate,
-    flops,
-    hparams,
-    iteration,
-    mutations,
-)
+from evolution.search import iteration
 from evolution.search import loop as search
-from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.search.data import batches
+from evolution.search.data.batches import Batch, TrainBatchesFn
 from evolution.search.execution import executors, placement
+from evolution.search.paths import candidate, flops
+from evolution.search.space import hparams, mutations
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import architecture_of, model_config_of

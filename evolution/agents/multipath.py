@@ -22,7 +22,7 @@ Validation runs at step 0 too and the best-validation parameters are kept, so th
 result's quality is never below path_0's on the same batches.
 
 `publish_result` stores a model that beats path_0 on validation as its task's router
-path (`evolution.search.router_path`): a path like any other, whose components are the
+path (`evolution.search.paths.router_path`): a path like any other, whose components are the
 members' (referenced, so locked) plus the new connectors and router. Inference, the
 exported system model and the immunity check serve it as the task's model while it
 beats the task's best single path (`SystemState.best_path`); searches never take it as
@@ -46,13 +46,13 @@ import numpy as np
 import optax
 
 from evolution import store as store_lib
-from evolution.search import candidate, path_model, router_path
-from evolution.search.router_path import connector_logits as connector_logits
-from evolution.search.router_path import init_connector as init_connector
-from evolution.search.router_path import init_router as init_router
-from evolution.search.router_path import multipath_logits as multipath_logits
-from evolution.search.router_path import router_bias as router_bias
-from evolution.search.router_path import router_weights as router_weights
+from evolution.search.paths import candidate, path_model, router_path
+from evolution.search.paths.router_path import connector_logits as connector_logits
+from evolution.search.paths.router_path import init_connector as init_connector
+from evolution.search.paths.router_path import init_router as init_router
+from evolution.search.paths.router_path import multipath_logits as multipath_logits
+from evolution.search.paths.router_path import router_bias as router_bias
+from evolution.search.paths.router_path import router_weights as router_weights
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of

@@ -51,8 +51,8 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.agents import agent_view, multipath
-from evolution.search import candidate
 from evolution.search.loop import TaskData
+from evolution.search.paths import candidate
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of

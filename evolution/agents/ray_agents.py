@@ -17,7 +17,7 @@ from typing import Any
 from evolution import store as store_lib
 from evolution.agents import agent_cycle, agent_run
 from evolution.search import loop as search
-from evolution.search import task_data
+from evolution.search.data import task_data
 from evolution.search.execution import ray_executor
 
 # (data) -> (the task's TaskData, the (inputs, labels) test split or None); runs in the

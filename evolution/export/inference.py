@@ -1,7 +1,7 @@
 """Inference from the store: a task's served path run on its inputs.
 
 The served path is `SystemState.best_path`: the task's best single path, or its router
-path (`evolution.search.router_path`) where that beats it. The path's family
+path (`evolution.search.paths.router_path`) where that beats it. The path's family
 (`evolution.system.families`; a router path's members') decides what the inputs are:
 images for a ViT path, token ids for a text-encoder path.
 """
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import candidate, router_path
+from evolution.search.paths import candidate, router_path
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of

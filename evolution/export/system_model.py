@@ -5,8 +5,8 @@ feature the mixture's examples carry), and the task's served path as it was publ
 the store (slots, component ids, architecture; `SystemState.best_path`: the best single
 path, or a router path over frozen member paths where that beats it). Its parameters
 are the pool itself, {component_id: parameters}: a component shared by several paths
-exists once. Every path runs on the whole batch (`evolution.search.candidate.forward`,
-or `evolution.search.router_path.forward` for a router path: the functions
+exists once. Every path runs on the whole batch (`evolution.search.paths.candidate.forward`,
+or `evolution.search.paths.router_path.forward` for a router path: the functions
 `evolution.export.inference.predict` runs, so a task's logits are those of its path alone) and
 each example keeps the logits of the route its `task_id` names; heads narrower than the
 widest are padded with `ABSENT_CLASS_LOGIT`, which changes neither the
@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import optax
 
 from evolution import store as store_lib
-from evolution.search import candidate, mutations, router_path
+from evolution.search.paths import candidate, router_path
+from evolution.search.space import mutations
 from evolution.system import architecture as architecture_lib
 from evolution.system import state as system
 from models import adapters, base, feature_converters, vit

@@ -47,8 +47,8 @@ import optax
 import tasks
 from evolution import store as store_lib
 from evolution.roots import root_files, seeding
-from evolution.search import batches
-from evolution.search.task_data import load_task_arrays
+from evolution.search.data import batches
+from evolution.search.data.task_data import load_task_arrays
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK, architecture_of, config_of
 from models import classifier, vit, vit_checkpoints

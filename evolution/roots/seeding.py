@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import mutations
+from evolution.search.space import mutations
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK, architecture_of, model_config_of

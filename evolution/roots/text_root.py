@@ -36,7 +36,9 @@ import numpy as np
 
 from evolution import store as store_lib
 from evolution.roots import seeding
-from evolution.search import augment, hparams, iteration
+from evolution.search import iteration
+from evolution.search.data import augment
+from evolution.search.space import hparams
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from evolution.search import hparams, mutations
+from evolution.search.space import hparams, mutations
 from evolution.system import state as system
 
 # Where a generation's candidates train (`SearchConfig.executor`).

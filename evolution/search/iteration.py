@@ -29,19 +29,13 @@ from typing import Any
 import numpy as np
 
 from evolution import store as store_lib
-from evolution.search import (
-    candidate,
-    hparams,
-    mutations,
-    opt_states,
-    resume,
-    scoring,
-    selection,
-)
-from evolution.search import flops as flops_lib
-from evolution.search.batches import Batch
+from evolution.search import resume, scoring, selection
 from evolution.search.config import SearchConfig
+from evolution.search.data.batches import Batch
 from evolution.search.execution import placement
+from evolution.search.paths import candidate, opt_states
+from evolution.search.paths import flops as flops_lib
+from evolution.search.space import hparams, mutations
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import model_config_of

@@ -31,15 +31,15 @@ A generation's candidates are planned first and then trained together
 each as a Ray task (`SearchConfig.executor="ray"`), with the same results either way.
 mu2Net+ optimizer-state inheritance: a parent trained in the same iteration hands its state
 over from memory; a published component is stored with its slice of the state
-(`evolution.search.opt_states`), which a later clone of it reads back. FLOPs for the score's
-compute term come from `evolution.search.flops`. muNet's seed sweep
+(`evolution.search.paths.opt_states`), which a later clone of it reads back. FLOPs for the score's
+compute term come from `evolution.search.paths.flops`. muNet's seed sweep
 (`SearchConfig.seed_sweep`) makes an iteration's first candidates unmutated clones of every
 seed; private tasks (`SearchConfig.private_tasks`) are never seeds of another task.
 
 The root model is stored by `seeding.seed_root`; `evolve_round_robin` iterates tasks in turn
 (`selection.next_task`), a task joining the rotation when it first appears (dynamic task
 introduction). Inference from the store is in `evolution.export.inference`, data callbacks in
-`evolution.search.batches`, the stored architecture in `evolution.system.architecture`.
+`evolution.search.data.batches`, the stored architecture in `evolution.system.architecture`.
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evolution import store as store_lib
-from evolution.search import candidate, iteration, selection
-from evolution.search.batches import Batch, TaskData, TrainBatchesFn
+from evolution.search import iteration, selection
 from evolution.search.config import SearchConfig
+from evolution.search.data.batches import Batch, TaskData, TrainBatchesFn
 from evolution.search.execution import executors, placement
 from evolution.search.iteration import CandidateRecord
+from evolution.search.paths import candidate
 from evolution.system import state as system
 
 logger = logging.getLogger("evogrow")

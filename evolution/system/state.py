@@ -41,7 +41,7 @@ MU2NET_PLUS = "mu2net_plus"
 ACCOUNTINGS = (MUNET, MU2NET_PLUS)
 
 # The architecture "model" of a router path: a multipath model over frozen member paths
-# (evolution/search/router_path.py), stored and served like any path.
+# (evolution/search/paths/router_path.py), stored and served like any path.
 ROUTER_MODEL = "router"
 
 # Ids name parameter folders on disk: a leading letter or digit keeps them apart from

@@ -26,7 +26,7 @@ import tasks
 from evogrow import main
 from evolution.export import inference
 from evolution.roots import seeding
-from evolution.search import task_data
+from evolution.search.data import task_data
 from evolution.store import sqlite as sqlite_store
 from models import encoder, vit
 from training import checkpoints

@@ -18,7 +18,7 @@ import pytest
 from evogrow import main
 from evolution.export import inference
 from evolution.roots import root
-from evolution.search import task_data
+from evolution.search.data import task_data
 from evolution.store import sqlite as sqlite_store
 
 pytestmark = pytest.mark.slow  # pretrains a root and evolves end to end

@@ -12,9 +12,9 @@ import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evolution.search import candidate
-from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.search.data.batches import Batch, TrainBatchesFn
 from evolution.search.execution import placement, ray_executor
+from evolution.search.paths import candidate
 
 
 def train_generation(

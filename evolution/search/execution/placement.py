@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-from evolution.search import candidate
-from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.search.data.batches import Batch, TrainBatchesFn
+from evolution.search.paths import candidate
 from evolution.system import families
 
 

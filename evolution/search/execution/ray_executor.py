@@ -49,9 +49,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from evolution.search import candidate
-from evolution.search.batches import Batch, TrainBatchesFn
+from evolution.search.data.batches import Batch, TrainBatchesFn
 from evolution.search.execution import placement
+from evolution.search.paths import candidate
 
 _INSTALL_HINT = (
     "Ray runs need Ray: pip install 'ray[default]' (or use the in-process "

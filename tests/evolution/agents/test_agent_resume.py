@@ -22,7 +22,8 @@ from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.agents import agent_cycle
 from evolution.roots import seeding
-from evolution.search import candidate, iteration, resume
+from evolution.search import iteration, resume
+from evolution.search.paths import candidate
 from evolution.store import sqlite as sqlite_store
 
 SETTINGS = dataclasses.replace(SEARCH, generations=3)

@@ -31,8 +31,9 @@ from evolution import store as store_lib
 from evolution.agents import agent_cycle, agent_run, agent_view
 from evolution.export import inference
 from evolution.roots import seeding
-from evolution.search import candidate, selection
 from evolution.search import loop as search
+from evolution.search import selection
+from evolution.search.paths import candidate
 from evolution.store import sqlite as sqlite_store
 from evolution.system.architecture import architecture_of, model_config_of
 
@@ -54,7 +55,7 @@ import numpy as np
 
 import agents_testlib as spec
 from evolution.agents import agent_run, agent_cycle
-from evolution.search import candidate
+from evolution.search.paths import candidate
 from evolution.export import inference
 from evolution.store import sqlite as sqlite_store
 

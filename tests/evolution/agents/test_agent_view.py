@@ -16,7 +16,7 @@ from tiny_vit_testlib import TINY_VIT, random_params
 from evolution.agents import agent_view
 from evolution.roots import seeding
 from evolution.search import iteration
-from evolution.search import mutations as mut
+from evolution.search.space import mutations as mut
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 

@@ -26,9 +26,12 @@ from evogrow import gin_utils
 from evolution import baseline_run
 from evolution.agents import baselines
 from evolution.roots import seeding
-from evolution.search import batches, candidate, iteration, mutations
+from evolution.search import iteration
 from evolution.search import loop as search
-from evolution.search import task_data as task_data_lib
+from evolution.search.data import batches
+from evolution.search.data import task_data as task_data_lib
+from evolution.search.paths import candidate
+from evolution.search.space import mutations
 from evolution.store import sqlite as sqlite_store
 from evolution.system.architecture import config_of
 from models import vit
@@ -390,7 +393,7 @@ def test_bad_arguments_are_clear_errors(store):
 
 @pytest.fixture
 def fake_task_data(monkeypatch):
-    """Serves the synthetic tasks through evolution.search.task_data's functions."""
+    """Serves the synthetic tasks through evolution.search.data.task_data's functions."""
 
     def search_task_data(name, *, eval_batch_size, max_train_examples=None, **unused):
         del unused

@@ -14,7 +14,8 @@ from tiny_vit_testlib import TINY_VIT, publish_random_path, random_params
 
 from evolution.agents import multipath
 from evolution.roots import seeding
-from evolution.search import batches, candidate
+from evolution.search.data import batches
+from evolution.search.paths import candidate
 from evolution.store import sqlite as sqlite_store
 
 TASKS = ("tex_a", "tex_b", "tex_c")

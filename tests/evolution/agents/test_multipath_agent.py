@@ -24,7 +24,7 @@ from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.agents import agent_cycle, agent_run, agent_view, multipath_agent
 from evolution.roots import seeding
-from evolution.search import mutations as mut
+from evolution.search.space import mutations as mut
 from evolution.store import sqlite as sqlite_store
 
 pytestmark = pytest.mark.slow  # muNet agents publish first

@@ -26,7 +26,7 @@ from tiny_vit_testlib import TINY_VIT, random_params
 from evogrow import gin_utils, main
 from evolution.export import inference, system_checkpoint, system_model
 from evolution.roots import seeding
-from evolution.search import mutations
+from evolution.search.space import mutations
 from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from evolution.system import state as system

@@ -36,7 +36,7 @@ from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 
 from evolution.export import inference, t5x_export  # noqa: E402
 from evolution.roots import seeding  # noqa: E402
-from evolution.search import mutations  # noqa: E402
+from evolution.search.space import mutations  # noqa: E402
 from evolution.store import sqlite as sqlite_store  # noqa: E402
 from evolution.system import architecture as arch_lib  # noqa: E402
 from evolution.system import state as system  # noqa: E402

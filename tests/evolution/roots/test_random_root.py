@@ -17,8 +17,8 @@ from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.agents import agent_cycle, agent_run, agent_view
 from evolution.roots import seeding
-from evolution.search import candidate
 from evolution.search import loop as search
+from evolution.search.paths import candidate
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 

@@ -20,7 +20,7 @@ from vit_checkpoint_testlib import big_vision_arrays
 from evogrow import gin_utils
 from evolution.export import inference
 from evolution.roots import root
-from evolution.search import batches, task_data
+from evolution.search.data import batches, task_data
 from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from models import vit, vit_checkpoints

@@ -21,10 +21,10 @@ import pytest
 
 from evolution.export import inference
 from evolution.roots import seeding, text_root
-from evolution.search import batches
-from evolution.search import candidate as cand
 from evolution.search import loop as search
-from evolution.search import mutations as mut
+from evolution.search.data import batches
+from evolution.search.paths import candidate as cand
+from evolution.search.space import mutations as mut
 from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from evolution.system import families
@@ -263,7 +263,7 @@ def test_minilm_text_root_matches_the_encoder(tmp_path):
 
 def test_text_task_arrays_from_seqio():
     import tasks
-    from evolution.search import task_data
+    from evolution.search.data import task_data
 
     try:
         ids, labels = task_data.load_task_arrays(

@@ -13,11 +13,11 @@ from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.agents import agent_view
 from evolution.roots import seeding
-from evolution.search import candidate as cand
-from evolution.search import hparams as hp
 from evolution.search import iteration
 from evolution.search import loop as search
-from evolution.search import mutations as mut
+from evolution.search.paths import candidate as cand
+from evolution.search.space import hparams as hp
+from evolution.search.space import mutations as mut
 from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from evolution.system import families

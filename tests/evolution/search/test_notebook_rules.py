@@ -22,11 +22,12 @@ import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.roots import seeding
-from evolution.search import batches, iteration, scoring
-from evolution.search import candidate as cand
-from evolution.search import hparams as hp
+from evolution.search import iteration, scoring
 from evolution.search import loop as search
-from evolution.search import mutations as mut
+from evolution.search.data import batches
+from evolution.search.paths import candidate as cand
+from evolution.search.space import hparams as hp
+from evolution.search.space import mutations as mut
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 

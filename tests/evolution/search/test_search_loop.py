@@ -18,10 +18,10 @@ from tiny_vit_testlib import random_params
 
 from evolution.export import inference
 from evolution.roots import seeding
-from evolution.search import batches
-from evolution.search import candidate as cand
-from evolution.search import hparams as hp
 from evolution.search import loop as search
+from evolution.search.data import batches
+from evolution.search.paths import candidate as cand
+from evolution.search.space import hparams as hp
 from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from evolution.system import state as system

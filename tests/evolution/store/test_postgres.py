@@ -348,10 +348,10 @@ def test_publishers_killed_mid_transaction_leave_nothing_half_visible(pg, tmp_pa
 def test_search_iteration_gives_identical_results_on_both_stores(server, tmp_path):
     from tiny_vit_testlib import TINY_VIT, random_params
 
-    from evolution.search import batches
-    from evolution.search import candidate as cand
     from evolution.search import loop as search
-    from evolution.search import mutations as mut
+    from evolution.search.data import batches
+    from evolution.search.paths import candidate as cand
+    from evolution.search.space import mutations as mut
 
     config = search.SearchConfig(
         generations=1,

@@ -20,11 +20,11 @@ from search_testlib import SEARCH, _task_data_of
 from tiny_vit_testlib import TINY_VIT, random_params
 
 from evolution.roots import seeding
-from evolution.search import candidate as cand
-from evolution.search import flops as flops_lib
 from evolution.search import iteration, scoring
 from evolution.search import loop as search
 from evolution.search.execution import placement
+from evolution.search.paths import candidate as cand
+from evolution.search.paths import flops as flops_lib
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
 
@@ -39,7 +39,8 @@ _SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from search_testlib import SEARCH, _task_data_of
     from tiny_vit_testlib import TINY_VIT, random_params
-    from evolution.search import candidate, loop as search
+    from evolution.search.paths import candidate
+    from evolution.search import loop as search
     from evolution.roots import seeding
     from evolution.store import sqlite as sqlite_store
 

@@ -32,9 +32,9 @@ from tiny_vit_testlib import TINY_VIT, random_params  # noqa: E402
 from evolution import store as store_lib  # noqa: E402
 from evolution.agents import agent_cycle, agent_run, ray_agents  # noqa: E402
 from evolution.roots import seeding  # noqa: E402
-from evolution.search import candidate  # noqa: E402
 from evolution.search import loop as search  # noqa: E402
 from evolution.search.execution import ray_executor  # noqa: E402
+from evolution.search.paths import candidate  # noqa: E402
 from evolution.store import sqlite as sqlite_store  # noqa: E402
 
 pytestmark = pytest.mark.ray  # a local Ray cluster

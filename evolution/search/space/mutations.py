@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import growth
-from evolution.search.hparams import (
+from evolution.search.space.hparams import (
     HParams,
     HParamSpace,
     MutationRates,

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import jax
 
-from evolution.search import candidate
+from evolution.search.paths import candidate
 
 
 def _is_keyed_by(keys: frozenset[str]) -> Callable[[Any], bool]:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from evolution.search import augment, batches
-from evolution.search import hparams as hp
+from evolution.search.data import augment, batches
+from evolution.search.space import hparams as hp
 
 
 def _images(seed=0, shape=(6, 12, 10, 3)):

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evolution.search import candidate as cand
-from evolution.search import hparams as hp
-from evolution.search import mutations as mut
+from evolution.search.paths import candidate as cand
+from evolution.search.space import hparams as hp
+from evolution.search.space import mutations as mut
 from evolution.system import state as system
 from models import adapters, vit
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
-from evolution.search import mutations
+from evolution.search.space import mutations
 from evolution.system import families
 from models import adapters
 

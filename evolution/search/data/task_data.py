@@ -1,7 +1,7 @@
 """Registered seqio image and text tasks as in-memory arrays, and the search's `TaskData`.
 
 The muNet search and the root's pretraining train on small offline data sets held in
-memory (evolution/search/batches.py), but data still reaches them only by seqio task name
+memory (evolution/search/data/batches.py), but data still reaches them only by seqio task name
 (STYLE.md: data is a seqio task or mixture): `load_task_arrays` reads a registered task
 split once per process through `seqio.get_dataset`, unshuffled, so every process and
 every run sees the same examples in the same order.
@@ -22,7 +22,7 @@ import numpy as np
 import seqio
 
 import tasks
-from evolution.search import batches
+from evolution.search.data import batches
 from models.feature_converters import (
     ImageClassificationFeatureConverter,
     TextClassificationFeatureConverter,

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from evolution.search import candidate
+from evolution.search.paths import candidate
 from evolution.system import families
 
 

@@ -1,6 +1,6 @@
 """Training one candidate path: its own components train, everything it shares stays frozen.
 
-A candidate (a planned child, evolution/search/mutations.py) trains V x B steps on its task,
+A candidate (a planned child, evolution/search/space/mutations.py) trains V x B steps on its task,
 validating every B steps, and keeps the parameters of its best validation (muNet; the
 score's quality is that best accuracy). It trains like every other run: its path is a
 `path_model.PathModel`, trained by a `training.trainer.Trainer` in `training.loop.run`
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import optax
 
-from evolution.search import path_model, timing
+from evolution.search.paths import path_model, timing
 from evolution.system import families
 from training import loop, partitioning
 from training import trainer as trainer_lib

@@ -3,7 +3,7 @@
 import threading
 import time
 
-from evolution.search import timing
+from evolution.search.paths import timing
 
 
 def test_nested_phase_is_not_counted_in_the_outer_one():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from evolution.search import hparams as hp
+from evolution.search.space import hparams as hp
 from evolution.system import state as system
 
 

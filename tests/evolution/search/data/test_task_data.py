@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tasks
-from evolution.search import task_data
+from evolution.search.data import task_data
 from tasks import image_sources
 from training import data as data_lib
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evolution.search import augment
+from evolution.search.data import augment
 
 Batch = Mapping[str, Any]
 

@@ -12,8 +12,8 @@ import optax
 import pytest
 from tiny_vit_testlib import TINY_VIT, random_params
 
-from evolution.search import candidate as cand
-from evolution.search import hparams as hp
+from evolution.search.paths import candidate as cand
+from evolution.search.space import hparams as hp
 from models import adapters, vit
 
 CONFIG = TINY_VIT

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolution.search import mutations, path_model
+from evolution.search.paths import path_model
+from evolution.search.space import mutations
 from evolution.system import families
 from evolution.system import state as system
 from models import encoder, vit

@@ -28,7 +28,7 @@ from evolution.agents import agent_cycle, agent_view, multipath, multipath_agent
 from evolution.export import inference, system_checkpoint, system_model
 from evolution.report import summaries, system_picture
 from evolution.roots import seeding
-from evolution.search import router_path
+from evolution.search.paths import router_path
 from evolution.store import check as store_check
 from evolution.store import sqlite as sqlite_store
 from evolution.system import state as system
