@@ -462,21 +462,33 @@ def _child_architecture(
 def _with_resolution(
     architecture: dict[str, Any], space: HParamSpace, hparams: HParams
 ) -> dict[str, Any]:
-    """The child's architecture at its image size (`vit.ViTConfig.resolution`).
+    """The child's architecture at its hyperparameters' image size (`with_image_size`)."""
+    if "image_size" not in space.names:
+        return architecture
+    return with_image_size(architecture, int(space.values(hparams)["image_size"]))
+
+
+def with_image_size(architecture: dict[str, Any], size: int | None) -> dict[str, Any]:
+    """A path's architecture at image side `size` (`vit.ViTConfig.resolution`).
 
     The resolution is the image size, left out at the images' own side (None, as
-    `families.architecture_of` writes it); spaces without an image size and models
-    without images keep the architecture.
+    `families.architecture_of` writes it); models without images keep the architecture.
+
+    Args:
+      architecture: the path's architecture record (`families.architecture_of`).
+      size: the image side the model sees; None: the images' own.
+
+    Returns:
+      The architecture with `config.resolution` set or left out.
     """
     fields = dict(architecture.get("config") or {})
     shape = fields.get("image_shape")
-    if "image_size" not in space.names or "patch_size" not in fields or not shape:
+    if "patch_size" not in fields or not shape:
         return architecture
-    size = int(space.values(hparams)["image_size"])
-    if size == int(shape[0]):
+    if size is None or int(size) == int(shape[0]):
         fields.pop("resolution", None)  # as `families.architecture_of` writes None
     else:
-        fields["resolution"] = size
+        fields["resolution"] = int(size)
     return {**architecture, "config": fields}
 
 
