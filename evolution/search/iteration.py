@@ -612,10 +612,10 @@ class TaskIteration:
         ranked = population.ranked()
         best_hparams = hparams.HParams.from_json(ranked[0].hparams) if ranked else space.defaults()
         data_mu = 0.0 if self._sweep else None
-        data_indices, _ = hparams.generation_data_indices(
-            best_hparams, rng, space=space, mu=data_mu
+        data, _ = hparams.generation_data(
+            best_hparams, rng, space=space, mu=data_mu, self_tuning=self._options.self_tuning
         )
-        data_values = {name: space[name].values[i] for name, i in data_indices.items()}
+        data_values = {name: space[name].values[i] for name, i in data.indices.items()}
         work = self._generation_state = self.working_state()
         planned: list[Planned] = []
         for _ in range(self.settings.candidates_per_generation):
@@ -638,7 +638,7 @@ class TaskIteration:
                 rng=rng,
                 space=space,
                 options=options,
-                data_indices=data_indices,
+                data=data,
                 generation=generation,
             )
             data_seed = int(rng.integers(0, 2**31 - 1))

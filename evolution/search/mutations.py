@@ -39,7 +39,7 @@ from evolution.search.hparams import (
     HParamSpace,
     MutationRates,
     mutate_hparams,
-    with_data_indices,
+    with_data,
 )
 from evolution.system import families
 from evolution.system import state as system
@@ -260,7 +260,7 @@ def plan_child(
     rng: np.random.Generator,
     space: HParamSpace,
     options: MutationOptions | None = None,
-    data_indices: Mapping[str, int] | None = None,
+    data: HParams | None = None,
     generation: int = 0,
 ) -> MutationPlan:
     """Plans a child of `parent` for `task`.
@@ -279,8 +279,8 @@ def plan_child(
       rng: the generator.
       space: the hyperparameter space.
       options: the method's mutations (default `MutationOptions()`).
-      data_indices: the generation's data hyperparameters
-        (`hparams.generation_data_indices`); None keeps the parent's.
+      data: the generation's data hyperparameters and their rates
+        (`hparams.generation_data`); None keeps the parent's.
       generation: the child's generation.
 
     Returns:
@@ -306,8 +306,6 @@ def plan_child(
         names=space.model_names,
     )
     decider.applied.extend(hp_applied)
-    if data_indices is not None:
-        hparams = with_data_indices(hparams, data_indices, space=space)
 
     prefix, layers, suffix = _split_layers(parent)
     layers, grown, skipped = _change_depth(parent, layers, options, decider)
@@ -341,6 +339,8 @@ def plan_child(
 
     if options.self_tuning:
         hparams = hparams.replace(rates=rates.child_rates())
+    if data is not None:
+        hparams = with_data(hparams, data, space=space)
     child = system.Path(
         id=path_id,
         task=task,

@@ -251,6 +251,14 @@ def _trace_subtrees(opt_state, keys):
     return [node for node in nodes if is_param_tree(node)]
 
 
+def test_a_published_child_carries_its_generations_self_tuned_data_rates(world):
+    best = world["result"].best_path
+    assert best.parent is not None  # a child of this iteration, not the root
+    space = iteration.default_search_space(TINY_VIT)
+    rates = hp.HParams.from_json(best.hparams).rates
+    assert {"hp:" + name for name in space.data_names} <= set(rates)
+
+
 def _published_slices(store, best):
     """The stored momentum of the best path's own components (not all zero)."""
     state = store.load_state()
