@@ -13,12 +13,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 
 import psycopg
+from multiprocess_testlib import free_port
 
 _DATABASES = itertools.count()
 
@@ -34,12 +34,6 @@ def server_bin_dir():
         if all(os.access(os.path.join(directory, b), os.X_OK) for b in ("initdb", "postgres")):
             return directory
     return None
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def dsn(port, dbname):
@@ -64,7 +58,7 @@ def local_server():
     initdb = [os.path.join(bin_dir, "initdb"), "-D", data, "-U", "evogrow", "--auth=trust"]
     initdb += ["-E", "UTF8", "--locale=C", "--no-sync"]
     subprocess.run(initdb, check=True, capture_output=True, env=env, cwd=root, **as_user)
-    port = _free_port()
+    port = free_port()
     command = [os.path.join(bin_dir, "postgres"), "-D", data, "-h", "127.0.0.1"]
     command += ["-p", str(port), "-k", root, "-c", "fsync=off", "-c", "full_page_writes=off"]
     log_path = os.path.join(root, "server.log")

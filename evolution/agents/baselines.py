@@ -127,6 +127,7 @@ def plan_baseline(
     task: str,
     num_classes: int,
     init_seed: int,
+    image_size: int | None = None,
 ) -> mutations.MutationPlan:
     """The baseline path of one task as a plan for `mutations.materialize` (pure).
 
@@ -136,6 +137,8 @@ def plan_baseline(
       task: the task the path solves.
       num_classes: classes of its fresh head.
       init_seed: seed of the fresh head and adapters.
+      image_size: the image side the path sees (the hyperparameter "image_size"; None:
+        the images' own).
 
     Returns:
       The plan: slots "reference" (frozen root components), "clone" (root copies that
@@ -182,6 +185,7 @@ def plan_baseline(
             new(slot, mutations.CLONE, component_id)
 
     architecture = architecture_of(dataclasses.replace(config, num_classes=num_classes))
+    architecture = mutations.with_image_size(architecture, image_size)
     adapter_sizes = {s.slot: int(s.config["size"]) for s in slots if s.kind == "adapter"}
     if adapter_sizes:
         architecture["adapters"] = adapter_sizes
@@ -432,7 +436,14 @@ def run_baseline(
     config = root_config
     for replica in range(replicas):
         init_seed = _seed_of(seed, task, method, replica)
-        plan = plan_baseline(root, spec, task=task, num_classes=num_classes, init_seed=init_seed)
+        plan = plan_baseline(
+            root,
+            spec,
+            task=task,
+            num_classes=num_classes,
+            init_seed=init_seed,
+            image_size=values.get("image_size"),
+        )
         config, created = mutations.materialize(
             plan, root_pool, root_config, num_classes=num_classes
         )

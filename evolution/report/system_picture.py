@@ -1,12 +1,14 @@
 """A picture of the evolved system, drawn like the muNet papers' figures (matplotlib, Agg).
 
 Levels are stacked from the input embedding at the bottom to the heads on top, in slot
-order (embed, cls, pos, then adapter_i before block_i, final_norm, head). Every drawn
+order (embed, cls, pos, then adapter_i before block_i, final_norm, head; a router path's
+connectors and router above the heads). Every drawn
 path (the root's and each task's best active path) has a lane and a colour; each
 component it uses is a box, and the path is a coloured line through its boxes. A
 component shared by several drawn paths is drawn once, near the middle of its users'
 lanes, with a thick edge and one line per user through it. A box's colour is the task
-that created it (grey for the root's). Each head is labelled with its task's name and
+that created it (grey for the root's). A router path runs through its members' boxes
+at their own levels. Each path is labelled above its top box with its task's name and
 accuracy.
 """
 
@@ -25,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib import patches as mpatches  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from evolution.search import router_path  # noqa: E402
 from evolution.system import state as system  # noqa: E402
 
 ROOT_COLOR = "#a9a9a9"
@@ -38,14 +41,15 @@ _LABEL_CHARS = 16
 
 
 def slot_level_key(slot: str) -> tuple[int, int, int, str]:
-    """Sort key of a slot from the input (embed) up to the head.
+    """Sort key of a slot from the input (embed) up to the head, then a router's slots.
 
     Args:
-      slot: a slot name ("embed", "adapter_2", "block_2", "head", ...).
+      slot: a slot name ("embed", "adapter_2", "block_2", "head", "connector_1", ...).
 
     Returns:
       A key ordering prefix slots, then adapter_i before block_i by i, then any other
-      slot (by name), then final_norm and head.
+      slot (by name), then final_norm and head, then a router path's connectors by index
+      and its router.
     """
     if slot in _PREFIX_SLOTS:
         return (0, _PREFIX_SLOTS.index(slot), 0, "")
@@ -54,7 +58,28 @@ def slot_level_key(slot: str) -> tuple[int, int, int, str]:
         return (1, int(layer.group(2)), 0 if layer.group(1) == "adapter" else 1, "")
     if slot in _SUFFIX_SLOTS:
         return (3, _SUFFIX_SLOTS.index(slot), 0, "")
+    if router_path.CONNECTOR_SLOT_PATTERN.fullmatch(slot):
+        return (4, int(slot.rsplit("_", 1)[1]), 0, "")
+    if slot == router_path.ROUTER_SLOT:
+        return (5, 0, 0, "")
     return (2, 0, 0, slot)
+
+
+def drawn_components(path: system.Path) -> list[tuple[str, str]]:
+    """The (level, component id) boxes a path runs through, bottom to top.
+
+    A router path's member components stand at their members' levels ("m1/block_0" at
+    "block_0"), so a member's box is the one its own path draws; a component two members
+    share is one box.
+
+    Args:
+      path: a drawn path.
+
+    Returns:
+      Distinct (level slot, component id) pairs in `slot_level_key` order.
+    """
+    pairs = dict.fromkeys((router_path.member_slot(s), cid) for s, cid in path.components)
+    return sorted(pairs, key=lambda pair: slot_level_key(pair[0]))
 
 
 def root_task(state: system.SystemState) -> str | None:
@@ -154,7 +179,7 @@ def layout(state: system.SystemState) -> Layout:
     paths = drawn_paths(state)
     users: dict[tuple[str, str], list[int]] = {}
     for lane, path in enumerate(paths):
-        for pair in path.components:
+        for pair in drawn_components(path):
             users.setdefault(pair, []).append(lane)
     levels = sorted({slot for slot, _ in users}, key=slot_level_key)
     x: dict[tuple[str, str], float] = {}
@@ -338,7 +363,7 @@ class _Figure:
         plan = self.plan
         for lane, path in enumerate(plan.paths):
             points = []
-            for pair in sorted(path.components, key=lambda p: slot_level_key(p[0])):
+            for pair in drawn_components(path):
                 lanes = plan.users[pair]
                 step = min(0.12, 0.7 * _BOX_WIDTH / len(lanes))
                 offset = (lanes.index(lane) - (len(lanes) - 1) / 2) * step
@@ -390,11 +415,10 @@ class _Figure:
             )
 
     def draw_labels(self, labels: Sequence[Sequence[str]]) -> None:
-        """Each path's label lines above its head (or its top component)."""
+        """Each path's label lines above its top component (its head, or its router)."""
         plan = self.plan
         for lane, (path, lines) in enumerate(zip(plan.paths, labels, strict=True)):
-            head = [p for p in path.components if p[0] == "head"]
-            pair = head[0] if head else max(path.components, key=lambda p: slot_level_key(p[0]))
+            pair = drawn_components(path)[-1]
             y = self.level_y[pair[0]] + _box_height(pair[0]) / 2 + 0.1
             self.ax.text(
                 plan.x[pair],

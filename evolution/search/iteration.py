@@ -606,10 +606,10 @@ class TaskIteration:
         ranked = population.ranked()
         best_hparams = hparams.HParams.from_json(ranked[0].hparams) if ranked else space.defaults()
         data_mu = 0.0 if self._sweep else None
-        data_indices, _ = hparams.generation_data_indices(
-            best_hparams, rng, space=space, mu=data_mu
+        data, _ = hparams.generation_data(
+            best_hparams, rng, space=space, mu=data_mu, self_tuning=self._options.self_tuning
         )
-        data_values = {name: space[name].values[i] for name, i in data_indices.items()}
+        data_values = {name: space[name].values[i] for name, i in data.indices.items()}
         work = self._generation_state = self.working_state()
         planned: list[Planned] = []
         for _ in range(self.settings.candidates_per_generation):
@@ -632,7 +632,7 @@ class TaskIteration:
                 rng=rng,
                 space=space,
                 options=options,
-                data_indices=data_indices,
+                data=data,
                 generation=generation,
             )
             data_seed = int(rng.integers(0, 2**31 - 1))
@@ -642,9 +642,7 @@ class TaskIteration:
             )
             pool.update(created)
             hparam_values = space.values(plan.hparams)
-            inherited, parent_trainable = self._inherited_opt_state(
-                parent_id, plan.clones, hparam_values
-            )
+            inherited, parent_trainable = self._inherited_opt_state(plan.clones, hparam_values)
             job = placement.CandidateJob(
                 config=child_config,
                 components=plan.path.components,
@@ -661,28 +659,36 @@ class TaskIteration:
         return planned
 
     def _inherited_opt_state(
-        self, parent_id: str, clones: Mapping[str, str], hparam_values: Mapping[str, Any]
+        self, clones: Mapping[str, str], hparam_values: Mapping[str, Any]
     ) -> tuple[Any, tuple[str, ...]]:
         """The optimizer state a child inherits (mu2Net+), and the ids it is keyed by.
 
-        A parent trained in this iteration hands over its state from memory; otherwise
-        the cloned components' stored slices are read from the store (other iterations
-        and other agents published them).
+        As mu3Net's components carry their own optimizer state, each cloned component
+        starts from its own slice, whichever path it is cloned through: a component
+        trained in this iteration hands over its slice from memory (its path's state),
+        a published one its slice from the store (other iterations and other agents
+        published them), also when the parent only referenced it.
         """
         if not self.settings.inherit_opt_state or not clones:
             return None, ()
-        if parent_id in self.population.opt_states:
-            return self.population.opt_states[parent_id]
+        trained_by = {
+            cid: trained
+            for trained in self.population.opt_states.values()
+            if trained[0] is not None
+            for cid in trained[1]
+        }
         slices = {}
         for source in dict.fromkeys(clones.values()):
-            if source in self.state.components:
+            if source in trained_by:
+                state, trainable = trained_by[source]
+                slices[source] = opt_states.component_slice(state, trainable, source)
+            elif source in self.state.components:
                 if source not in self._stored_slices:
                     self._stored_slices[source] = self.store.load_opt_state(source)
-                if self._stored_slices[source] is not None:
-                    slices[source] = self._stored_slices[source]
+                slices[source] = self._stored_slices[source]
         settings = self.settings
         return opt_states.parent_state(
-            slices,
+            {cid: s for cid, s in slices.items() if s is not None},
             self.params_of,
             hparam_values,
             total_steps=settings.num_validations * settings.steps_per_validation,

@@ -9,7 +9,7 @@ One call of `evolve_task` is one *task iteration* of the muNet family
    tasks start sharing components). What the iteration reads and changes lives in an
    `iteration.TaskIteration`: the steps below are its methods.
 2. For each of G generations: mutate the data hyperparameters once from the task's best
-   path (`hparams.generation_data_indices`), then for each of D candidates select a
+   path (`hparams.generation_data`), then for each of D candidates select a
    parent (`selection.select_parent`: the task's population by descending score, with
    the seeds as fallback), plan and materialise a child (`mutations.plan_child`,
    `mutations.materialize`), train it V x B steps keeping its best validation

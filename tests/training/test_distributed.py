@@ -8,7 +8,6 @@ only permutes float sums.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import trainer_testlib as tl
+from multiprocess_testlib import free_port
 
 from evogrow import main
 from training import checkpoints, partitioning, reporting, trainer
@@ -56,12 +56,6 @@ def _wait(proc):
     assert proc.returncode == 0, out[-3000:]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _final_params(model_dir):
     """Restores the last params onto this process's one device, building the model from
     the architecture the checkpoint recorded."""
@@ -90,7 +84,7 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
         "--gin.NUM_PARTITIONS=2",  # a 4 x 2 (data x model) mesh
         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
     )
-    port = _free_port()
+    port = free_port()
     procs = [
         _launch(
             dirs["procs"],

@@ -59,6 +59,14 @@ def member_prefix(index: int) -> str:
     return f"m{index}/"
 
 
+def member_slot(slot: str) -> str:
+    """The slot a router path's slot names in its member ("m1/block_0" -> "block_0").
+
+    Connector, router and single-path slots are returned as they are.
+    """
+    return slot.split("/", 1)[1] if "/" in slot else slot
+
+
 def connector_slot(index: int) -> str:
     """The slot of member `index`'s connector (index >= 1)."""
     return f"connector_{index}"
@@ -437,7 +445,7 @@ def slot_kind(slot: str) -> str:
     path's slot as `mutations.slot_kind` ("block_3" -> "block").
     """
     if "/" in slot:
-        return mutations.slot_kind(slot.split("/", 1)[1])
+        return mutations.slot_kind(member_slot(slot))
     if CONNECTOR_SLOT_PATTERN.fullmatch(slot):
         return "connector"
     return mutations.slot_kind(slot)

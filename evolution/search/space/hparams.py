@@ -4,7 +4,7 @@ Every hyperparameter is an index into a tuple of allowed values; a mutation move
 index by +1 or -1 (probability 1/2 each, clipped at the ends of the tuple). Data
 hyperparameters (image size, augmentation) are shared by all candidates of one
 generation, because they share the input pipeline: the generation starts from the best
-path's data values and mutates them once (`generation_data_indices`); every other
+path's data values and mutates them once (`generation_data`); every other
 hyperparameter is a model hyperparameter, mutated per candidate.
 
 mu2Net+ makes the mutation rates self-tuning: `mu` is itself a hyperparameter (an
@@ -448,73 +448,66 @@ class MutationRates:
         return dict(self._rates)
 
 
-def rate_probabilities(hparams: HParams, space: HParamSpace) -> Callable[[str], float]:
-    """A path's own (not re-drawn) mutation probabilities, as a look-up function.
-
-    Args:
-      hparams: the path's hyperparameters.
-      space: the hyperparameter space.
-
-    Returns:
-      name -> MU_GRID value of the path's rate for it, or the path's mu.
-    """
-    complete = space.complete(hparams)
-    mu_index = complete.indices[MU]
-    return lambda name: MU_GRID[complete.rates.get(name, mu_index)]
-
-
-def generation_data_indices(
+def generation_data(
     best: HParams,
     rng: np.random.Generator,
     *,
     space: HParamSpace,
     mu: float | None = None,
-) -> tuple[dict[str, int], tuple[str, ...]]:
+    self_tuning: bool = False,
+) -> tuple[HParams, tuple[str, ...]]:
     """The data hyperparameters of one generation: the best path's, mutated once.
+
+    As mu3Net's `sample_ds_hparams`: the best path's data values and (mu2Net+) their
+    rates are copied, and each data name mutates with its rate; with `self_tuning` the
+    rate itself first moves, as a child's rates do (`MutationRates`), and the
+    generation's rates go to every child of the generation with its values.
 
     Args:
       best: the hyperparameters of the task's best path (or of the parent when the task
         has none).
       rng: the generator.
       space: the hyperparameter space.
-      mu: a fixed mutation probability; None uses the best path's own rates (its mu
-        for names it has no rate for).
+      mu: a fixed mutation probability (rates neither used nor moved); None uses the
+        best path's own rates (its mu for names it has no rate for).
+      self_tuning: mu2Net+'s self-tuned rates (with `mu` None).
 
     Returns:
-      (data name -> index, shared by every candidate of the generation; the applied
-      mutation names).
+      (the generation's data hyperparameters: indices of the data names and, with
+      `self_tuning`, the rates of their "hp:" names; the applied mutation names).
     """
-    probabilities = None if mu is not None else rate_probabilities(best, space)
-    mutated, applied = mutate_hparams(
-        best,
-        rng,
-        0.0 if mu is None else mu,
-        probabilities,
-        space=space,
-        names=space.data_names,
-    )
-    return {name: mutated.indices[name] for name in space.data_names}, applied
+    complete = space.complete(best)
+    keys = {HPARAM_PREFIX + name for name in space.data_names}
+    if mu is None:
+        rates = MutationRates(complete, space, rng, self_tuning=self_tuning)
+        mutated, applied = mutate_hparams(
+            complete, rng, rates.mu, rates.probability, space=space, names=space.data_names
+        )
+        data_rates = rates.child_rates() if self_tuning else {}
+    else:
+        mutated, applied = mutate_hparams(complete, rng, mu, space=space, names=space.data_names)
+        data_rates = dict(complete.rates) if self_tuning else {}
+    indices = {name: mutated.indices[name] for name in space.data_names}
+    return HParams(indices, {k: v for k, v in data_rates.items() if k in keys}), applied
 
 
-def with_data_indices(
-    hparams: HParams, data_indices: Mapping[str, int], *, space: HParamSpace
-) -> HParams:
+def with_data(hparams: HParams, data: HParams, *, space: HParamSpace) -> HParams:
     """A candidate's hyperparameters with its generation's data hyperparameters.
 
     Args:
       hparams: the candidate's hyperparameters.
-      data_indices: from `generation_data_indices`.
+      data: from `generation_data` (its indices and rates replace the candidate's).
       space: the hyperparameter space.
 
     Returns:
-      The hyperparameters, data names replaced.
+      The hyperparameters, data names (and their rates) replaced.
 
     Raises:
-      ValueError: `data_indices` names a model hyperparameter or misses a data one.
+      ValueError: `data` names a model hyperparameter or misses a data one.
     """
-    if set(data_indices) != set(space.data_names):
+    if set(data.indices) != set(space.data_names):
         raise ValueError(
-            f"Data hyperparameters {sorted(data_indices)} != "
+            f"Data hyperparameters {sorted(data.indices)} != "
             f"the space's {sorted(space.data_names)}."
         )
-    return space.complete(hparams.replace(indices=dict(data_indices)))
+    return space.complete(hparams.replace(indices=data.indices, rates=data.rates))

@@ -39,7 +39,7 @@ from evolution.search.space.hparams import (
     HParamSpace,
     MutationRates,
     mutate_hparams,
-    with_data_indices,
+    with_data,
 )
 from evolution.system import families
 from evolution.system import state as system
@@ -260,7 +260,7 @@ def plan_child(
     rng: np.random.Generator,
     space: HParamSpace,
     options: MutationOptions | None = None,
-    data_indices: Mapping[str, int] | None = None,
+    data: HParams | None = None,
     generation: int = 0,
 ) -> MutationPlan:
     """Plans a child of `parent` for `task`.
@@ -279,8 +279,8 @@ def plan_child(
       rng: the generator.
       space: the hyperparameter space.
       options: the method's mutations (default `MutationOptions()`).
-      data_indices: the generation's data hyperparameters
-        (`hparams.generation_data_indices`); None keeps the parent's.
+      data: the generation's data hyperparameters and their rates
+        (`hparams.generation_data`); None keeps the parent's.
       generation: the child's generation.
 
     Returns:
@@ -306,8 +306,6 @@ def plan_child(
         names=space.model_names,
     )
     decider.applied.extend(hp_applied)
-    if data_indices is not None:
-        hparams = with_data_indices(hparams, data_indices, space=space)
 
     prefix, layers, suffix = _split_layers(parent)
     layers, grown, skipped = _change_depth(parent, layers, options, decider)
@@ -341,6 +339,8 @@ def plan_child(
 
     if options.self_tuning:
         hparams = hparams.replace(rates=rates.child_rates())
+    if data is not None:
+        hparams = with_data(hparams, data, space=space)
     child = system.Path(
         id=path_id,
         task=task,
@@ -462,21 +462,33 @@ def _child_architecture(
 def _with_resolution(
     architecture: dict[str, Any], space: HParamSpace, hparams: HParams
 ) -> dict[str, Any]:
-    """The child's architecture at its image size (`vit.ViTConfig.resolution`).
+    """The child's architecture at its hyperparameters' image size (`with_image_size`)."""
+    if "image_size" not in space.names:
+        return architecture
+    return with_image_size(architecture, int(space.values(hparams)["image_size"]))
+
+
+def with_image_size(architecture: dict[str, Any], size: int | None) -> dict[str, Any]:
+    """A path's architecture at image side `size` (`vit.ViTConfig.resolution`).
 
     The resolution is the image size, left out at the images' own side (None, as
-    `families.architecture_of` writes it); spaces without an image size and models
-    without images keep the architecture.
+    `families.architecture_of` writes it); models without images keep the architecture.
+
+    Args:
+      architecture: the path's architecture record (`families.architecture_of`).
+      size: the image side the model sees; None: the images' own.
+
+    Returns:
+      The architecture with `config.resolution` set or left out.
     """
     fields = dict(architecture.get("config") or {})
     shape = fields.get("image_shape")
-    if "image_size" not in space.names or "patch_size" not in fields or not shape:
+    if "patch_size" not in fields or not shape:
         return architecture
-    size = int(space.values(hparams)["image_size"])
-    if size == int(shape[0]):
+    if size is None or int(size) == int(shape[0]):
         fields.pop("resolution", None)  # as `families.architecture_of` writes None
     else:
-        fields["resolution"] = size
+        fields["resolution"] = int(size)
     return {**architecture, "config": fields}
 
 

@@ -124,7 +124,7 @@ def _plan(state, parent, agent, task):
         rng=np.random.default_rng(0),
         space=space,
         options=options,
-        data_indices=None,
+        data=None,
     )
 
 

@@ -358,6 +358,21 @@ def test_replicas_start_from_the_root_with_the_defaults_and_the_best_is_kept(sto
     assert result.training.quality == max(qualities)
 
 
+def test_an_image_size_override_trains_and_tests_at_that_size(store, world):
+    """A baseline given the hyperparameter "image_size" sees its images at that side, as
+    an evolved path with that value does (`vit.ViTConfig.resolution`)."""
+    _, results = world
+    default = results[("finetune", TASKS[0])]
+    larger = _single(store, "finetune", hparam_values={"image_size": 12})
+    config = config_of(larger.path)
+    assert config.resolution == 12 and config_of(default.path).resolution is None
+    assert larger.flops > default.flops
+    params = {slot: larger.training.params.get(cid) for slot, cid in larger.path.components}
+    test = batches.array_eval_batches(*DATA[TASKS[0]]["test"], 32)
+    slots = [slot for slot, _ in larger.path.components]
+    assert candidate.validate(config, slots, params, test) == larger.test_accuracy
+
+
 def test_a_seed_fixes_the_outcome(store, world):
     _, results = world
     again = _single(store, "adapters")

@@ -210,6 +210,43 @@ def test_layout_draws_shared_components_once():
     assert plan.x[("block_1", "a:block_1")] == pytest.approx(2.0)
 
 
+def test_a_router_path_runs_through_its_members_boxes_with_its_router_on_top(tmp_path):
+    """Task C served by a router path over its own path (member 0) and A's (member 1):
+    the members' components are the boxes their own paths draw, at their own levels;
+    the connector and the router stand above the heads."""
+    comps = dict(STATE.components)
+    for cid, kind in (("c:connector_1", "connector"), ("c:router", "router")):
+        comps[cid] = system.Component(
+            id=cid, kind=kind, num_params=100, agent="a", task="task_c", generation=3
+        )
+    members = (STATE.paths["pc"], STATE.paths["pa"])
+    components = [(f"m0/{slot}", cid) for slot, cid in members[0].components]
+    components += [(f"m1/{slot}", cid) for slot, cid in members[1].components if slot != "head"]
+    components += [("connector_1", "c:connector_1"), ("router", "c:router")]
+    routed = _path(
+        "pc_router",
+        "task_c",
+        components,
+        score=0.75,
+        quality=0.75,
+        architecture={"model": system.ROUTER_MODEL},
+    )
+    state = system.SystemState(
+        comps, {**STATE.paths, routed.id: routed}, STATE.tasks, root_path_id="root:path"
+    )
+    assert state.best_path("task_c") is routed
+    plan = system_picture.layout(state)
+    assert [p.id for p in plan.paths] == ["root:path", "pa", "pb", "pc_router"]
+    assert plan.levels[-3:] == ("head", "connector_1", "router")
+    assert not any("/" in level for level in plan.levels)
+    assert plan.users[("adapter_1", "a:adapter_1")] == (1, 3)  # A's box, used by both
+    assert plan.users[("head", "c:head")] == (3,)
+    assert plan.users[("embed", "root:embed")] == (0, 1, 2, 3)  # once, though both use it
+    assert ("head", "a:head") in plan.x and plan.users[("head", "a:head")] == (1,)
+    svg, _ = summaries.render_system_files(state, str(tmp_path / "pic"))
+    assert "task_c" in " ".join(ET.parse(svg).getroot().itertext())
+
+
 def test_spread_keeps_order_and_gaps():
     positions = system_picture._spread([1.0, 1.0, 1.2, 5.0], 1.0)
     assert positions[1] - positions[0] == pytest.approx(1.0)

@@ -153,9 +153,7 @@ def test_child_architecture_and_config_carry_its_image_size():
     parent = root
     for size, expected in ((12, 12), (16, 16), (8, None)):
         space = _space_at(size)
-        data, _ = hp.generation_data_indices(
-            space.defaults(), np.random.default_rng(0), space=space
-        )
+        data, _ = hp.generation_data(space.defaults(), np.random.default_rng(0), space=space)
         plan = mut.plan_child(
             state,
             parent,
@@ -163,7 +161,7 @@ def test_child_architecture_and_config_carry_its_image_size():
             agent="a",
             rng=np.random.default_rng(size),
             space=space,
-            data_indices=data,
+            data=data,
         )
         assert plan.path.architecture["config"].get("resolution") == expected
         config, _ = mut.materialize(plan, pool, arch_lib.model_config_of(parent), num_classes=4)

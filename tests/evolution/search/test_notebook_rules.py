@@ -252,29 +252,36 @@ def _trace_subtrees(opt_state, keys):
     return [node for node in nodes if is_param_tree(node)]
 
 
-def test_momentum_from_the_store_reaches_the_child(world):
-    store, best = world["store"], world["result"].best_path
+def test_a_published_child_carries_its_generations_self_tuned_data_rates(world):
+    best = world["result"].best_path
+    assert best.parent is not None  # a child of this iteration, not the root
+    space = iteration.default_search_space(TINY_VIT)
+    rates = hp.HParams.from_json(best.hparams).rates
+    assert {"hp:" + name for name in space.data_names} <= set(rates)
+
+
+def _published_slices(store, best):
+    """The stored momentum of the best path's own components (not all zero)."""
     state = store.load_state()
     fresh = [cid for cid in best.component_ids if state.components[cid].task == "tex_a"]
     assert fresh
     slices = {cid: store.load_opt_state(cid) for cid in fresh}
     assert all(s is not None and "0" in s for s in slices.values())
-    # Momentum after training is not all zero (so the check below can fail).
+    # Momentum after training is not all zero (so the checks below can fail).
     assert any(
         np.abs(leaf).sum() > 0 for s in slices.values() for leaf in jax.tree_util.tree_leaves(s)
     )
+    return slices
 
-    it = _open(store, "tex_a", dataclasses.replace(SEARCH, candidates_per_generation=8))
+
+def _clones_checked(items, slices):
+    """Asserts each planned child's clone of a component in `slices` starts from exactly its
+    slice (the child's initial state, as `train_candidate` builds it); returns how many."""
     checked = 0
-    for item in it.plan_generation(2):
+    for item in items:
         job = item.job
-        if item.parent.id != best.id:
-            # The root's components were stored without an optimizer state.
-            assert job.parent_opt_state is None
-            continue
         if job.hparam_values.get("momentum") is None or not job.clone_sources:
             continue
-        # The child's initial state, as `train_candidate` builds it.
         steps = SEARCH.num_validations * SEARCH.steps_per_validation
         optimizer = cand.make_optimizer(
             job.hparam_values, steps, cycle_steps=SEARCH.steps_per_validation
@@ -297,11 +304,39 @@ def test_momentum_from_the_store_reaches_the_child(world):
                 ):
                     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
                 checked += 1
-    assert checked > 0
+    return checked
+
+
+def test_momentum_from_the_store_reaches_the_child(world):
+    store, best = world["store"], world["result"].best_path
+    slices = _published_slices(store, best)
+    it = _open(store, "tex_a", dataclasses.replace(SEARCH, candidates_per_generation=8))
+    items = it.plan_generation(2)
+    for item in items:
+        if item.parent.id != best.id:
+            # The root's components were stored without an optimizer state.
+            assert item.job.parent_opt_state is None
+    assert _clones_checked([i for i in items if i.parent.id == best.id], slices) > 0
 
     # With inheritance off, nothing is read from the store.
     off = _open(store, "tex_a", dataclasses.replace(SEARCH, inherit_opt_state=False))
     assert all(item.job.parent_opt_state is None for item in off.plan_generation(2))
+
+
+def test_momentum_reaches_the_clone_of_a_component_its_parent_only_referenced(world):
+    """mu3Net's components carry their own momentum: a parent trained in this iteration
+    that referenced a published component frozen still hands the component's stored
+    momentum to a child that clones it."""
+    store, best = world["store"], world["result"].best_path
+    slices = _published_slices(store, best)
+    it = _open(store, "tex_a", dataclasses.replace(SEARCH, candidates_per_generation=8))
+    # A path of this iteration that trained none of the published components it uses.
+    referencing = dataclasses.replace(best, id="trained-here", parent=best.id)
+    it.population.paths = {referencing.id: referencing}
+    it.population.offspring = {referencing.id: 0}
+    it.population.opt_states = {referencing.id: (None, ())}
+    items = [i for i in it.plan_generation(2) if i.parent.id == referencing.id]
+    assert _clones_checked(items, slices) > 0
 
 
 # -- gin experiments ----------------------------------------------------------------------

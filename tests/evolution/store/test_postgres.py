@@ -10,7 +10,6 @@ the server binaries or psycopg are missing.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 psycopg = pytest.importorskip("psycopg", reason="psycopg (3) is not installed")
 
 import postgres_testlib  # noqa: E402
+from multiprocess_testlib import free_port  # noqa: E402
 from store_testlib import (  # noqa: E402
     Backend,
     bits,
@@ -56,12 +56,6 @@ def server():
 
 _new_database = postgres_testlib.new_database
 _dsn = postgres_testlib.dsn
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -136,7 +130,7 @@ def test_foreign_or_damaged_locations_are_refused(pg, tmp_path, server):
     with pytest.raises(store.ForeignStoreError, match="not an evolution store"):
         postgres_store.PostgresStore(foreign, str(tmp_path / "p2"))
     with pytest.raises(store.StoreError, match="connect"):
-        postgres_store.PostgresStore(_dsn(_free_port(), "x"), str(tmp_path / "p3"))
+        postgres_store.PostgresStore(_dsn(free_port(), "x"), str(tmp_path / "p3"))
 
 
 # -- several processes: concurrent publishers and kill -9 -----------------------------

@@ -245,26 +245,62 @@ def test_self_tuned_rates_stay_on_grid_over_generations(space):
     assert hp.HParams.from_json(json.loads(json.dumps(current.to_json()))) == current
 
 
-def test_generation_data_indices(space):
+def test_generation_data(space):
     best = space.defaults().replace(indices={"image_size": 0, "lr": 2})
-    same, applied = hp.generation_data_indices(best, np.random.default_rng(0), space=space, mu=0.0)
-    assert applied == ()
-    assert same == {name: space.complete(best).indices[name] for name in space.data_names}
-    moved, applied = hp.generation_data_indices(best, np.random.default_rng(0), space=space, mu=1.0)
+    same, applied = hp.generation_data(best, np.random.default_rng(0), space=space, mu=0.0)
+    assert applied == () and same.rates == {}
+    assert same.indices == {name: space.complete(best).indices[name] for name in space.data_names}
+    moved, applied = hp.generation_data(best, np.random.default_rng(0), space=space, mu=1.0)
     assert applied == tuple("hp:" + name for name in space.data_names)
-    assert set(moved) == set(space.data_names)
+    assert set(moved.indices) == set(space.data_names)
     # Without a fixed mu the best path's own rates decide.
     certain = best.replace(indices={"mu": len(hp.MU_GRID) - 1})
     hits = [
-        bool(hp.generation_data_indices(certain, np.random.default_rng(s), space=space)[1])
+        bool(hp.generation_data(certain, np.random.default_rng(s), space=space)[1])
         for s in range(300)
     ]
     expected = 1 - (1 - 0.3) ** len(space.data_names)
     assert abs(np.mean(hits) - expected) < 0.08
 
     candidate = space.defaults().replace(indices={"lr": 5})
-    shared = hp.with_data_indices(candidate, moved, space=space)
-    assert {n: shared.indices[n] for n in space.data_names} == moved
+    shared = hp.with_data(candidate, moved, space=space)
+    assert {n: shared.indices[n] for n in space.data_names} == moved.indices
     assert shared.indices["lr"] == 5
     with pytest.raises(ValueError):
-        hp.with_data_indices(candidate, {"image_size": 0}, space=space)
+        hp.with_data(candidate, hp.HParams({"image_size": 0}), space=space)
+
+
+def test_data_rates_tune_themselves_and_reach_every_child_of_the_generation(space):
+    """mu2Net+ (mu3Net's `sample_ds_hparams`): each data name's rate is the best path's,
+    moved with probability mu, before it decides; the generation's rates go with its
+    values to its children; without self-tuning no data rate exists."""
+    top = len(hp.MU_GRID) - 1
+    best = space.defaults().replace(indices={"mu": top}, rates={"hp:lr": 2, "hp:flip": 3})
+    keys = {"hp:" + name for name in space.data_names}
+    moved = 0
+    for seed in range(50):
+        data, _ = hp.generation_data(
+            best, np.random.default_rng(seed), space=space, self_tuning=True
+        )
+        assert set(data.rates) == keys  # every data name consulted, no model name
+        start = {key: best.rates.get(key, top) for key in keys}
+        assert all(abs(data.rates[k] - start[k]) <= 1 for k in keys)
+        moved += sum(data.rates[k] != start[k] for k in keys)
+        child = hp.with_data(space.defaults().replace(rates={"hp:lr": 0}), data, space=space)
+        assert child.rates == {"hp:lr": 0, **data.rates}
+    assert moved > 0
+    # Rates move over generations: a chain of best paths drifts away from mu.
+    current = best
+    for seed in range(40):
+        data, _ = hp.generation_data(
+            current, np.random.default_rng(seed), space=space, self_tuning=True
+        )
+        current = hp.with_data(current, data, space=space)
+    assert any(current.rates[k] != top for k in keys if k != "hp:flip")
+    # muNet and mu2Net: constant mu, no rates; a sweep (mu 0) carries the best's rates.
+    plain, _ = hp.generation_data(best, np.random.default_rng(0), space=space)
+    assert plain.rates == {}
+    swept, applied = hp.generation_data(
+        best, np.random.default_rng(0), space=space, mu=0.0, self_tuning=True
+    )
+    assert applied == () and swept.rates == {"hp:flip": 3}

@@ -208,9 +208,10 @@ def _fake(cid, slot):
 
 def test_data_indices_come_from_the_generation(world):
     state, _, _ = world
-    data = {name: 0 for name in SPACE.data_names}
-    plan = _plan(state, "root", "t1", 0, data_indices=data)
-    assert {n: plan.hparams.indices[n] for n in SPACE.data_names} == data
+    data = hp.HParams({name: 0 for name in SPACE.data_names}, {"hp:flip": 1})
+    plan = _plan(state, "root", "t1", 0, data=data)
+    assert {n: plan.hparams.indices[n] for n in SPACE.data_names} == data.indices
+    assert plan.hparams.rates["hp:flip"] == 1
     untouched = _plan(state, "root", "t1", 0)
     defaults = SPACE.defaults().indices
     assert {n: untouched.hparams.indices[n] for n in SPACE.data_names} == {
