@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib import patches as mpatches  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from evolution.search import router_path  # noqa: E402
+from evolution.search.paths import router_path  # noqa: E402
 from evolution.system import state as system  # noqa: E402
 
 ROOT_COLOR = "#a9a9a9"
