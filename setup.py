@@ -44,7 +44,7 @@ EXTRAS_REQUIRE = {
         "psycopg[binary]==3.3.9",
         "ray==2.60.0",
     ],
-    # t5x is not on PyPI: install it from its repository first (README, "Using t5x").
+    # t5x is not on PyPI: install it from its repository first (docs/usage.md, "Using t5x").
     "t5x": ["t5x"],
 }
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-try:  # t5x is optional: see README, "Using t5x".
+try:  # t5x is optional: see docs/usage.md, "Using t5x".
     from t5x import models as _t5x_models
 except ImportError:  # pragma: no cover - depends on the environment
     _t5x_models = None

@@ -8,7 +8,7 @@ one route per task of a mixture) in the layout t5x restores:
                                {"target": {component_id: params}, "state": {"step": 0}}
 
 It saves with t5x's own `OrbaxCheckpointManagerInterface` (t5x's default checkpoint
-manager), so it needs t5x importable (README, "Using t5x"). t5x checkpoints do not record
+manager), so it needs t5x importable (docs/usage.md, "Using t5x"). t5x checkpoints do not record
 an architecture, so the model is rebuilt from `system.json` by `load_t5x_system_model`,
 the gin factory of gin/t5x/system_model.gin; gin wraps it in
 `models.t5x_adapter.T5XModel`, which gives t5x plain params and `params_axes`. Then
@@ -47,7 +47,7 @@ EXPORT_STEP = 0
 SYSTEM_FILE = "system.json"
 T5X_INSTALL_HINT = (
     "t5x is not importable. It is not on PyPI: install it with airio and jestimator from "
-    "GitHub as README.md, 'Using t5x', shows (pip install --no-deps "
+    "GitHub as docs/usage.md, 'Using t5x', shows (pip install --no-deps "
     "'git+https://github.com/google-research/jestimator' 'git+https://github.com/google/airio' "
     "'git+https://github.com/google-research/t5x' plus their listed dependencies), or put an "
     "existing t5x installation on PYTHONPATH."

@@ -1,6 +1,6 @@
 """t5x's own train / eval / infer binaries run an evogrow tiny model (gin/t5x/tiny_*.gin).
 
-Skipped unless t5x is importable (it is not on PyPI; README "Using t5x"). Each binary runs
+Skipped unless t5x is importable (it is not on PyPI; docs/usage.md, "Using t5x"). Each binary runs
 as `python -m t5x.<binary>` in a subprocess with the repository on PYTHONPATH, exactly as
 a user would launch it, for a few steps on the offline `digits_v1` task.
 """
