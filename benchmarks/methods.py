@@ -195,12 +195,14 @@ def evolved_figures(store: Any, accuracy: Mapping[str, float]) -> dict[str, Task
 
 
 def _table(names: Sequence[str], rows: Mapping[str, Sequence[Mapping[str, TaskFigures]]]) -> str:
-    """Markdown: per task, accuracy, accounted parameters (muNet's) and FLOPs per method.
+    """Markdown: per task, accuracy, accounted parameters (muNet's / mu2Net+'s) and FLOPs.
 
     With several seeds a cell is "mean ± std" over them.
     """
     methods = list(rows)
-    header = "| task | " + " | ".join(f"{m} acc | {m} params | {m} MFLOPs" for m in methods)
+    header = "| task | " + " | ".join(
+        f"{m} acc | {m} params (muNet / mu2Net+) | {m} MFLOPs" for m in methods
+    )
     lines = [header + " |", "|" + "---|" * (1 + 3 * len(methods))]
 
     def cell(values: Sequence[float], fmt: str, unit: str = "") -> str:
@@ -217,8 +219,10 @@ def _table(names: Sequence[str], rows: Mapping[str, Sequence[Mapping[str, TaskFi
             ]
             acc = [float(np.mean([f.accuracy for f in fs])) for fs in picked]
             params = [float(np.mean([f.params for f in fs])) / 1e3 for fs in picked]
+            plus = [float(np.mean([f.params_mu2net_plus for f in fs])) / 1e3 for fs in picked]
             mflops = [float(np.mean([f.flops for f in fs])) / 1e6 for fs in picked]
-            cells.append(f"{cell(acc, '.4f')} | {cell(params, '.1f', 'k')} | {cell(mflops, '.2f')}")
+            paid = f"{cell(params, '.1f', 'k')} / {cell(plus, '.1f', 'k')}"
+            cells.append(f"{cell(acc, '.4f')} | {paid} | {cell(mflops, '.2f')}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

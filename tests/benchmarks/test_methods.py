@@ -66,12 +66,15 @@ def test_compare_methods_table_plot_and_summary(tmp_path):
     assert got.summary["adapters_flops_per_task"] == pytest.approx(2e6)
     assert got.summary["params_ratio_std"] == 0.0
     lines = got.table.splitlines()
-    assert lines[0].startswith("| task | evolved acc | evolved params | evolved MFLOPs | finetune")
-    assert lines[2] == (
-        "| a | 0.9000 | 0.1k | 1.00 | 0.8000 | 1.0k | 1.00 | 0.7000 | 0.5k | 1.00 "
-        "| 0.7500 | 0.2k | 2.00 |"
+    assert lines[0].startswith(
+        "| task | evolved acc | evolved params (muNet / mu2Net+) | evolved MFLOPs | finetune"
     )
-    assert lines[-1].startswith("| mean | 0.7000 | 0.2k | 1.00 | 0.7000 | 1.0k |")
+    # Each method's parameters by both accountings (mu2Net+'s are twice muNet's here).
+    assert lines[2] == (
+        "| a | 0.9000 | 0.1k / 0.2k | 1.00 | 0.8000 | 1.0k / 2.0k | 1.00 | 0.7000 | 0.5k / 1.0k "
+        "| 1.00 | 0.7500 | 0.2k / 0.4k | 2.00 |"
+    )
+    assert lines[-1].startswith("| mean | 0.7000 | 0.2k / 0.4k | 1.00 | 0.7000 | 1.0k / 2.0k |")
     with open(got.table_file) as f:
         assert f.read() == got.table + "\n"
     assert os.path.getsize(got.plot) > 0
@@ -88,7 +91,9 @@ def test_seeds_give_means_and_standard_deviations(tmp_path):
     assert got.summary["evolved_mean_acc"] == pytest.approx(0.75)
     assert got.summary["evolved_mean_acc_std"] == pytest.approx(0.05)
     assert got.summary["finetune_mean_acc_std"] == pytest.approx(0.0)
-    assert got.table.splitlines()[2].startswith("| a | 0.9500 ± 0.0500 | 0.1k ± 0.0k |")
+    assert got.table.splitlines()[2].startswith(
+        "| a | 0.9500 ± 0.0500 | 0.1k ± 0.0k / 0.2k ± 0.0k |"
+    )
     assert methods.mean_and_std([{"x": 1.0}, {"x": 3.0}]) == {"x": 2.0, "x_std": 1.0}
 
 
