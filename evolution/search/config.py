@@ -8,6 +8,7 @@ modules can name them without importing the loop. The task's data (`TaskData`) i
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from evolution.search.space import hparams, mutations
 from evolution.system import state as system
@@ -34,6 +35,11 @@ class SearchConfig:
       image_size_steps: the default space's image sizes: the root's side and up to
         this many patch sides below and above it (0 fixes the image size; mu3Net
         searches 16 to 112 around 32 with 16-pixel patches). Ignored with `space`.
+      starting_values: (hyperparameter, value) pairs a path without hyperparameters
+        starts from instead of the space's defaults (a mapping is accepted), e.g. a
+        notebook's configuration {"warmup": 0.1, "crop_area_min": 0.05}; each value
+        must be one of the space's values for that name. The baselines take the same
+        values (`baselines.run_baselines`' `hparam_values`).
       mu: the mutation rate a path without one starts from (the root's children, as
         every new task's first candidates are), a value of `hparams.MU_GRID`; None keeps
         the space's default (0.1, the notebooks'). Children inherit their parent's mu,
@@ -80,6 +86,7 @@ class SearchConfig:
     )
     space: hparams.HParamSpace | None = None
     image_size_steps: int = 4
+    starting_values: tuple[tuple[str, Any], ...] = ()
     mu: float | None = None
     inherit_opt_state: bool = True
     flops_scale: float = 1.0
@@ -122,6 +129,9 @@ class SearchConfig:
                 f"{system.ACCOUNTINGS}."
             )
         object.__setattr__(self, "private_tasks", tuple(str(t) for t in self.private_tasks))
+        object.__setattr__(
+            self, "starting_values", tuple(sorted(dict(self.starting_values).items()))
+        )
         if self.population_cap is not None and self.population_cap < 1:
             raise ValueError(f"SearchConfig.population_cap={self.population_cap} must be >= 1.")
         if self.executor not in EXECUTORS:

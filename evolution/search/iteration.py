@@ -446,6 +446,13 @@ class TaskIteration:
             raise ValueError("The store has no root path; call seeding.seed_root first.")
         root_config = model_config_of(state.paths[state.root_path_id])
         space = settings.space or default_search_space(root_config, settings.image_size_steps)
+        for name, value in settings.starting_values:
+            if name not in space.names:
+                raise ValueError(
+                    f"SearchConfig.starting_values names {name!r}, which is not a "
+                    f"hyperparameter of the search space; known: {list(space.names)}."
+                )
+            space = space.with_default(name, value)
         if settings.mu is not None:
             space = space.with_default(hparams.MU, settings.mu)
         check_space(space, root_config)

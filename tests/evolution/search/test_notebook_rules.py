@@ -339,6 +339,28 @@ def test_momentum_reaches_the_clone_of_a_component_its_parent_only_referenced(wo
     assert _clones_checked(items, slices) > 0
 
 
+def test_starting_values_are_where_a_new_tasks_paths_start(world):
+    store = world["store"]
+    values = {"warmup": 0.1, "crop_area_min": 0.05, "aspect_ratio_min": 0.75}
+    config = dataclasses.replace(SEARCH, starting_values=values, candidates_per_generation=4)
+    assert config.starting_values == tuple(sorted(values.items()))
+    it = _open(store, "tex_b", config)
+    start = it.space.values(it.space.defaults())
+    assert {name: start[name] for name in values} == values
+    # The sweep's first child, an unmutated clone of the root with the best path's data
+    # values unmutated, trains at them.
+    swept = _open(store, "tex_b", dataclasses.replace(config, seed_sweep=True))
+    first = swept.plan_generation(1)[0]
+    assert first.parent.id == store.load_state().root_path_id
+    assert first.job.hparam_values["warmup"] == 0.1
+    assert first.job.data_values["crop_area_min"] == 0.05
+    assert first.job.data_values["aspect_ratio_min"] == 0.75
+    with pytest.raises(ValueError, match="'warmup_ratio', which is not a hyperparameter"):
+        _open(store, "tex_b", dataclasses.replace(SEARCH, starting_values={"warmup_ratio": 0.1}))
+    with pytest.raises(ValueError, match="0.15 is not an allowed value of 'warmup'"):
+        _open(store, "tex_b", dataclasses.replace(SEARCH, starting_values={"warmup": 0.15}))
+
+
 # -- gin experiments ----------------------------------------------------------------------
 
 
@@ -347,11 +369,27 @@ def test_momentum_reaches_the_clone_of_a_component_its_parent_only_referenced(wo
     [
         (
             "munet",
-            dict(accounting="munet", seed_sweep=True, flops_term=False, inherit_opt_state=False),
+            dict(
+                accounting="munet",
+                seed_sweep=True,
+                flops_term=False,
+                inherit_opt_state=False,
+                starting_values=dict(
+                    warmup=0.1, crop_area_min=0.05, aspect_ratio_min=0.75, flip=True
+                ),
+            ),
         ),
         (
             "mu2net",
-            dict(accounting="munet", seed_sweep=False, flops_term=False, inherit_opt_state=False),
+            dict(
+                accounting="munet",
+                seed_sweep=False,
+                flops_term=False,
+                inherit_opt_state=False,
+                starting_values=dict(
+                    warmup=0.05, crop_area_min=0.05, aspect_ratio_min=0.75, flip=True
+                ),
+            ),
         ),
         (
             "mu2net_plus",
@@ -361,6 +399,9 @@ def test_momentum_reaches_the_clone_of_a_component_its_parent_only_referenced(wo
                 flops_term=True,
                 inherit_opt_state=True,
                 population_cap=7,
+                starting_values=dict(
+                    warmup=0.1, crop_area_min=1.0, aspect_ratio_min=1.0, flip=False
+                ),
             ),
         ),
     ],
@@ -373,6 +414,11 @@ def test_gin_experiments_bind_their_method(name, expected):
         config = gin.get_configurable(search.SearchConfig)()
     finally:
         gin.clear_config()
+    expected["starting_values"] = tuple(sorted(expected["starting_values"].items()))
     for field, value in expected.items():
         assert getattr(config, field) == value, field
+    # Each starting value is one the space can take.
+    space = iteration.default_search_space(TINY_VIT)
+    for hparam, value in config.starting_values:
+        space = space.with_default(hparam, value)
     assert config.mutation_options.self_tuning == (name == "mu2net_plus")
