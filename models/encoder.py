@@ -5,7 +5,7 @@ position and token-type tables plus a LayerNorm), `block_0 .. block_{L-1}` (shar
 `layers.TransformerBlock`s, post-norm for BERT), and `head` (a dense layer over the
 pooled representation) when the config has classes. Inputs are WordPiece ids [B, L]
 with 0 as padding (docs/architecture.md); padding is masked out of attention and of
-the pooling. `models.minilm` loads the all-MiniLM-L6-v2 weights into this tree.
+the pooling. `models.pretrained.minilm` loads the all-MiniLM-L6-v2 weights into this tree.
 """
 
 from __future__ import annotations

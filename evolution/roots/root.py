@@ -5,7 +5,7 @@ in a package here (only data sets do), so `pretrain_root` trains one from scratc
 `fashion_mnist_rgb32_v1` (32x32x3, the data set the evolved tasks leave out,
 `tasks.offline_image`). Given `init_checkpoint` (a big_vision `.npz`, e.g. ViT-Ti/16 or
 ViT-B/16 of ImageNet-21k), the root starts from those weights instead
-(`models.vit_checkpoints`: position embeddings resampled to the task's patch grid, a
+(`models.pretrained.vit_checkpoints`: position embeddings resampled to the task's patch grid, a
 fresh zero head for its classes) and is fine-tuned for `steps` (0: used as is).
 
 Training runs through the trainer's loop (`training.loop.run` with a `Trainer`): AdamW,
@@ -51,7 +51,8 @@ from evolution.search.data import batches
 from evolution.search.data.task_data import load_task_arrays
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK, architecture_of, config_of
-from models import classifier, vit, vit_checkpoints
+from models import classifier, vit
+from models.pretrained import vit_checkpoints
 from training import checkpoints as checkpoints_lib
 from training import loop, partitioning
 from training import trainer as trainer_lib
@@ -527,14 +528,14 @@ def pretrain_root(
       max_train_examples: train on the first this many examples only (None: all).
       init_checkpoint: a big_vision / AugReg ViT `.npz` to start from (position
         embeddings resampled to the task's patch grid, a fresh zero head for its
-        classes; `models.vit_checkpoints`); None: from scratch.
+        classes; `models.pretrained.vit_checkpoints`); None: from scratch.
 
     Returns:
       The finished root.
 
     Raises:
       ValueError: invalid settings, or a config that does not fit the task.
-      models.vit_checkpoints.CheckpointError: `init_checkpoint` is unreadable or not a
+      models.pretrained.vit_checkpoints.CheckpointError: `init_checkpoint` is unreadable or not a
         ViT in big_vision's layout (a ValueError).
       training.data.UnknownTaskError, tasks.MissingDataError: as `load_task_arrays`.
     """

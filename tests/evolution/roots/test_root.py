@@ -23,7 +23,8 @@ from evolution.roots import root
 from evolution.search.data import batches, task_data
 from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
-from models import vit, vit_checkpoints
+from models import vit
+from models.pretrained import vit_checkpoints
 from training import checkpoints as checkpoints_lib
 
 pytestmark = pytest.mark.slow  # pretrains and resumes a root

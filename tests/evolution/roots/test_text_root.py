@@ -29,7 +29,8 @@ from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from evolution.system import families
 from evolution.system import state as system
-from models import adapters, encoder, minilm
+from models import adapters, encoder
+from models.pretrained import minilm
 
 pytestmark = pytest.mark.slow  # evolves two text tasks
 

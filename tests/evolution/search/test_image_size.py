@@ -22,7 +22,8 @@ from evolution.store import sqlite as sqlite_store
 from evolution.system import architecture as arch_lib
 from evolution.system import families
 from evolution.system import state as system
-from models import vit, vit_checkpoints
+from models import vit
+from models.pretrained import vit_checkpoints
 
 
 def _images(seed=0, rows=4):

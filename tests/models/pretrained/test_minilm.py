@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from models import encoder, minilm
+from models import encoder
+from models.pretrained import minilm
 
 SENTENCES = [
     "A man is eating food.",

@@ -23,7 +23,8 @@ from vit_checkpoint_testlib import (
     big_vision_arrays,
 )
 
-from models import vit, vit_checkpoints
+from models import vit
+from models.pretrained import vit_checkpoints
 
 
 def layer_norm(x, prefix, a):

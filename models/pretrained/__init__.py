@@ -1,0 +1,1 @@
+"""Public pretrained weights read into our models: big_vision / AugReg ViTs and MiniLM."""
