@@ -40,6 +40,9 @@ class SearchConfig:
         notebook's configuration {"warmup": 0.1, "crop_area_min": 0.05}; each value
         must be one of the space's values for that name. The baselines take the same
         values (`baselines.run_baselines`' `hparam_values`).
+      warmup_start: the first learning rate of a warmup, as a fraction of the
+        learning rate; None keeps mu3Net's lr / 1000 (muNet's and mu2Net's notebooks
+        start at lr / 100: 0.01).
       mu: the mutation rate a path without one starts from (the root's children, as
         every new task's first candidates are), a value of `hparams.MU_GRID`; None keeps
         the space's default (0.1, the notebooks'). Children inherit their parent's mu,
@@ -87,6 +90,7 @@ class SearchConfig:
     space: hparams.HParamSpace | None = None
     image_size_steps: int = 4
     starting_values: tuple[tuple[str, Any], ...] = ()
+    warmup_start: float | None = None
     mu: float | None = None
     inherit_opt_state: bool = True
     flops_scale: float = 1.0
@@ -114,6 +118,11 @@ class SearchConfig:
         for name in ("scale", "flops_scale"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"SearchConfig.{name}={getattr(self, name)} must be in (0, 1].")
+        if self.warmup_start is not None and not 0.0 < self.warmup_start <= 1.0:
+            raise ValueError(
+                f"SearchConfig.warmup_start={self.warmup_start} must be in (0, 1]: the "
+                "warmup's first learning rate as a fraction of the learning rate."
+            )
         if self.mu is not None and self.mu not in hparams.MU_GRID:
             raise ValueError(
                 f"SearchConfig.mu={self.mu} is not on the grid of mutation rates "

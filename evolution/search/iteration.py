@@ -649,6 +649,8 @@ class TaskIteration:
             )
             pool.update(created)
             hparam_values = space.values(plan.hparams)
+            if self.settings.warmup_start is not None:
+                hparam_values["warmup_start"] = self.settings.warmup_start
             inherited, parent_trainable = self._inherited_opt_state(plan.clones, hparam_values)
             job = placement.CandidateJob(
                 config=child_config,

@@ -46,8 +46,9 @@ TRAIN_LABEL = "train"
 FROZEN_LABEL = "frozen"
 
 
-# mu3Net's `get_optimizer`: warmups start at lr / 1000, and the constant schedule runs
-# at half the learning rate, "so that [its] average lr is the same as other types".
+# mu3Net's `get_optimizer`: warmups start at lr / 1000 (muNet's and mu2Net's at lr / 100:
+# the value "warmup_start" overrides it), and the constant schedule runs at half the
+# learning rate, "so that [its] average lr is the same as other types".
 WARMUP_START = 1e-3
 CONSTANT_FACTOR = 0.5
 
@@ -57,23 +58,25 @@ def _warmup_steps(fraction: float, steps: int) -> int:
     return min(int(float(fraction) * steps), max(steps - 1, 0))
 
 
-def _warmup_cosine(warmup: int, steps: int) -> optax.Schedule:
-    """Linear warmup from `WARMUP_START` to 1 over `warmup` steps, then cosine to 0 at `steps`."""
+def _warmup_cosine(warmup: int, steps: int, start: float) -> optax.Schedule:
+    """Linear warmup from `start` to 1 over `warmup` steps, then cosine to 0 at `steps`."""
     if warmup <= 0:
         return optax.cosine_decay_schedule(1.0, steps, alpha=0.0)
-    return optax.warmup_cosine_decay_schedule(WARMUP_START, 1.0, warmup, steps, end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(start, 1.0, warmup, steps, end_value=0.0)
 
 
-def _shape(kind: str, fraction: float, total_steps: int, cycle_steps: int | None) -> optax.Schedule:
+def _shape(
+    kind: str, fraction: float, total_steps: int, cycle_steps: int | None, start: float
+) -> optax.Schedule:
     """The schedule's shape relative to the learning rate (the learning rate multiplies it)."""
     if kind == "constant":
         return optax.constant_schedule(CONSTANT_FACTOR)
     if kind == "cosine":
-        return _warmup_cosine(_warmup_steps(fraction, total_steps), total_steps)
+        return _warmup_cosine(_warmup_steps(fraction, total_steps), total_steps, start)
     cycle = total_steps if cycle_steps is None else int(cycle_steps)
     if cycle < 1:
         raise ValueError(f"cycle_steps={cycle} < 1.")
-    one_cycle = _warmup_cosine(_warmup_steps(fraction, cycle), cycle)
+    one_cycle = _warmup_cosine(_warmup_steps(fraction, cycle), cycle, start)
     return lambda step: one_cycle(step % cycle)
 
 
@@ -84,7 +87,8 @@ def make_schedule(
 
     "constant": half the learning rate throughout, no warmup (the notebooks' choice, so
     that its mean matches the decaying schedules'); "cosine": linear warmup from
-    lr / 1000 to lr, then cosine decay to 0 at `total_steps`; "restarts": the
+    lr * warmup_start (mu3Net's lr / 1000 by default) to lr, then cosine decay to 0 at
+    `total_steps`; "restarts": the
     warmup+cosine shape repeated every `cycle_steps` steps (the notebooks restart at
     each validation). Warmup lasts int(warmup * steps) steps. The learning rate
     multiplies the shape, so it may be a traced scalar (one compiled step serves every
@@ -92,7 +96,9 @@ def make_schedule(
 
     Args:
       hparam_values: `HParamSpace.values(...)`: "lr", "schedule", "warmup" (fraction of
-        the steps, of each cycle for "restarts"; unused by "constant").
+        the steps, of each cycle for "restarts"; unused by "constant"), optionally
+        "warmup_start" (the warmup's first learning rate over lr; default
+        `WARMUP_START`).
       total_steps: steps the candidate trains (V x B).
       cycle_steps: length of a restart cycle (default `total_steps`: one cycle).
 
@@ -108,7 +114,10 @@ def make_schedule(
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps} < 1.")
     lr = hparam_values["lr"]
-    shape = _shape(kind, float(hparam_values.get("warmup", 0.0)), total_steps, cycle_steps)
+    start = float(hparam_values.get("warmup_start", WARMUP_START))
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"warmup_start={start} must be in (0, 1] (a fraction of lr).")
+    shape = _shape(kind, float(hparam_values.get("warmup", 0.0)), total_steps, cycle_steps, start)
     return lambda step: lr * shape(step)
 
 
@@ -238,6 +247,7 @@ class OptimizerSettings:
     Attributes:
       schedule: "constant", "cosine" or "restarts".
       warmup: the warmup fraction.
+      warmup_start: the warmup's first learning rate over lr.
       momentum: whether SGD uses momentum (its value is a traced argument).
       nesterov: Nesterov momentum.
       total_steps: steps the candidate trains.
@@ -250,6 +260,7 @@ class OptimizerSettings:
     nesterov: bool
     total_steps: int
     cycle_steps: int
+    warmup_start: float = WARMUP_START
 
     @classmethod
     def from_values(
@@ -263,6 +274,7 @@ class OptimizerSettings:
             nesterov=bool(hparam_values.get("nesterov", False)),
             total_steps=int(total_steps),
             cycle_steps=int(cycle_steps),
+            warmup_start=float(hparam_values.get("warmup_start", WARMUP_START)),
         )
 
     def optimizer(self, lr: Any, momentum: Any) -> optax.GradientTransformation:
@@ -273,6 +285,7 @@ class OptimizerSettings:
             "warmup": self.warmup,
             "momentum": momentum if self.momentum else None,
             "nesterov": self.nesterov,
+            "warmup_start": self.warmup_start,
         }
         return make_optimizer(values, self.total_steps, cycle_steps=self.cycle_steps)
 

@@ -355,6 +355,12 @@ def test_starting_values_are_where_a_new_tasks_paths_start(world):
     assert first.job.hparam_values["warmup"] == 0.1
     assert first.job.data_values["crop_area_min"] == 0.05
     assert first.job.data_values["aspect_ratio_min"] == 0.75
+    # muNet's warmup start reaches every candidate's optimizer values; by default none.
+    lr100 = _open(store, "tex_b", dataclasses.replace(config, warmup_start=0.01))
+    assert all(item.job.hparam_values["warmup_start"] == 0.01 for item in lr100.plan_generation(1))
+    assert all("warmup_start" not in item.job.hparam_values for item in it.plan_generation(1))
+    with pytest.raises(ValueError, match="warmup_start=2.0 must be in"):
+        dataclasses.replace(SEARCH, warmup_start=2.0)
     with pytest.raises(ValueError, match="'warmup_ratio', which is not a hyperparameter"):
         _open(store, "tex_b", dataclasses.replace(SEARCH, starting_values={"warmup_ratio": 0.1}))
     with pytest.raises(ValueError, match="0.15 is not an allowed value of 'warmup'"):
@@ -377,6 +383,7 @@ def test_starting_values_are_where_a_new_tasks_paths_start(world):
                 starting_values=dict(
                     warmup=0.1, crop_area_min=0.05, aspect_ratio_min=0.75, flip=True
                 ),
+                warmup_start=0.01,
             ),
         ),
         (
@@ -389,6 +396,7 @@ def test_starting_values_are_where_a_new_tasks_paths_start(world):
                 starting_values=dict(
                     warmup=0.05, crop_area_min=0.05, aspect_ratio_min=0.75, flip=True
                 ),
+                warmup_start=0.01,
             ),
         ),
         (
@@ -402,6 +410,7 @@ def test_starting_values_are_where_a_new_tasks_paths_start(world):
                 starting_values=dict(
                     warmup=0.1, crop_area_min=1.0, aspect_ratio_min=1.0, flip=False
                 ),
+                warmup_start=None,
             ),
         ),
     ],

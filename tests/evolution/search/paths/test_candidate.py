@@ -204,6 +204,17 @@ def test_schedules():
         np.testing.assert_allclose(restarts(step), cosine(step), rtol=1e-6)
     with pytest.raises(ValueError, match="schedule"):
         cand.make_schedule({"lr": 0.1, "schedule": "linear"}, 10)
+    # muNet's and mu2Net's warmups start at lr / 100 ("warmup_start"), for every warmup.
+    muNet = {"lr": 0.5, "warmup": 0.29, "warmup_start": 0.01}
+    warm = cand.make_schedule({**muNet, "schedule": "cosine"}, 10)
+    np.testing.assert_allclose([warm(0), warm(2)], [0.5e-2, 0.5], rtol=5e-5)
+    restarts_warm = cand.make_schedule({**muNet, "schedule": "restarts"}, 30, cycle_steps=10)
+    np.testing.assert_allclose([restarts_warm(10), restarts_warm(12)], [0.5e-2, 0.5], rtol=5e-5)
+    # The compiled step's optimizer takes it too.
+    settings = cand.OptimizerSettings.from_values({**muNet, "schedule": "cosine"}, 10, 10)
+    assert settings.warmup_start == 0.01
+    with pytest.raises(ValueError, match="warmup_start=0.0 must be in"):
+        cand.make_schedule({**muNet, "schedule": "cosine", "warmup_start": 0.0}, 10)
 
 
 def test_default_space_values_build_an_optimizer():
