@@ -73,11 +73,7 @@ def array_train_batches(
         rng = np.random.default_rng(seed)
 
         def stream() -> Iterator[Batch]:
-            order = np.empty(0, np.int64)
-            while True:
-                while len(order) < batch_size:
-                    order = np.concatenate([order, rng.permutation(len(labels))])
-                take, order = order[:batch_size], order[batch_size:]
+            for take in _shuffled_epochs(len(labels), batch_size, rng):
                 batch = augment.augment_batch(images[take], data_values, rng)
                 yield {"image": batch, "label": labels[take]}
 
@@ -97,16 +93,27 @@ def _plain_train_batches(feature: str, inputs: np.ndarray, labels: np.ndarray) -
         rng = np.random.default_rng(seed)
 
         def stream() -> Iterator[Batch]:
-            order = np.empty(0, np.int64)
-            while True:
-                while len(order) < batch_size:
-                    order = np.concatenate([order, rng.permutation(len(labels))])
-                take, order = order[:batch_size], order[batch_size:]
+            for take in _shuffled_epochs(len(labels), batch_size, rng):
                 yield {feature: inputs[take], "label": labels[take]}
 
         return stream()
 
     return make
+
+
+def _shuffled_epochs(size: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless batches of indices into `size` rows: shuffled epochs, a batch may span two.
+
+    Each epoch's permutation is drawn lazily, when the indices left run short, so draws
+    a caller makes from `rng` between batches (augmentation) interleave with it as they
+    would if the loop were inline.
+    """
+    order = np.empty(0, np.int64)
+    while True:
+        while len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(size)])
+        take, order = order[:batch_size], order[batch_size:]
+        yield take
 
 
 def array_eval_batches(
