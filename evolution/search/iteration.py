@@ -214,6 +214,18 @@ class Population:
         # path id -> (optimizer state of its training, ids of its trained components)
         self.opt_states: dict[str, tuple[Any, tuple[str, ...]]] = {}
 
+    def trained_slice(self, component_id: str) -> Any:
+        """A component's slice of the optimizer state of the path that trained it here.
+
+        Returns:
+          `opt_states.component_slice` of that path's state, or None when no path of
+          this iteration trained the component or its state is not kept.
+        """
+        for state, trained in self.opt_states.values():
+            if state is not None and component_id in trained:
+                return opt_states.component_slice(state, trained, component_id)
+        return None
+
     def ranked(self) -> list[system.Path]:
         """The paths by descending score."""
         return system.rank_by_score(self.paths.values())
@@ -544,10 +556,9 @@ class TaskIteration:
         live = {cid for p in population.paths.values() for cid in p.component_ids}
         kept = [cid for cid in self._new_records if cid in live]
         trained = {pid: tuple(ids) for pid, (_, ids) in population.opt_states.items()}
-        trainer_of = {cid: pid for pid, ids in trained.items() for cid in ids}
         for component_id in kept:
             if component_id not in self._staged:
-                self._stage(component_id, trainer_of.get(component_id))
+                self._stage(component_id)
         progress = resume.Progress(
             agent=self.agent,
             task=self.task,
@@ -567,12 +578,11 @@ class TaskIteration:
         )
         resume.save(self.store, progress)
 
-    def _stage(self, component_id: str, trainer: str | None) -> None:
+    def _stage(self, component_id: str) -> None:
         """Puts one new component (staged) with its slice of its training's optimizer state."""
         opt_slice = None
-        trained = self.population.opt_states.get(trainer) if trainer is not None else None
-        if trained is not None and self.settings.inherit_opt_state:
-            opt_slice = opt_states.component_slice(trained[0], trained[1], component_id)
+        if self.settings.inherit_opt_state:
+            opt_slice = self.population.trained_slice(component_id)
         self.store.put_component(
             self._new_records[component_id], self._new_params[component_id], opt_slice
         )
@@ -680,18 +690,10 @@ class TaskIteration:
         """
         if not self.settings.inherit_opt_state or not clones:
             return None, ()
-        trained_by = {
-            cid: trained
-            for trained in self.population.opt_states.values()
-            if trained[0] is not None
-            for cid in trained[1]
-        }
         slices = {}
         for source in dict.fromkeys(clones.values()):
-            if source in trained_by:
-                state, trainable = trained_by[source]
-                slices[source] = opt_states.component_slice(state, trainable, source)
-            elif source in self.state.components:
+            slices[source] = self.population.trained_slice(source)
+            if slices[source] is None and source in self.state.components:
                 if source not in self._stored_slices:
                     self._stored_slices[source] = self.store.load_opt_state(source)
                 slices[source] = self._stored_slices[source]
@@ -801,7 +803,7 @@ class TaskIteration:
         fresh_ids = [cid for cid in best.component_ids if cid not in state.components]
         for component_id in fresh_ids:
             if component_id not in self._staged:  # staged by `save_progress` already
-                self._stage(component_id, best.id)
+                self._stage(component_id)
         published_ids = self._published_ids
         retire = sorted(
             pid for pid in published_ids if pid != best.id and state.paths[pid].agent == agent
