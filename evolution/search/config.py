@@ -38,8 +38,9 @@ class SearchConfig:
       starting_values: (hyperparameter, value) pairs a path without hyperparameters
         starts from instead of the space's defaults (a mapping is accepted), e.g. a
         notebook's configuration {"warmup": 0.1, "crop_area_min": 0.05}; each value
-        must be one of the space's values for that name. The baselines take the same
-        values (`baselines.run_baselines`' `hparam_values`).
+        must be one of the space's values for that name. Agent runs give their
+        baselines the same values (gin HPARAM_VALUES); elsewhere pass them as
+        `baselines.run_baselines`' `hparam_values`.
       warmup_start: the first learning rate of a warmup, as a fraction of the
         learning rate; None keeps mu3Net's lr / 1000 (muNet's and mu2Net's notebooks
         start at lr / 100: 0.01).
